@@ -1,0 +1,87 @@
+"""Chameleon's configuration: one typed, frozen object built from SGLang's server arguments.
+
+Defaults are the paper's constants and our documented decisions
+(``shared/design/chameleon.md``). Importable without SGLang or torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Tuple
+
+SchedulerMode = Literal["dynamic", "static", "off"]
+EvictionPolicyName = Literal["chameleon", "lru", "fairshare", "gdsf"]
+PredictorName = Literal["online", "max-new-tokens"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChameleonConfig:
+    """Everything ``--chameleon`` and its sub-options decide. Validated on construction."""
+
+    enabled: bool = False
+    # Scheduler (paper §4.3)
+    scheduler: SchedulerMode = "dynamic"
+    max_queues: int = 4
+    refresh_period_s: float = 300.0
+    warmup_requests: int = 200
+    elbow_threshold: float = 0.20
+    wrs_input_weight: float = 0.4
+    wrs_output_weight: float = 0.6
+    ttft_slo_s: float = 5.0
+    bypass: bool = True
+    predictor: PredictorName = "online"
+    # Adapter cache (paper §4.2)
+    cache: bool = True
+    eviction_policy: EvictionPolicyName = "chameleon"
+    score_weights: Tuple[float, float, float] = (0.45, 0.10, 0.45)
+    frequency_window_s: float = 300.0
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.max_queues <= 4, "--chameleon-max-queues must be between 1 and 4")
+        _require(self.refresh_period_s > 0, "--chameleon-refresh-period must be > 0 seconds")
+        _require(self.warmup_requests >= 1, "--chameleon-warmup-requests must be >= 1")
+        _require(0 < self.elbow_threshold < 1, "--chameleon-elbow-threshold must be in (0, 1)")
+        _require(
+            self.wrs_input_weight >= 0 and self.wrs_output_weight >= 0
+            and self.wrs_input_weight + self.wrs_output_weight > 0,
+            "--chameleon-wrs-weights must be two non-negative numbers, not both zero",
+        )
+        _require(self.ttft_slo_s > 0, "--chameleon-ttft-slo must be > 0 seconds")
+        _require(
+            len(self.score_weights) == 3 and all(w >= 0 for w in self.score_weights)
+            and sum(self.score_weights) > 0,
+            "--chameleon-score-weights must be three non-negative numbers "
+            "(frequency recency size), not all zero",
+        )
+        _require(self.frequency_window_s > 0, "--chameleon-frequency-window must be > 0 seconds")
+
+    @staticmethod
+    def from_server_args(server_args: Any) -> "ChameleonConfig":
+        """Build from an object carrying the ``chameleon_*`` fields (SGLang's ``ServerArgs``)."""
+        get = lambda name: getattr(server_args, name)  # noqa: E731
+        wrs = tuple(get("chameleon_wrs_weights"))
+        _require(len(wrs) == 2, "--chameleon-wrs-weights takes two numbers (input output)")
+        return ChameleonConfig(
+            enabled=bool(get("chameleon")),
+            scheduler=get("chameleon_scheduler"),
+            max_queues=get("chameleon_max_queues"),
+            refresh_period_s=get("chameleon_refresh_period"),
+            warmup_requests=get("chameleon_warmup_requests"),
+            elbow_threshold=get("chameleon_elbow_threshold"),
+            wrs_input_weight=float(wrs[0]),
+            wrs_output_weight=float(wrs[1]),
+            ttft_slo_s=get("chameleon_ttft_slo"),
+            bypass=get("chameleon_bypass"),
+            predictor=get("chameleon_predictor"),
+            cache=get("chameleon_cache"),
+            eviction_policy=get("chameleon_eviction_policy"),
+            score_weights=tuple(float(w) for w in get("chameleon_score_weights")),
+            frequency_window_s=get("chameleon_frequency_window"),
+            prefetch=get("chameleon_prefetch"),
+        )
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
