@@ -294,6 +294,15 @@ def _make_model(recipe: Recipe, tokenizer):
     return model
 
 
+def write_adapter(model_path: Path, out: Path, rank: int, seed: int, lora_b_std: float = 0.05):
+    """Write one extra peft adapter of ``rank`` for the model at ``model_path`` (tests, tools)."""
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(model_path)
+    recipe = dataclasses.replace(PRESETS["tiny"], seed=seed, lora_b_std=lora_b_std)
+    _write_adapter(base, recipe, index=0, rank=rank, out=out)
+
+
 def _write_adapter(base_model, recipe: Recipe, index: int, rank: int, out: Path) -> None:
     import copy
 

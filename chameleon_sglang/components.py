@@ -46,7 +46,7 @@ def _cache_status(config: ChameleonConfig) -> ComponentStatus:
 
 
 def status_report(config: ChameleonConfig) -> Dict[str, object]:
-    """The JSON-able block published under ``chameleon`` in ``/server_info``."""
+    """The JSON-able block published under ``chameleon_status`` in ``/server_info``."""
     statuses = component_statuses(config)
     return {
         "enabled": config.enabled,

@@ -81,5 +81,5 @@ def add_chameleon_init_info(result: Dict[str, Any], scheduler: Any, *args: Any, 
     """Publish the component status in the scheduler's handshake (merged into /server_info)."""
     config = ChameleonConfig.from_server_args(scheduler.server_args)
     logger.info(status_line(config))
-    result["chameleon"] = status_report(config)
+    result["chameleon_status"] = status_report(config)
     return result

@@ -26,7 +26,7 @@ class Chameleon(msgspec.Struct):
         bool,
         "Enable Chameleon (MICRO'25): multi-level-queue scheduling by Weighted Request Size and an "
         "elastic adapter cache in idle KV memory. Which components are active is logged at start "
-        "and reported under `chameleon` in /server_info.",
+        "and reported under `chameleon_status` in /server_info.",
     ] = False
     chameleon_scheduler: A[
         Literal["dynamic", "static", "off"],

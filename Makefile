@@ -1,0 +1,43 @@
+# chameleon-sglang: one pin (sglang.pin), one virtualenv (.venv), the patch set, the built-in assets.
+include sglang.pin
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-$(SGLANG_VERSION)
+PRESET ?= tiny
+PORT   ?= 30000
+PYTEST_ARGS ?=
+
+.PHONY: setup apply-patches revert-patches check-patches assets serve test clean
+
+## setup: build .venv (CPU torch, sglang==$(SGLANG_VERSION) --no-deps, pinned deps; GPU deps on NVIDIA machines)
+setup: $(STAMP)
+
+$(STAMP): sglang.pin requirements/cpu.txt requirements/cpu-constraints.txt requirements/dev.txt pyproject.toml scripts/setup_venv.sh
+	bash scripts/setup_venv.sh $(VENV)
+	@touch $@
+
+## apply-patches / revert-patches / check-patches: the patch set on the installed sglang
+apply-patches: setup
+	$(PY) tools/patchset.py apply
+
+revert-patches: setup
+	$(PY) tools/patchset.py revert
+
+check-patches: setup
+	$(PY) tools/patchset.py check
+
+## assets: the built-in model and adapters of $(PRESET) (cached under .cache/assets)
+assets: setup
+	$(PY) -m chameleon_sglang.assets --preset $(PRESET)
+
+## serve: everything needed, then the server with --chameleon on 127.0.0.1:$(PORT)
+serve: apply-patches assets
+	$(PY) -m chameleon_sglang.serve --preset $(PRESET) --port $(PORT)
+
+## test: everything needed, then the whole test suite (slow tests included)
+test: apply-patches assets
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,95 @@
+"""Bad input gets a clear error and loses nothing: the server stays healthy and correct."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import requests
+from client import generate, generate_stream, healthy
+
+from chameleon_sglang.assets import Assets, write_adapter
+from chameleon_sglang.serve import served_model_name
+
+pytestmark = pytest.mark.slow
+
+PROMPT = [11, 12, 13, 14, 15, 16]
+
+
+@pytest.fixture(scope="session")
+def rank_256_adapter(tiny_assets: Assets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rank256") / "r256"
+    write_adapter(tiny_assets.model_path, out, rank=256, seed=7)
+    return out
+
+
+def assert_still_serving(url: str) -> None:
+    assert healthy(url)
+    first = generate(url, PROMPT, "a000r8", 4)["output_ids"]
+    assert len(first) == 4
+    assert generate(url, PROMPT, "a000r8", 4)["output_ids"] == first
+
+
+def test_unknown_adapter_native(server):
+    """/generate with an adapter that was never loaded: HTTP 400 naming it."""
+    body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 4}, "lora_path": "nope"}
+    resp = requests.post(server.url + "/generate", json=body, timeout=60)
+    assert resp.status_code == 400
+    assert "nope" in resp.text and "never been loaded" in resp.text
+    assert_still_serving(server.url)
+
+
+def test_unknown_adapter_openai(server, tiny_assets):
+    """/v1/completions with 'base:unknown': HTTP 400 naming the adapter."""
+    body = {"model": f"{served_model_name(tiny_assets)}:nope", "prompt": PROMPT, "max_tokens": 4}
+    resp = requests.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert resp.status_code == 400
+    assert "nope" in resp.text
+    assert_still_serving(server.url)
+
+
+def test_adapter_rank_above_max_is_refused(server, rank_256_adapter):
+    """Loading an adapter whose rank exceeds --max-lora-rank fails with a message saying so."""
+    before = requests.get(server.url + "/v1/models", timeout=30).json()
+    resp = requests.post(
+        server.url + "/load_lora_adapter",
+        json={"lora_name": "too-big", "lora_path": str(rank_256_adapter)},
+        timeout=120,
+    )
+    body = resp.json()
+    assert body["success"] is False
+    assert "rank" in body["error_message"].lower()
+    after = requests.get(server.url + "/v1/models", timeout=30).json()
+    assert before == after
+    assert_still_serving(server.url)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"{not json", b'{"input_ids": "abc", "sampling_params": {}}', b"[1, 2, 3]"],
+    ids=["malformed-json", "wrong-type", "not-an-object"],
+)
+def test_malformed_request(server, payload):
+    """A malformed /generate body is a 4xx error, not a crash."""
+    resp = requests.post(server.url + "/generate", data=payload,
+                         headers={"Content-Type": "application/json"}, timeout=60)
+    assert 400 <= resp.status_code < 500, resp.text
+    assert_still_serving(server.url)
+
+
+def test_client_disconnect_mid_stream(server):
+    """A client that hangs up mid-stream does not disturb the server or later requests."""
+    body = {
+        "input_ids": PROMPT,
+        "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True},
+        "lora_path": "a002r32",
+        "stream": True,
+    }
+    with requests.post(server.url + "/generate", json=body, stream=True, timeout=60) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith(b"data:"):
+                break  # got a first chunk; leave and close the connection
+    assert_still_serving(server.url)
+    chunks = generate_stream(server.url, PROMPT, "a002r32", 8)
+    assert len(chunks[-1]["output_ids"]) == 8
