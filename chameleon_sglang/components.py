@@ -1,15 +1,18 @@
 """Which Chameleon components are active in a running server, and why.
 
-Nothing may claim to be active that is not: each component reports ``active`` only once its code
-path is really installed in the scheduler process.
+Nothing may claim to be active that is not: a component reports ``active`` only when its code
+path is installed in the scheduler process (the caller says so; the config alone never does).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from chameleon_sglang.config import ChameleonConfig
+
+SCHEDULER = "scheduler"
+ADAPTER_CACHE = "adapter_cache"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,35 +22,34 @@ class ComponentStatus:
     detail: str
 
 
-def component_statuses(config: ChameleonConfig) -> List[ComponentStatus]:
-    """The state of every component for ``config`` in this build of the package."""
+def scheduler_status(config: ChameleonConfig, installed_reason: Optional[str]) -> ComponentStatus:
+    """``installed_reason`` is None when the scheduler bridge is installed, else why it is not."""
     if not config.enabled:
-        return [
-            ComponentStatus("scheduler", False, "--chameleon not set: SGLang's own scheduling"),
-            ComponentStatus("adapter_cache", False, "--chameleon not set: SGLang's LoRA pool"),
-        ]
-    return [_scheduler_status(config), _cache_status(config)]
-
-
-def _scheduler_status(config: ChameleonConfig) -> ComponentStatus:
+        return ComponentStatus(SCHEDULER, False, "--chameleon not set: SGLang's own scheduling")
     if config.scheduler == "off":
-        return ComponentStatus("scheduler", False, "disabled by --chameleon-scheduler off")
+        return ComponentStatus(SCHEDULER, False, "disabled by --chameleon-scheduler off")
+    if installed_reason is not None:
+        return ComponentStatus(SCHEDULER, False, installed_reason)
+    queues = "K-means queues" if config.scheduler == "dynamic" else "static queues"
     return ComponentStatus(
-        "scheduler", False, "not implemented in this version: SGLang's own admission is in use"
+        SCHEDULER, True, f"multi-level queues ({queues}, WRS, quotas, Algorithm 1 admission)"
     )
 
 
-def _cache_status(config: ChameleonConfig) -> ComponentStatus:
+def cache_status(config: ChameleonConfig) -> ComponentStatus:
+    if not config.enabled:
+        return ComponentStatus(ADAPTER_CACHE, False, "--chameleon not set: SGLang's LoRA pool")
     if not config.cache:
-        return ComponentStatus("adapter_cache", False, "disabled by --no-chameleon-cache")
+        return ComponentStatus(ADAPTER_CACHE, False, "disabled by --no-chameleon-cache")
     return ComponentStatus(
-        "adapter_cache", False, "not implemented in this version: SGLang's LoRA pool is in use"
+        ADAPTER_CACHE, False, "not implemented in this version: SGLang's LoRA pool is in use"
     )
 
 
-def status_report(config: ChameleonConfig) -> Dict[str, object]:
+def status_report(
+    config: ChameleonConfig, statuses: List[ComponentStatus]
+) -> Dict[str, object]:
     """The JSON-able block published under ``chameleon_status`` in ``/server_info``."""
-    statuses = component_statuses(config)
     return {
         "enabled": config.enabled,
         "active_components": [s.name for s in statuses if s.active],
@@ -56,10 +58,7 @@ def status_report(config: ChameleonConfig) -> Dict[str, object]:
     }
 
 
-def status_line(config: ChameleonConfig) -> str:
+def status_line(config: ChameleonConfig, statuses: List[ComponentStatus]) -> str:
     """One log line naming each component and whether it is active."""
-    parts = [
-        f"{s.name}={'ACTIVE' if s.active else 'inactive'} ({s.detail})"
-        for s in component_statuses(config)
-    ]
+    parts = [f"{s.name}={'ACTIVE' if s.active else 'inactive'} ({s.detail})" for s in statuses]
     return "Chameleon " + ("enabled" if config.enabled else "disabled") + ": " + "; ".join(parts)

@@ -8,13 +8,20 @@ except the CPU defaults, which only act on a machine where SGLang's CPU engine i
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Optional
 
-from chameleon_sglang.components import status_line, status_report
+from chameleon_sglang.components import (
+    ComponentStatus,
+    cache_status,
+    scheduler_status,
+    status_line,
+    status_report,
+)
 from chameleon_sglang.config import ChameleonConfig
 
 logger = logging.getLogger(__name__)
 
+SCHEDULER_CLASS = "sglang.srt.managers.scheduler.Scheduler"
 _registered = False
 
 
@@ -29,15 +36,22 @@ def register() -> None:
 
     register_resolution_hook("handle_cpu_backends")(cpu_backend_defaults)
     register_resolution_hook("handle_other_validations")(validate_chameleon_args)
+    hooks = [
+        ("init_schedule_policy", install_scheduler, HookType.AFTER),
+        ("_add_request_to_queue", on_request_enqueued, HookType.AFTER),
+        ("can_schedule_lora_req", on_can_schedule_lora_req, HookType.AROUND),
+        ("get_init_info", add_chameleon_init_info, HookType.AFTER),
+        ("get_internal_state", add_chameleon_internal_state, HookType.AFTER),
+    ]
+    for method, hook, kind in hooks:
+        HookRegistry.register(f"{SCHEDULER_CLASS}.{method}", hook, kind)
     HookRegistry.register(
-        "sglang.srt.managers.scheduler.Scheduler.get_init_info",
-        add_chameleon_init_info,
-        HookType.AFTER,
+        "sglang.srt.entrypoints.http_server.launch_server", add_http_routes, HookType.BEFORE
     )
 
 
 # -- server arguments --------------------------------------------------------------------------
-# SGLang's LoRA backends that launch Triton kernels and so need a GPU.
+# SGLang's default LoRA backend; it launches Triton kernels and so needs a GPU.
 GPU_ONLY_LORA_DEFAULT = "csgmv"
 
 
@@ -71,15 +85,110 @@ def validate_chameleon_args(server_args: Any, previous: Callable[[Any], None]) -
     from sglang.srt.arg_groups.overrides import resolving_view
 
     previous(server_args)
-    config = ChameleonConfig.from_server_args(resolving_view(server_args))
-    if config.enabled:
-        logger.info(status_line(config))
+    ChameleonConfig.from_server_args(resolving_view(server_args))
 
 
 # -- scheduler process -------------------------------------------------------------------------
+def _config(scheduler: Any) -> ChameleonConfig:
+    return ChameleonConfig.from_server_args(scheduler.server_args)
+
+
+def _scheduler_unsupported_reason(scheduler: Any) -> Optional[str]:
+    """Why the Chameleon scheduler cannot run in this SGLang configuration, if it cannot."""
+    if getattr(scheduler, "disaggregation_mode", None) is not None:
+        if str(getattr(scheduler.disaggregation_mode, "value", "null")) != "null":
+            return "not supported with prefill/decode disaggregation: SGLang's scheduling in use"
+    if int(getattr(scheduler.server_args, "pp_size", 1) or 1) > 1:
+        return "not supported with pipeline parallelism: SGLang's scheduling in use"
+    if getattr(scheduler.server_args, "enable_dp_attention", False):
+        return "not supported with DP attention: SGLang's scheduling in use"
+    return None
+
+
+def install_scheduler(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+    """After ``init_schedule_policy``: attach the Chameleon policy, turn priority preemption off."""
+    from chameleon_sglang.sglang_scheduler import ATTR, SchedulerBridge
+
+    config = _config(scheduler)
+    reason = _scheduler_unsupported_reason(scheduler)
+    if config.enabled and config.scheduler != "off" and reason is None:
+        scheduler.enable_priority_preemption = False
+        setattr(scheduler, ATTR, SchedulerBridge(scheduler, config))
+    scheduler.chameleon_statuses = _statuses(scheduler, config, reason)
+    if config.enabled:
+        logger.info(status_line(config, scheduler.chameleon_statuses))
+    return result
+
+
+def _statuses(scheduler: Any, config: ChameleonConfig, reason: Optional[str]) -> List[ComponentStatus]:
+    from chameleon_sglang.sglang_scheduler import bridge_of
+
+    installed = None if bridge_of(scheduler) is not None else (reason or "not installed")
+    return [scheduler_status(config, installed), cache_status(config)]
+
+
+def on_request_enqueued(result: Any, scheduler: Any, req: Any, is_retracted: bool = False,
+                        *args: Any, **kwargs: Any) -> Any:
+    from chameleon_sglang.sglang_scheduler import bridge_of
+
+    bridge = bridge_of(scheduler)
+    if bridge is not None:
+        bridge.on_enqueue(req, is_retracted)
+    return result
+
+
+def on_can_schedule_lora_req(original: Callable, scheduler: Any, req: Any, *args: Any,
+                             **kwargs: Any) -> bool:
+    from chameleon_sglang.sglang_scheduler import bridge_of
+
+    allowed = original(scheduler, req, *args, **kwargs)
+    bridge = bridge_of(scheduler)
+    if not allowed and bridge is not None:
+        bridge.on_lora_veto(req)
+    return allowed
+
+
 def add_chameleon_init_info(result: Dict[str, Any], scheduler: Any, *args: Any, **kwargs: Any):
     """Publish the component status in the scheduler's handshake (merged into /server_info)."""
-    config = ChameleonConfig.from_server_args(scheduler.server_args)
-    logger.info(status_line(config))
-    result["chameleon_status"] = status_report(config)
+    config = _config(scheduler)
+    statuses = getattr(scheduler, "chameleon_statuses", None) or _statuses(
+        scheduler, config, None
+    )
+    result["chameleon_status"] = status_report(config, statuses)
     return result
+
+
+def add_chameleon_internal_state(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+    """Add live Chameleon statistics to the scheduler's internal state (``/server_info``)."""
+    from chameleon_sglang.sglang_scheduler import bridge_of
+
+    bridge = bridge_of(scheduler)
+    state = getattr(result, "internal_state", None)
+    if isinstance(state, dict):
+        state["chameleon"] = {"scheduler": bridge.stats() if bridge is not None else None}
+    return result
+
+
+# -- HTTP server (launcher process) ------------------------------------------------------------
+STATS_PATH = "/chameleon/stats"
+
+
+def add_http_routes(*args: Any, **kwargs: Any) -> None:
+    """Before the HTTP server starts: add ``GET /chameleon/stats``."""
+    from sglang.srt.entrypoints import http_server
+
+    app = http_server.app
+    if any(getattr(route, "path", None) == STATS_PATH for route in app.routes):
+        return
+
+    async def chameleon_stats() -> Dict[str, Any]:
+        """Chameleon's live statistics per scheduler (data-parallel rank)."""
+        manager = http_server._global_state.tokenizer_manager
+        states = await manager.get_internal_state()
+        config = ChameleonConfig.from_server_args(manager.server_args)
+        return {
+            "enabled": config.enabled,
+            "ranks": [state.get("chameleon", {}) for state in states],
+        }
+
+    app.add_api_route(STATS_PATH, chameleon_stats, methods=["GET"])

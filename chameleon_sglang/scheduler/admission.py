@@ -32,7 +32,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from typing import Callable, Deque, Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Deque, Dict, Generator, Iterator, List, Sequence, Tuple
 
 from chameleon_sglang.scheduler.entry import AdmitResult, RequestEntry
 from chameleon_sglang.scheduler.queues import QueueLayout
@@ -276,13 +276,29 @@ class MultiLevelQueue:
         self, try_admit: TryAdmit, *, now: float = 0.0, hooks: BypassHooks | None = None
     ) -> PassResult:
         """Run Algorithm 1 once (see the module docstring); ``now`` stamps admissions."""
+        steps = self.iter_pass(now=now, hooks=hooks)
+        try:
+            entry = next(steps)
+            while True:
+                entry = steps.send(try_admit(entry))
+        except StopIteration as done:
+            return done.value
+
+    def iter_pass(
+        self, *, now: float = 0.0, hooks: BypassHooks | None = None
+    ) -> Generator[RequestEntry, AdmitResult, PassResult]:
+        """Algorithm 1 as a coroutine: yields each candidate, receives its ``AdmitResult``.
+
+        For engines whose admission loop pulls candidates (SGLang's prefill loop) instead of
+        answering a callback; ``schedule_pass`` drives the same coroutine with a callback.
+        """
         num_queues = self.num_queues
         order = tuple((self._first_turn + i) % num_queues for i in range(num_queues))
         state = _PassState(num_queues, order)
         self._first_turn = 0
         for queue in order:
             num_before = state.num_admitted[queue]
-            self._serve(queue, state, try_admit, now, hooks)
+            yield from self._serve(queue, state, now, hooks)
             if state.is_stopped:
                 had_turn = state.num_admitted[queue] > num_before
                 self._first_turn = (queue + had_turn) % num_queues
@@ -295,21 +311,20 @@ class MultiLevelQueue:
             if state.pool <= 0 or state.is_stopped:
                 break
             if not state.blocked[queue]:
-                self._serve(queue, state, try_admit, now, hooks)
+                yield from self._serve(queue, state, now, hooks)
         return state.result()
 
     def _serve(
         self,
         queue: int,
         state: _PassState,
-        try_admit: TryAdmit,
         now: float,
         hooks: BypassHooks | None,
-    ) -> None:
+    ) -> Generator[RequestEntry, AdmitResult, None]:
         waiting = self._waiting[queue]
         while waiting and self._fits(waiting[0], state.pool):
             head = waiting[0]
-            verdict = try_admit(head)
+            verdict = yield head
             if verdict is AdmitResult.ADMITTED:
                 self._admit(head, state, now)
                 continue
@@ -320,17 +335,16 @@ class MultiLevelQueue:
             if verdict is AdmitResult.QUEUE_MISFIT:
                 state.is_memory_blocked |= state.phase == 1
             elif verdict is AdmitResult.ADAPTER_MISFIT:
-                self._try_bypass(head, state, try_admit, now, hooks)
+                yield from self._try_bypass(head, state, now, hooks)
             return
 
     def _try_bypass(
         self,
         head: RequestEntry,
         state: _PassState,
-        try_admit: TryAdmit,
         now: float,
         hooks: BypassHooks | None,
-    ) -> None:
+    ) -> Generator[RequestEntry, AdmitResult, None]:
         if not self.is_bypass_enabled or hooks is None:
             return
         free_at = hooks.predicted_free_at(head)
@@ -340,7 +354,7 @@ class MultiLevelQueue:
         )
         if candidate is None:
             return
-        verdict = try_admit(candidate)
+        verdict = yield candidate
         if verdict is AdmitResult.ADMITTED:
             candidate.is_bypass = True
             self._admit(candidate, state, now)

@@ -14,7 +14,7 @@ queue demands are rebuilt by replaying that window's events under the new layout
 from __future__ import annotations
 
 import collections
-from typing import Any, Deque, Dict, List, NamedTuple, Sequence
+from typing import Any, Deque, Dict, Generator, List, NamedTuple, Sequence
 
 from chameleon_sglang.config import ChameleonConfig
 from chameleon_sglang.scheduler.admission import (
@@ -23,7 +23,7 @@ from chameleon_sglang.scheduler.admission import (
     PassResult,
     TryAdmit,
 )
-from chameleon_sglang.scheduler.entry import RequestEntry
+from chameleon_sglang.scheduler.entry import AdmitResult, RequestEntry
 from chameleon_sglang.scheduler.predictor import OutputPredictor, create_predictor
 from chameleon_sglang.scheduler.queues import LayoutFit, QueueLayout, fit_layout, static_layout
 from chameleon_sglang.scheduler.quotas import (
@@ -146,6 +146,13 @@ class ChameleonPolicy:
         """Refresh the layout if due, then run one admission pass."""
         self.maybe_refresh(now)
         return self.queue.schedule_pass(try_admit, now=now, hooks=hooks)
+
+    def iter_pass(
+        self, now: float, hooks: BypassHooks | None = None
+    ) -> Generator[RequestEntry, AdmitResult, PassResult]:
+        """``schedule_pass`` as a coroutine (see ``MultiLevelQueue.iter_pass``)."""
+        self.maybe_refresh(now)
+        return self.queue.iter_pass(now=now, hooks=hooks)
 
     def maybe_refresh(self, now: float) -> bool:
         """Refit layout and quotas if due (dynamic mode only); True if it did."""

@@ -107,13 +107,21 @@ def test_load_and_unload_adapter_at_runtime(server, tiny_assets, prompts, expect
 
 
 def test_chameleon_status_is_reported(server):
-    """/server_info says whether Chameleon is on and which components are active."""
+    """/server_info says whether Chameleon is on and which components are really active."""
     info = requests.get(server.url + "/server_info", timeout=30).json()
-    assert info["chameleon"] is (server.arm == "chameleon")
+    chameleon = server.arm == "chameleon"
+    assert info["chameleon"] is chameleon
     status = info.get("chameleon_status")
     assert status is not None
-    assert status["enabled"] is (server.arm == "chameleon")
+    assert status["enabled"] is chameleon
     assert set(status["components"]) == {"scheduler", "adapter_cache"}
-    for component in status["components"].values():
-        assert component["active"] is False  # not implemented yet: nothing may pretend
-        assert component["detail"]
+    assert status["components"]["scheduler"]["active"] is chameleon
+    assert status["components"]["adapter_cache"]["active"] is False  # not installed yet
+    assert all(c["detail"] for c in status["components"].values())
+    stats = requests.get(server.url + "/chameleon/stats", timeout=30).json()
+    assert stats["enabled"] is chameleon
+    scheduler = stats["ranks"][0]["scheduler"]
+    if chameleon:
+        assert scheduler["num_arrivals"] > 0 and scheduler["num_passes"] > 0
+    else:
+        assert scheduler is None

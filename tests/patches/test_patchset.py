@@ -124,8 +124,8 @@ def test_failed_hunk_leaves_tree_untouched(site, tmp_path):
     shutil.copytree(ROOT / "patches", patches)
     last = SERIES[-1].path.name
     text = (patches / last).read_text()
-    context = next(line for line in text.splitlines() if line.startswith(" ") and line.strip()
-                   and not line.startswith(" ", 1) and "=" in line)
+    hunks = text[text.index("\n@@ "):]
+    context = next(line for line in hunks.splitlines() if line.startswith(" ") and line.strip())
     (patches / last).write_text(text.replace(context, context + "  # drifted", 1))
     before = snapshot(site)
     res = run_tool("apply", site=site, patches=patches)

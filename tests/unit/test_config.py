@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from chameleon_sglang.components import component_statuses, status_report
+from chameleon_sglang.components import cache_status, scheduler_status, status_report
 from chameleon_sglang.config import ChameleonConfig
 
 
@@ -59,16 +59,27 @@ def test_invalid_values_are_rejected_with_the_flag_named(overrides, message):
 
 
 def test_status_never_claims_unimplemented_components():
-    """With --chameleon, components that are not installed report inactive, with a reason."""
-    report = status_report(ChameleonConfig(enabled=True))
+    """With --chameleon, the adapter cache (not installed yet) reports inactive with a reason."""
+    config = ChameleonConfig(enabled=True)
+    report = status_report(config, [scheduler_status(config, None), cache_status(config)])
     assert report["enabled"] is True
-    assert report["active_components"] == [s.name for s in component_statuses(
-        ChameleonConfig(enabled=True)) if s.active]
-    for comp in report["components"].values():
-        assert comp["detail"]
+    assert report["active_components"] == ["scheduler"]
+    assert report["components"]["adapter_cache"]["active"] is False
+    assert report["components"]["adapter_cache"]["detail"]
+
+
+def test_scheduler_status_follows_installation():
+    """The scheduler is active only when installed; otherwise the reason is reported."""
+    config = ChameleonConfig(enabled=True)
+    assert scheduler_status(config, None).active is True
+    missing = scheduler_status(config, "not supported with pipeline parallelism")
+    assert missing.active is False and "pipeline" in missing.detail
+    off = scheduler_status(ChameleonConfig(enabled=True, scheduler="off"), None)
+    assert off.active is False and "off" in off.detail
 
 
 def test_disabled_config_reports_disabled():
     """Without --chameleon every component is inactive."""
-    report = status_report(ChameleonConfig(enabled=False))
+    config = ChameleonConfig(enabled=False)
+    report = status_report(config, [scheduler_status(config, None), cache_status(config)])
     assert report["enabled"] is False and report["active_components"] == []

@@ -1,0 +1,318 @@
+"""Chameleon's scheduler inside SGLang's ``Scheduler`` (the seams of patch 0006 and the plugin).
+
+SGLang forms a prefill batch by walking ``waiting_queue`` and asking ``PrefillAdder.add_one_req``
+whether each request fits; the first request that does not fit ends the pass (head-of-line
+blocking). Under ``--chameleon`` (scheduler mode ``dynamic`` or ``static``):
+
+- every request entering the waiting queue is sized and classified (:meth:`SchedulerBridge.
+  on_enqueue`, an AFTER hook on ``Scheduler._add_request_to_queue``; retracted requests go back to
+  the head of their queue);
+- the prefill loop walks the candidates Algorithm 1 yields (:func:`prefill_candidates`, patch
+  0006) instead of the waiting queue, and a request that does not fit only stops its own queue
+  (:func:`prefill_pass_continues`, patch 0006);
+- charges return when requests finish or abort, found by reconciling the policy with SGLang's own
+  lists at the start of every pass (:meth:`SchedulerBridge._reconcile`);
+- priority preemption is off.
+
+SGLang keeps ``waiting_queue`` as the source of truth for membership; the policy is an index over
+it. Without ``--chameleon`` the two patched calls return SGLang's own iterable and verdict, so the
+loop is unchanged.
+
+Time: the policy reads :class:`chameleon_sglang.clock.SchedulerClock` once per pass (rank 0's
+clock, broadcast to every tensor-parallel rank); arrivals and finishes are stamped with the time
+of the pass that sees them, so every rank feeds the policy identical inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Generator, Iterable, List, Optional
+
+from chameleon_sglang.clock import SchedulerClock, tensor_parallel_broadcast
+from chameleon_sglang.config import ChameleonConfig
+from chameleon_sglang.scheduler import (
+    AdmitResult,
+    BypassHooks,
+    ChameleonPolicy,
+    PassResult,
+    RequestEntry,
+    SizeLimits,
+)
+
+logger = logging.getLogger(__name__)
+
+ATTR = "chameleon_scheduler"
+
+
+def bridge_of(scheduler: Any) -> Optional["SchedulerBridge"]:
+    return getattr(scheduler, ATTR, None)
+
+
+# -- the two calls patch 0006 inserts into Scheduler._get_new_batch_prefill_raw --------------
+def prefill_candidates(scheduler: Any, adder: Any, running_batch: Any) -> Iterable[Any]:
+    """The requests the prefill loop should consider, in order (SGLang's queue when inactive)."""
+    bridge = bridge_of(scheduler)
+    if bridge is None:
+        return scheduler.waiting_queue
+    return bridge.candidates(adder, running_batch)
+
+
+def prefill_pass_continues(
+    scheduler: Any, adder: Any, running_batch: Any, req: Any, res: Any
+) -> bool:
+    """After ``add_one_req`` answered ``res`` (not CONTINUE): keep walking other candidates?
+
+    SGLang's answer is always no. Chameleon's: yes when only this request did not fit the
+    memory budget and capacity remains for smaller ones; its queue stops, the others go on.
+    """
+    bridge = bridge_of(scheduler)
+    if bridge is None:
+        return False
+    return bridge.after_rejection(adder, running_batch, req, res)
+
+
+class SchedulerBridge:
+    """Connects one SGLang ``Scheduler`` to a :class:`ChameleonPolicy`."""
+
+    def __init__(self, scheduler: Any, config: ChameleonConfig) -> None:
+        self.scheduler = scheduler
+        self.config = config
+        self.lora_manager = _lora_manager(scheduler)
+        context_len = int(scheduler.model_config.context_len)
+        max_rank = int(getattr(scheduler.server_args, "max_lora_rank", None) or 1)
+        ranks = self._loaded_ranks()
+        self.limits = SizeLimits(
+            max_input=context_len,
+            max_output=context_len,
+            max_rank=max_rank,
+            min_rank=min(ranks) if ranks else max_rank,
+        )
+        self.policy = ChameleonPolicy(config, self.limits, int(scheduler.max_total_num_tokens))
+        self.kv_bytes_per_token = _kv_bytes_per_token(scheduler)
+        self._now = 0.0
+        self._adapter_tokens: Dict[str, int] = {}
+        self._running: Dict[str, Any] = {}  # rid -> Req admitted and not yet finished
+        self.clock = SchedulerClock(tensor_parallel_broadcast())
+        self._pass: Optional[_PassState] = None
+        self.num_passes = 0
+        self.num_queue_misfits = 0
+        self.num_adapter_misfits = 0
+        self.num_retractions = 0
+        self.last_pass: Optional[PassResult] = None
+
+    # -- events from SGLang ------------------------------------------------------------------
+    def on_enqueue(self, req: Any, is_retracted: bool) -> None:
+        """``_add_request_to_queue`` ran; classify the request if SGLang queued it."""
+        queue = self.scheduler.waiting_queue
+        if not queue or queue[-1] is not req:
+            return  # rejected (aborted, queue limit) or routed elsewhere (disaggregation)
+        if is_retracted and req.rid in self._running:
+            self.num_retractions += 1
+            del self._running[req.rid]
+            self.policy.on_retracted(req.rid)
+        elif req.rid not in self.policy.queue:
+            self._add(req)
+
+    def on_lora_veto(self, req: Any) -> None:
+        """SGLang refused ``req`` because its adapter cannot join the batch."""
+        if self._pass is not None and self._pass.current is req:
+            self._pass.adapter_vetoed = True
+
+    # -- prefill pass ------------------------------------------------------------------------
+    def candidates(self, adder: Any, running_batch: Any) -> Generator[Any, None, None]:
+        """Algorithm 1's candidates for SGLang's prefill loop; learns each one's fate from the
+        adder when the loop asks for the next. If the loop stops early, the pass is settled
+        when the generator is closed (the last candidate counts if it was admitted)."""
+        self._now = self.clock.now()
+        self._reconcile(running_batch)
+        self.num_passes += 1
+        by_rid = {req.rid: req for req in self.scheduler.waiting_queue}
+        state = self._pass = _PassState(adder)
+        steps = self.policy.iter_pass(self._now, self._bypass_hooks(running_batch))
+        try:
+            entry = next(steps)
+            while True:
+                req = by_rid.get(entry.request_id)
+                if req is None:  # not in SGLang's queue any more: skip it this pass
+                    entry = steps.send(AdmitResult.QUEUE_MISFIT)
+                    continue
+                state.begin(req)
+                yield req
+                entry = steps.send(self._settle(state))
+        except StopIteration as done:
+            self.last_pass = done.value
+        except GeneratorExit:
+            self.last_pass = self._settle_early_end(steps, state)
+        finally:
+            self._pass = None
+
+    def after_rejection(self, adder: Any, running_batch: Any, req: Any, res: Any) -> bool:
+        from sglang.srt.managers.schedule_policy import AddReqResult
+
+        state = self._pass
+        if state is None or state.current is not req or state.was_admitted():
+            return False
+        if res != AddReqResult.NO_TOKEN or adder.budget_state() == AddReqResult.NO_TOKEN:
+            return False
+        # Only this request did not fit; SGLang marked the batch full just before asking.
+        running_batch.batch_is_full = False
+        state.memory_rejected = True
+        return True
+
+    # -- reporting -----------------------------------------------------------------------------
+    def stats(self) -> Dict[str, Any]:
+        stats = self.policy.stats()
+        stats.update(
+            num_passes=self.num_passes,
+            num_queue_misfits=self.num_queue_misfits,
+            num_adapter_misfits=self.num_adapter_misfits,
+            num_retractions=self.num_retractions,
+            clock_s=self.clock.last,
+            last_pass_admitted=self.last_pass.num_admitted if self.last_pass else 0,
+            num_tracked_running=len(self._running),
+        )
+        return stats
+
+    # -- internals -----------------------------------------------------------------------------
+    def _add(self, req: Any) -> RequestEntry:
+        adapter = req.lora_id
+        return self.policy.on_arrival(
+            req.rid,
+            adapter_id=adapter,
+            input_len=len(req.origin_input_ids),
+            max_new_tokens=int(req.sampling_params.max_new_tokens or 1),
+            now=self._now,
+            rank=self._rank(adapter) if adapter is not None else None,
+            adapter_tokens=self._adapter_token_cost(adapter),
+        )
+
+    def _reconcile(self, running_batch: Any) -> None:
+        """Bring the policy in line with SGLang's lists: finishes, aborts, progress, strays."""
+        live: Dict[str, Any] = {r.rid: r for r in running_batch.reqs if not r.finished()}
+        chunked = self.scheduler.chunked_req
+        if chunked is not None:
+            live[chunked.rid] = chunked
+        for rid in [rid for rid in self._running if rid not in live]:
+            req = self._running.pop(rid)
+            self.policy.on_finish(rid, len(req.output_ids), self._now)
+        for rid, req in live.items():
+            if rid in self._running:
+                self.policy.on_progress(rid, len(req.output_ids))
+        waiting = {req.rid for req in self.scheduler.waiting_queue}
+        for entry in list(self.policy.queue):
+            if entry.request_id not in waiting:
+                self.policy.on_abort(entry.request_id)
+        for req in self.scheduler.waiting_queue:
+            if req.rid not in self.policy.queue:
+                self._add(req)
+
+    def _bypass_hooks(self, running_batch: Any) -> BypassHooks:
+        """Stock LoRA pool: an adapter is 'resident' when it already runs in the batch; the head's
+        adapter gets a slot once some running adapter's requests have all finished."""
+        remaining: Dict[Optional[str], float] = {}
+        for req in running_batch.reqs:
+            if req.rid in self._running and req.rid in self.policy.queue:
+                entry = self.policy.queue.get(req.rid)
+                left = max(entry.charged_output - len(req.output_ids), 0)
+                remaining[req.lora_id] = max(remaining.get(req.lora_id, 0.0), float(left))
+        frees_in = min(remaining.values()) if remaining else 0.0
+        return BypassHooks(
+            is_adapter_resident=lambda adapter: adapter in remaining,
+            predicted_free_at=lambda entry: frees_in,
+        )
+
+    def _settle(self, state: "_PassState") -> AdmitResult:
+        verdict = state.verdict()
+        if verdict is AdmitResult.ADMITTED:
+            self._running[state.current.rid] = state.current
+        elif verdict is AdmitResult.QUEUE_MISFIT:
+            self.num_queue_misfits += 1
+        else:
+            self.num_adapter_misfits += 1
+        return verdict
+
+    def _settle_early_end(self, steps: Generator, state: "_PassState") -> Optional[PassResult]:
+        """SGLang's loop ended (batch full, budget spent): record the last candidate if it got
+        in, then end the pass for every queue that did not have its turn."""
+        try:
+            if state.current is not None and state.was_admitted():
+                self._running[state.current.rid] = state.current
+                steps.send(AdmitResult.ADMITTED)
+            while True:
+                steps.send(AdmitResult.STOP)
+        except StopIteration as done:
+            return done.value
+
+    def _rank(self, adapter: str) -> int:
+        configs = getattr(self.lora_manager, "configs", {}) if self.lora_manager else {}
+        config = configs.get(adapter)
+        return int(config.r) if config is not None else self.limits.max_rank
+
+    def _loaded_ranks(self) -> List[int]:
+        configs = getattr(self.lora_manager, "configs", {}) if self.lora_manager else {}
+        return sorted(int(c.r) for c in configs.values())
+
+    def _adapter_token_cost(self, adapter: Optional[str]) -> int:
+        """Adapter memory in KV tokens: its bytes over the KV bytes of one token, rounded up."""
+        if adapter is None or self.lora_manager is None:
+            return 0
+        if adapter not in self._adapter_tokens:
+            lora = getattr(self.lora_manager, "loras", {}).get(adapter)
+            num_bytes = _adapter_bytes(lora) if lora is not None else 0
+            self._adapter_tokens[adapter] = -(-num_bytes // max(self.kv_bytes_per_token, 1))
+        return self._adapter_tokens[adapter]
+
+
+class _PassState:
+    """The candidate SGLang's loop is looking at, and what happened to it."""
+
+    def __init__(self, adder: Any) -> None:
+        self.adder = adder
+        self.current: Any = None
+        self.adapter_vetoed = False
+        self.memory_rejected = False
+
+    def begin(self, req: Any) -> None:
+        self.current = req
+        self.adapter_vetoed = False
+        self.memory_rejected = False
+
+    def was_admitted(self) -> bool:
+        req = self.current
+        if req is None:
+            return False
+        if self.adder.new_chunked_req is req:
+            return True
+        return bool(self.adder.can_run_list) and self.adder.can_run_list[-1] is req
+
+    def verdict(self) -> AdmitResult:
+        if self.was_admitted():
+            return AdmitResult.ADMITTED
+        if self.adapter_vetoed:
+            return AdmitResult.ADAPTER_MISFIT
+        return AdmitResult.QUEUE_MISFIT
+
+
+def _lora_manager(scheduler: Any) -> Any:
+    try:
+        return scheduler.tp_worker.model_runner.lora_manager
+    except AttributeError:
+        return None
+
+
+def _adapter_bytes(lora: Any) -> int:
+    total = 0
+    for layer in getattr(lora, "layers", []):
+        for tensor in getattr(layer, "weights", {}).values():
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _kv_bytes_per_token(scheduler: Any) -> int:
+    """K and V bytes one token occupies across all layers of this rank."""
+    try:
+        pool = scheduler.tp_worker.model_runner.token_to_kv_pool
+        k_bytes, v_bytes = pool.get_kv_size_bytes()
+        return max(int((k_bytes + v_bytes) // (pool.size + pool.page_size)), 1)
+    except (AttributeError, TypeError, ValueError):
+        return 1
