@@ -26,7 +26,7 @@ of the pass that sees them, so every rank feeds the policy identical inputs.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Generator, Iterable, List, Optional
+from typing import Any, Dict, Generator, Iterable, List, Optional, Tuple
 
 from chameleon_sglang.clock import SchedulerClock, tensor_parallel_broadcast
 from chameleon_sglang.config import ChameleonConfig
@@ -94,6 +94,9 @@ class SchedulerBridge:
         self._running: Dict[str, Any] = {}  # rid -> Req admitted and not yet finished
         self.clock = SchedulerClock(tensor_parallel_broadcast())
         self._pass: Optional[_PassState] = None
+        # rid -> (departures, free KV tokens) when SGLang refused it for memory
+        self._memory_blocked: Dict[str, Tuple[int, int]] = {}
+        self._num_departures = 0
         self.num_passes = 0
         self.num_queue_misfits = 0
         self.num_adapter_misfits = 0
@@ -108,6 +111,7 @@ class SchedulerBridge:
             return  # rejected (aborted, queue limit) or routed elsewhere (disaggregation)
         if is_retracted and req.rid in self._running:
             self.num_retractions += 1
+            self._num_departures += 1
             del self._running[req.rid]
             self.policy.on_retracted(req.rid)
         elif req.rid not in self.policy.queue:
@@ -124,7 +128,7 @@ class SchedulerBridge:
         adder when the loop asks for the next. If the loop stops early, the pass is settled
         when the generator is closed (the last candidate counts if it was admitted)."""
         self._now = self.clock.now()
-        self._reconcile(running_batch)
+        self._reconcile()
         self.num_passes += 1
         by_rid = {req.rid: req for req in self.scheduler.waiting_queue}
         state = self._pass = _PassState(adder)
@@ -133,7 +137,10 @@ class SchedulerBridge:
             entry = next(steps)
             while True:
                 req = by_rid.get(entry.request_id)
-                if req is None:  # not in SGLang's queue any more: skip it this pass
+                if req is None or self._still_memory_blocked(req):
+                    # Gone from SGLang's queue, or refused for memory with nothing freed since
+                    # (SGLang's own loop would not retry it either: its batch stays "full").
+                    self.num_queue_misfits += req is not None
                     entry = steps.send(AdmitResult.QUEUE_MISFIT)
                     continue
                 state.begin(req)
@@ -157,10 +164,13 @@ class SchedulerBridge:
         # Only this request did not fit; SGLang marked the batch full just before asking.
         running_batch.batch_is_full = False
         state.memory_rejected = True
+        self._memory_blocked[req.rid] = (self._num_departures, self._free_tokens())
         return True
 
     # -- reporting -----------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
+        """Live statistics; settles finished requests first so usage is current."""
+        self._reconcile()
         stats = self.policy.stats()
         stats.update(
             num_passes=self.num_passes,
@@ -186,22 +196,22 @@ class SchedulerBridge:
             adapter_tokens=self._adapter_token_cost(adapter),
         )
 
-    def _reconcile(self, running_batch: Any) -> None:
-        """Bring the policy in line with SGLang's lists: finishes, aborts, progress, strays."""
-        live: Dict[str, Any] = {r.rid: r for r in running_batch.reqs if not r.finished()}
-        chunked = self.scheduler.chunked_req
-        if chunked is not None:
-            live[chunked.rid] = chunked
-        for rid in [rid for rid in self._running if rid not in live]:
-            req = self._running.pop(rid)
-            self.policy.on_finish(rid, len(req.output_ids), self._now)
-        for rid, req in live.items():
-            if rid in self._running:
+    def _reconcile(self) -> None:
+        """Bring the policy in line with SGLang: finishes (and aborts of running requests, which
+        SGLang marks finished), progress, aborts of waiting requests, strays."""
+        for rid, req in list(self._running.items()):
+            if req.finished():
+                del self._running[rid]
+                self.policy.on_finish(rid, len(req.output_ids), self._now)
+                self._num_departures += 1
+            else:
                 self.policy.on_progress(rid, len(req.output_ids))
         waiting = {req.rid for req in self.scheduler.waiting_queue}
         for entry in list(self.policy.queue):
             if entry.request_id not in waiting:
                 self.policy.on_abort(entry.request_id)
+        for rid in [rid for rid in self._memory_blocked if rid not in waiting]:
+            del self._memory_blocked[rid]
         for req in self.scheduler.waiting_queue:
             if req.rid not in self.policy.queue:
                 self._add(req)
@@ -220,6 +230,17 @@ class SchedulerBridge:
             is_adapter_resident=lambda adapter: adapter in remaining,
             predicted_free_at=lambda entry: frees_in,
         )
+
+    def _still_memory_blocked(self, req: Any) -> bool:
+        """Refused for memory earlier, and since then no running request has left and no KV
+        memory has been freed: asking SGLang again would get the same answer."""
+        memo = self._memory_blocked.get(req.rid)
+        return memo is not None and memo == (self._num_departures, self._free_tokens())
+
+    def _free_tokens(self) -> int:
+        """KV tokens available to a new request: free slots plus evictable prefix cache."""
+        allocator = self.scheduler.token_to_kv_pool_allocator
+        return int(allocator.available_size()) + int(self.scheduler.tree_cache.evictable_size())
 
     def _settle(self, state: "_PassState") -> AdmitResult:
         verdict = state.verdict()

@@ -1,0 +1,149 @@
+"""The Chameleon scheduler inside a real SGLang server: head-of-line blocking is gone, queues and
+quotas are fitted live, and the stats endpoint reports them.
+
+Scenario (the same for both arms, one server at a time): a long "hog" request holds most of the
+KV pool; a "large" request that cannot fit until the hog finishes arrives next; then small
+requests that fit easily. Stock SGLang admits in arrival order and stops at the large request,
+so the small ones wait for the hog. Chameleon puts the small ones in their own queue and admits
+them at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+import requests
+from conftest import start_server, stop_server
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["--chunked-prefill-size", "512"]
+HOG = ("hog", 1600, "a004r128", 300)
+LARGE = ("large", 1900, "a004r128", 16)
+SMALLS = [(f"small{i}", 20, "a000r8", 8) for i in range(4)]
+
+
+first_token: Dict[str, float] = {}
+
+
+def _stream(url: str, ids: List[int], adapter: Optional[str], max_new: int, t0: float,
+            out: Dict[str, Tuple[float, float]], name: str) -> None:
+    body = {"input_ids": ids, "stream": True, "lora_path": adapter,
+            "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}
+    first = None
+    with requests.post(url + "/generate", json=body, stream=True, timeout=300) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if line.startswith(b"data:") and b"[DONE]" not in line and first is None:
+                first = time.monotonic() - t0
+                first_token[name] = first
+    out[name] = (first, time.monotonic() - t0)
+
+
+def run_scenario(url: str) -> Dict[str, Tuple[float, float]]:
+    """Times (first token, end) in seconds from the start, per request name."""
+    t0 = time.monotonic()
+    out: Dict[str, Tuple[float, float]] = {}
+    threads = []
+    first_token.clear()
+
+    def send(name: str, input_len: int, adapter: str, max_new: int) -> None:
+        ids = [10 + (i * 7 + len(name)) % 2000 for i in range(input_len)]
+        t = threading.Thread(target=_stream, args=(url, ids, adapter, max_new, t0, out, name))
+        t.start()
+        threads.append(t)
+
+    send(*HOG)
+    while "hog" not in first_token and time.monotonic() - t0 < 120:
+        time.sleep(0.02)
+    send(*LARGE)  # the hog is decoding now
+    time.sleep(0.3)
+    for small in SMALLS:
+        send(*small)
+    for t in threads:
+        t.join(timeout=300)
+    assert set(out) == {"hog", "large", *(s[0] for s in SMALLS)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def scenario_times(tiny_assets, tmp_path_factory):
+    """Run the scenario on stock SGLang and on Chameleon (static queues), one after the other."""
+    log_dir = tmp_path_factory.mktemp("hol-logs")
+    arms = {
+        "stock": COMMON,
+        "chameleon": COMMON + ["--chameleon", "--chameleon-scheduler", "static"],
+    }
+    results = {}
+    for arm, extra in arms.items():
+        srv = start_server(tiny_assets, log_dir, f"hol-{arm}", chameleon=False,
+                           max_total_tokens=3072, extra_args=extra)
+        try:
+            results[arm] = run_scenario(srv.url)
+            print(arm, {k: tuple(round(x, 2) for x in v) for k, v in results[arm].items()})
+            if arm == "chameleon":
+                results["stats"] = requests.get(srv.url + "/chameleon/stats", timeout=30).json()
+        finally:
+            stop_server(srv)
+    return results
+
+
+def test_stock_small_requests_wait_behind_the_large_one(scenario_times):
+    """Stock SGLang: small requests start no earlier than the blocked large request."""
+    t = scenario_times["stock"]
+    large_first = t["large"][0]
+    assert large_first > t["hog"][0] + 1.0  # the large request really was blocked
+    for name, _, _, _ in SMALLS:
+        assert t[name][0] >= large_first - 0.25, (name, t)
+
+
+def test_chameleon_small_requests_pass_the_blocked_large_one(scenario_times):
+    """Chameleon: small requests are admitted from their own queue and finish before the large
+    request (which waits for memory) produces its first token."""
+    t = scenario_times["chameleon"]
+    for name, _, _, _ in SMALLS:
+        assert t[name][1] < t["large"][0], (name, t)
+        assert t[name][1] < t["hog"][1], (name, t)
+
+
+def test_chameleon_stats_report_static_queues(scenario_times):
+    """/chameleon/stats shows 4 static queues with equal quotas and every request accounted."""
+    sched = scenario_times["stats"]["ranks"][0]["scheduler"]
+    assert sched["mode"] == "static" and sched["num_queues"] == 4
+    assert sched["cutoffs"] == sorted(sched["cutoffs"]) and len(sched["cutoffs"]) == 3
+    assert len(set(sched["quotas"])) == 1 and sum(sched["quotas"]) == 3072
+    assert sched["num_arrivals"] >= 2 + len(SMALLS)  # plus the server's own warm-up request
+    # Every request finished, so every charge came back: quota is conserved.
+    assert sched["num_running"] == 0 and sum(sched["num_waiting"]) == 0
+    assert sched["usage"] == [0, 0, 0, 0]
+
+
+def test_dynamic_queues_are_fitted_from_live_traffic(tiny_assets, tmp_path_factory):
+    """Dynamic mode fits K-means queues once the warm-up requests have arrived."""
+    log_dir = tmp_path_factory.mktemp("dyn-logs")
+    srv = start_server(tiny_assets, log_dir, "dynamic", chameleon=True,
+                       extra_args=["--chameleon-warmup-requests", "12"])
+    try:
+        jobs = [([11 + i] * 8, "a000r8", 4) for i in range(8)]
+        jobs += [([13 + i] * 900, "a004r128", 64) for i in range(6)]
+        threads = [threading.Thread(target=_stream,
+                                    args=(srv.url, ids, adapter, n, time.monotonic(), {}, "x"))
+                   for ids, adapter, n in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        # One more request so that a pass runs after the warm-up arrivals.
+        _stream(srv.url, [5] * 8, "a000r8", 2, time.monotonic(), {}, "last")
+        sched = requests.get(srv.url + "/chameleon/stats", timeout=30).json()["ranks"][0][
+            "scheduler"]
+    finally:
+        stop_server(srv)
+    assert sched["mode"] == "dynamic"
+    assert sched["num_refreshes"] >= 1
+    assert sched["num_queues"] >= 2, sched  # two clearly separated request sizes
+    assert len(sched["quotas"]) == sched["num_queues"]
+    assert sched["predictor"]["num_outcomes"] >= 14
