@@ -93,6 +93,8 @@ class SchedulerBridge:
         self._adapter_tokens: Dict[str, int] = {}
         self._running: Dict[str, Any] = {}  # rid -> Req admitted and not yet finished
         self.clock = SchedulerClock(tensor_parallel_broadcast())
+        self.metrics: Any = None
+        self._metrics_checked = False
         self._pass: Optional[_PassState] = None
         # rid -> (departures, free KV tokens) when SGLang refused it for memory
         self._memory_blocked: Dict[str, Tuple[int, int]] = {}
@@ -129,6 +131,11 @@ class SchedulerBridge:
         when the generator is closed (the last candidate counts if it was admitted)."""
         self._now = self.clock.now()
         self._reconcile()
+        if not self._metrics_checked:  # the metrics reporter is built after the policy
+            self._metrics_checked = True
+            self.metrics = _metrics_if_enabled(self.scheduler)
+        if self.metrics is not None:
+            self.metrics.maybe_publish(self._now, self._snapshot())
         self.num_passes += 1
         by_rid = {req.rid: req for req in self.scheduler.waiting_queue}
         state = self._pass = _PassState(adder)
@@ -171,6 +178,9 @@ class SchedulerBridge:
     def stats(self) -> Dict[str, Any]:
         """Live statistics; settles finished requests first so usage is current."""
         self._reconcile()
+        return self._snapshot()
+
+    def _snapshot(self) -> Dict[str, Any]:
         stats = self.policy.stats()
         stats.update(
             num_passes=self.num_passes,
@@ -312,6 +322,18 @@ class _PassState:
         if self.adapter_vetoed:
             return AdmitResult.ADAPTER_MISFIT
         return AdmitResult.QUEUE_MISFIT
+
+
+def _metrics_if_enabled(scheduler: Any) -> Any:
+    """Prometheus gauges when SGLang runs with ``--enable-metrics`` (on the rank that exports)."""
+    reporter = getattr(scheduler, "metrics_reporter", None)
+    if reporter is None or not getattr(reporter, "enable_metrics", False):
+        return None
+    from chameleon_sglang.metrics import SchedulerMetrics
+
+    collector = getattr(scheduler, "metrics_collector", None)
+    labels = dict(getattr(collector, "labels", {}) or {})
+    return SchedulerMetrics(labels)
 
 
 def _lora_manager(scheduler: Any) -> Any:

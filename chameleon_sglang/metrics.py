@@ -1,0 +1,72 @@
+"""Chameleon's scheduler statistics as Prometheus gauges (with SGLang's ``--enable-metrics``).
+
+Gauges are created in the scheduler process with ``multiprocess_mode="mostrecent"``, like
+SGLang's own scheduler metrics, so SGLang's ``/metrics`` endpoint exports them. Counters are
+exported as gauges of their running totals.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+PUBLISH_PERIOD_S = 0.5
+
+_SCALARS = {
+    "num_queues": "Number of multi-level queues (K).",
+    "num_bypasses": "Requests admitted by opportunistic bypass (total).",
+    "num_squashes": "Bypass requests squashed and requeued (total).",
+    "num_queue_misfits": "Candidates that did not fit memory or quota in a pass (total).",
+    "num_adapter_misfits": "Candidates whose adapter could not be placed (total).",
+    "num_retractions": "Running requests SGLang retracted back to the queue (total).",
+    "num_refreshes": "Queue re-fits (total).",
+    "quota_scaled_down": "1 when the M/M/1 minimum quotas exceeded the pool and were scaled.",
+}
+_PER_QUEUE = {
+    "quotas": ("queue_quota_tokens", "Token quota of each queue."),
+    "usage": ("queue_usage_tokens", "Tokens charged to each queue by running requests."),
+    "num_waiting": ("queue_waiting_requests", "Requests waiting in each queue."),
+}
+
+
+class SchedulerMetrics:
+    """Publishes ``SchedulerBridge`` statistics at most every ``PUBLISH_PERIOD_S``."""
+
+    def __init__(self, labels: Optional[Dict[str, str]] = None) -> None:
+        from prometheus_client import Gauge
+
+        self._labels = dict(labels or {})
+        names = list(self._labels)
+        self._scalars = {
+            key: Gauge(f"chameleon:{key}", doc, labelnames=names, multiprocess_mode="mostrecent")
+            for key, doc in _SCALARS.items()
+        }
+        self._per_queue = {
+            key: Gauge(f"chameleon:{name}", doc, labelnames=names + ["queue"],
+                       multiprocess_mode="mostrecent")
+            for key, (name, doc) in _PER_QUEUE.items()
+        }
+        self._accuracy = Gauge(
+            "chameleon:predictor_within_tolerance",
+            "Fraction of output-length predictions within tolerance of the real length.",
+            labelnames=names, multiprocess_mode="mostrecent",
+        )
+        self._last_publish: Optional[float] = None
+        self._max_queues_seen = 0
+
+    def maybe_publish(self, now: float, stats: Dict[str, Any]) -> bool:
+        if self._last_publish is not None and now - self._last_publish < PUBLISH_PERIOD_S:
+            return False
+        self._last_publish = now
+        for key, gauge in self._scalars.items():
+            gauge.labels(**self._labels).set(float(stats.get(key, 0) or 0))
+        num_queues = int(stats.get("num_queues", 0))
+        self._max_queues_seen = max(self._max_queues_seen, num_queues)
+        for key, gauge in self._per_queue.items():
+            values = list(stats.get(key, []))
+            for q in range(self._max_queues_seen):  # queues that vanished on a refit read 0
+                value = values[q] if q < len(values) else 0
+                gauge.labels(**self._labels, queue=str(q)).set(float(value))
+        accuracy = (stats.get("predictor") or {}).get("within_tolerance")
+        if accuracy is not None:
+            self._accuracy.labels(**self._labels).set(float(accuracy))
+        return True
