@@ -39,6 +39,7 @@ def register() -> None:
     hooks = [
         ("init_schedule_policy", install_scheduler, HookType.AFTER),
         ("_add_request_to_queue", on_request_enqueued, HookType.AFTER),
+        ("_release_aborted_request", on_request_aborted, HookType.AFTER),
         ("can_schedule_lora_req", on_can_schedule_lora_req, HookType.AROUND),
         ("get_init_info", add_chameleon_init_info, HookType.AFTER),
         ("get_internal_state", add_chameleon_internal_state, HookType.AFTER),
@@ -134,6 +135,15 @@ def on_request_enqueued(result: Any, scheduler: Any, req: Any, is_retracted: boo
     bridge = bridge_of(scheduler)
     if bridge is not None:
         bridge.on_enqueue(req, is_retracted)
+    return result
+
+
+def on_request_aborted(result: Any, scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+    from chameleon_sglang.sglang_scheduler import bridge_of
+
+    bridge = bridge_of(scheduler)
+    if bridge is not None:
+        bridge.on_waiting_abort(req)
     return result
 
 

@@ -10,8 +10,8 @@ blocking). Under ``--chameleon`` (scheduler mode ``dynamic`` or ``static``):
 - the prefill loop walks the candidates Algorithm 1 yields (:func:`prefill_candidates`, patch
   0006) instead of the waiting queue, and a request that does not fit only stops its own queue
   (:func:`prefill_pass_continues`, patch 0006);
-- charges return when requests finish or abort, found by reconciling the policy with SGLang's own
-  lists at the start of every pass (:meth:`SchedulerBridge._reconcile`);
+- charges return when requests finish (their ``finished()`` flag, checked at the start of every
+  pass) or abort (an AFTER hook on ``Scheduler._release_aborted_request``);
 - priority preemption is off.
 
 SGLang keeps ``waiting_queue`` as the source of truth for membership; the policy is an index over
@@ -42,6 +42,10 @@ from chameleon_sglang.scheduler import (
 logger = logging.getLogger(__name__)
 
 ATTR = "chameleon_scheduler"
+# Passes between full comparisons of the policy's waiting set with SGLang's waiting queue (a
+# safety net; arrivals, admissions and aborts are tracked as events, so a pass costs
+# O(running + candidates), not O(waiting)).
+FULL_SYNC_PASSES = 256
 
 
 def bridge_of(scheduler: Any) -> Optional["SchedulerBridge"]:
@@ -74,7 +78,9 @@ def prefill_pass_continues(
 class SchedulerBridge:
     """Connects one SGLang ``Scheduler`` to a :class:`ChameleonPolicy`."""
 
-    def __init__(self, scheduler: Any, config: ChameleonConfig) -> None:
+    def __init__(
+        self, scheduler: Any, config: ChameleonConfig, clock: Optional[SchedulerClock] = None
+    ) -> None:
         self.scheduler = scheduler
         self.config = config
         self.lora_manager = _lora_manager(scheduler)
@@ -91,8 +97,10 @@ class SchedulerBridge:
         self.kv_bytes_per_token = _kv_bytes_per_token(scheduler)
         self._now = 0.0
         self._adapter_tokens: Dict[str, int] = {}
-        self._running: Dict[str, Any] = {}  # rid -> Req admitted and not yet finished
-        self.clock = SchedulerClock(tensor_parallel_broadcast())
+        # rid -> (Req, its policy entry) for requests admitted and not yet finished
+        self._running: Dict[str, Tuple[Any, RequestEntry]] = {}
+        self._waiting: Dict[str, Any] = {}  # rid -> Req in SGLang's waiting queue
+        self.clock = clock if clock is not None else SchedulerClock(tensor_parallel_broadcast())
         self.metrics: Any = None
         self._metrics_checked = False
         self._pass: Optional[_PassState] = None
@@ -118,6 +126,13 @@ class SchedulerBridge:
             self.policy.on_retracted(req.rid)
         elif req.rid not in self.policy.queue:
             self._add(req)
+        self._waiting[req.rid] = req
+
+    def on_waiting_abort(self, req: Any) -> None:
+        """SGLang dropped an aborted request (``_release_aborted_request``)."""
+        if self._waiting.pop(req.rid, None) is not None:
+            self.policy.on_abort(req.rid)
+            self._memory_blocked.pop(req.rid, None)
 
     def on_lora_veto(self, req: Any) -> None:
         """SGLang refused ``req`` because its adapter cannot join the batch."""
@@ -130,20 +145,21 @@ class SchedulerBridge:
         adder when the loop asks for the next. If the loop stops early, the pass is settled
         when the generator is closed (the last candidate counts if it was admitted)."""
         self._now = self.clock.now()
-        self._reconcile()
+        self._settle_running()
+        if self.num_passes % FULL_SYNC_PASSES == 0:
+            self._sync_waiting()
         if not self._metrics_checked:  # the metrics reporter is built after the policy
             self._metrics_checked = True
             self.metrics = _metrics_if_enabled(self.scheduler)
         if self.metrics is not None:
             self.metrics.maybe_publish(self._now, self._snapshot())
         self.num_passes += 1
-        by_rid = {req.rid: req for req in self.scheduler.waiting_queue}
         state = self._pass = _PassState(adder)
         steps = self.policy.iter_pass(self._now, self._bypass_hooks(running_batch))
         try:
             entry = next(steps)
             while True:
-                req = by_rid.get(entry.request_id)
+                req = self._waiting.get(entry.request_id)
                 if req is None or self._still_memory_blocked(req):
                     # Gone from SGLang's queue, or refused for memory with nothing freed since
                     # (SGLang's own loop would not retry it either: its batch stays "full").
@@ -177,7 +193,8 @@ class SchedulerBridge:
     # -- reporting -----------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
         """Live statistics; settles finished requests first so usage is current."""
-        self._reconcile()
+        self._settle_running()
+        self._sync_waiting()
         return self._snapshot()
 
     def _snapshot(self) -> Dict[str, Any]:
@@ -206,39 +223,38 @@ class SchedulerBridge:
             adapter_tokens=self._adapter_token_cost(adapter),
         )
 
-    def _reconcile(self) -> None:
-        """Bring the policy in line with SGLang: finishes (and aborts of running requests, which
-        SGLang marks finished), progress, aborts of waiting requests, strays."""
-        for rid, req in list(self._running.items()):
+    def _settle_running(self) -> None:
+        """Finished requests (SGLang marks aborted running requests finished too) return their
+        charge and teach the predictor; the others report progress. O(running)."""
+        finished = []
+        for rid, (req, entry) in self._running.items():
             if req.finished():
-                del self._running[rid]
-                self.policy.on_finish(rid, len(req.output_ids), self._now)
-                self._num_departures += 1
-            else:
+                finished.append((rid, req))
+            elif len(req.output_ids) > entry.charged_output:
                 self.policy.on_progress(rid, len(req.output_ids))
-        waiting = {req.rid for req in self.scheduler.waiting_queue}
-        for entry in list(self.policy.queue):
-            if entry.request_id not in waiting:
-                self.policy.on_abort(entry.request_id)
-        for rid in [rid for rid in self._memory_blocked if rid not in waiting]:
-            del self._memory_blocked[rid]
-        for req in self.scheduler.waiting_queue:
-            if req.rid not in self.policy.queue:
-                self._add(req)
+        for rid, req in finished:
+            del self._running[rid]
+            self.policy.on_finish(rid, len(req.output_ids), self._now)
+            self._num_departures += 1
+
+    def _sync_waiting(self) -> None:
+        """Make the policy's waiting set equal SGLang's waiting queue. O(waiting)."""
+        queued = {req.rid: req for req in self.scheduler.waiting_queue}
+        for rid in [rid for rid in self._waiting if rid not in queued]:
+            self.on_waiting_abort(self._waiting[rid])
+        for rid, req in queued.items():
+            if rid not in self._waiting:
+                if rid not in self.policy.queue:
+                    self._add(req)
+                self._waiting[rid] = req
 
     def _bypass_hooks(self, running_batch: Any) -> BypassHooks:
         """Stock LoRA pool: an adapter is 'resident' when it already runs in the batch; the head's
-        adapter gets a slot once some running adapter's requests have all finished."""
-        remaining: Dict[Optional[str], float] = {}
-        for req in running_batch.reqs:
-            if req.rid in self._running and req.rid in self.policy.queue:
-                entry = self.policy.queue.get(req.rid)
-                left = max(entry.charged_output - len(req.output_ids), 0)
-                remaining[req.lora_id] = max(remaining.get(req.lora_id, 0.0), float(left))
-        frees_in = min(remaining.values()) if remaining else 0.0
+        adapter gets a slot once some running adapter's requests have all finished. Computed
+        only if a pass meets an adapter misfit."""
+        view = _RunningAdapters(running_batch, self._running)
         return BypassHooks(
-            is_adapter_resident=lambda adapter: adapter in remaining,
-            predicted_free_at=lambda entry: frees_in,
+            is_adapter_resident=view.is_resident, predicted_free_at=view.frees_in
         )
 
     def _still_memory_blocked(self, req: Any) -> bool:
@@ -252,10 +268,15 @@ class SchedulerBridge:
         allocator = self.scheduler.token_to_kv_pool_allocator
         return int(allocator.available_size()) + int(self.scheduler.tree_cache.evictable_size())
 
+    def _mark_running(self, req: Any) -> None:
+        self._waiting.pop(req.rid, None)
+        self._memory_blocked.pop(req.rid, None)
+        self._running[req.rid] = (req, self.policy.queue.get(req.rid))
+
     def _settle(self, state: "_PassState") -> AdmitResult:
         verdict = state.verdict()
         if verdict is AdmitResult.ADMITTED:
-            self._running[state.current.rid] = state.current
+            self._mark_running(state.current)
         elif verdict is AdmitResult.QUEUE_MISFIT:
             self.num_queue_misfits += 1
         else:
@@ -267,7 +288,7 @@ class SchedulerBridge:
         in, then end the pass for every queue that did not have its turn."""
         try:
             if state.current is not None and state.was_admitted():
-                self._running[state.current.rid] = state.current
+                self._mark_running(state.current)
                 steps.send(AdmitResult.ADMITTED)
             while True:
                 steps.send(AdmitResult.STOP)
@@ -322,6 +343,34 @@ class _PassState:
         if self.adapter_vetoed:
             return AdmitResult.ADAPTER_MISFIT
         return AdmitResult.QUEUE_MISFIT
+
+
+class _RunningAdapters:
+    """Adapters of the running batch and when the first of them frees its slot (in decode
+    steps, from the predicted outputs), built on first use."""
+
+    def __init__(self, running_batch: Any, running: Dict[str, Tuple[Any, RequestEntry]]) -> None:
+        self._batch = running_batch
+        self._running = running
+        self._remaining: Optional[Dict[Optional[str], float]] = None
+
+    def _steps_left(self) -> Dict[Optional[str], float]:
+        if self._remaining is None:
+            remaining: Dict[Optional[str], float] = {}
+            for req in self._batch.reqs:
+                tracked = self._running.get(req.rid)
+                if tracked is not None:
+                    left = float(max(tracked[1].charged_output - len(req.output_ids), 0))
+                    remaining[req.lora_id] = max(remaining.get(req.lora_id, 0.0), left)
+            self._remaining = remaining
+        return self._remaining
+
+    def is_resident(self, adapter: Optional[str]) -> bool:
+        return adapter in self._steps_left()
+
+    def frees_in(self, entry: RequestEntry) -> float:
+        steps = self._steps_left()
+        return min(steps.values()) if steps else 0.0
 
 
 def _metrics_if_enabled(scheduler: Any) -> Any:
