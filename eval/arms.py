@@ -1,0 +1,85 @@
+"""Arms of a comparison: a name, the extra SGLang flags that define it, and the shared server flags.
+
+Contract: every arm of one comparison runs the same launch command from
+``chameleon_sglang.serve.server_command`` (same assets, adapters, dtype and :class:`ServerFlags`);
+arms differ only by the flags in :data:`ARM_FLAGS`. ``stock`` adds nothing (no ``--chameleon``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+from chameleon_sglang.assets import Assets
+from chameleon_sglang.serve import server_command
+
+ARM_FLAGS: Dict[str, Tuple[str, ...]] = {
+    "stock": (),
+    "chameleon": ("--chameleon",),
+    "chameleon-static": ("--chameleon", "--chameleon-scheduler", "static"),
+    "scheduler-only": ("--chameleon", "--no-chameleon-cache"),
+    "cache-only": ("--chameleon", "--chameleon-scheduler", "off"),
+    "evict-lru": ("--chameleon", "--chameleon-eviction-policy", "lru"),
+    "evict-fairshare": ("--chameleon", "--chameleon-eviction-policy", "fairshare"),
+    "evict-gdsf": ("--chameleon", "--chameleon-eviction-policy", "gdsf"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerFlags:
+    """Flags shared by every arm; the defaults mirror the measured stock baseline."""
+
+    dtype: str = "bfloat16"
+    max_total_tokens: int = 65536
+    max_lora_rank: int = 128
+    max_loras_per_batch: int = 8
+    enable_metrics: bool = True
+    extra: Tuple[str, ...] = ()
+
+    def extra_args(self) -> List[str]:
+        args = ["--max-loras-per-batch", str(self.max_loras_per_batch)]
+        if self.enable_metrics:
+            args.append("--enable-metrics")
+        return args + list(self.extra)
+
+
+BF16_CPU_FLAGS: Tuple[str, ...] = ("avx512_bf16", "amx_bf16")
+
+
+def auto_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """``bfloat16`` where the CPU computes it natively (AVX512-BF16 or AMX), else ``float32``:
+    without those instructions bf16 GEMMs are emulated and several times slower than fp32."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return "float32"
+    return "bfloat16" if flags & set(BF16_CPU_FLAGS) else "float32"
+
+
+def parse_arms(text: str) -> List[str]:
+    """Comma-separated arm names, validated against :data:`ARM_FLAGS`, order kept."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ARM_FLAGS]
+    if unknown or not names:
+        raise ValueError(f"unknown arm(s) {unknown}; choose from {sorted(ARM_FLAGS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"arm listed twice in {text!r}")
+    return names
+
+
+def arm_command(
+    arm: str, assets: Assets, port: int, adapters: Sequence[str], flags: ServerFlags,
+) -> List[str]:
+    """The launch command of ``arm``: the shared command plus the arm's own flags."""
+    return server_command(
+        assets, port,
+        chameleon=False,
+        dtype=flags.dtype,
+        max_lora_rank=flags.max_lora_rank,
+        max_total_tokens=flags.max_total_tokens,
+        adapters=list(adapters),
+        extra_args=flags.extra_args() + list(ARM_FLAGS[arm]),
+        python=sys.executable,
+    )

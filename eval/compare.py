@@ -1,0 +1,104 @@
+"""Chameleon vs stock SGLang on a real trace: same machine, same workload, same run.
+
+``python -m eval.compare [--quick] [--trace PATH] [--rps R] [--duration S] [--requests N]
+[--adapters N] [--arms stock,chameleon] [--repeats K] [--seed S] [--preset eval|tiny]
+[--dtype auto] [--out DIR] [--replay workload.jsonl]``
+
+Builds (or replays) one workload, then for each repetition starts every arm's server in turn
+(never two at once), warms it up, replays the workload open-loop and stops it by PID. Writes
+``OUT/workload.jsonl``, ``OUT/summary.json``, ``OUT/details.json``, ``OUT/report.md``, the PNGs
+and ``OUT/runs/<arm>-r<k>/`` (see ``eval/README.md``). Exit status 0 when every run completed
+at least one request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from chameleon_sglang.assets import build
+from eval.arms import ARM_FLAGS, parse_arms
+from eval.cli import (add_run_args, add_server_args, add_workload_args, out_dir, resolve,
+                      run_config, spec_from_args)
+from eval.experiment import check_workload_adapters, run_interleaved, select_adapters
+from eval.experiment import workload_info, write_outputs
+from eval.summary import pick_pair
+from eval.workload import (SPEC_FILE, build_workload, load_spec, load_workload, save_spec,
+                           save_workload)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0],
+                                epilog="arms: " + ", ".join(ARM_FLAGS))
+    add_workload_args(p)
+    add_server_args(p)
+    add_run_args(p)
+    return p
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+    """A short plain-text table of the per-arm medians and the ratios."""
+    keys = ["ttft_p50", "ttft_p99", "tbt_p50", "tbt_p99", "e2e_p50", "e2e_p99",
+            "throughput_rps", "completed", "failed", "retractions", "cache_hit_rate"]
+    lines = ["arm".ljust(18) + "".join(k.rjust(15) for k in keys)]
+    for arm, m in summary["arms"].items():
+        lines.append(arm.ljust(18) + "".join(_cell(m[k]).rjust(15) for k in keys))
+    ref, cand = pick_pair(list(summary["arms"]))
+    lines.append(f"ratios {cand}/{ref}: " + ", ".join(
+        f"{k} {_cell(v)}" for k, v in summary["ratios"].items()))
+    return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    t0 = time.perf_counter()
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    arms = parse_arms(resolve(args, "arms"))
+    out = out_dir(args)
+    print(f"output: {out}", flush=True)
+    assets = build(args.preset)
+    adapters = select_adapters(assets, args.adapters)
+    spec = spec_from_args(args)
+    if args.replay:
+        workload = load_workload(args.replay)
+        spec = load_spec(args.replay.with_name(SPEC_FILE)) or spec
+    else:
+        workload = build_workload(spec, adapters, assets.recipe.vocab_size)
+    if not workload:
+        print("empty workload: nothing to do", file=sys.stderr)
+        return 2
+    check_workload_adapters(workload, adapters)
+    save_workload(out / "workload.jsonl", workload)
+    save_spec(out / SPEC_FILE, spec)
+    cfg = run_config(args, assets, adapters)
+    repeats = resolve(args, "repeats")
+    print(f"{len(workload)} requests, arms {arms}, {repeats} repeat(s)", flush=True)
+    outcomes = run_interleaved(arms, repeats, workload, cfg, out,
+                               log=lambda s: print(s, flush=True))
+    info = workload_info(spec, workload, assets, adapters, out / "workload.jsonl",
+                         cfg.flags.dtype, str(args.replay) if args.replay else None)
+    meta = {"command_line": _command_line(argv), "started": started,
+            "wall_s": time.perf_counter() - t0}
+    summary = write_outputs(out, info, outcomes, meta)
+    print(format_summary(summary), flush=True)
+    print(f"wall time {time.perf_counter() - t0:.0f} s; results in {out}", flush=True)
+    return 0 if all(o.metrics["completed"] > 0 for os_ in outcomes.values() for o in os_) else 1
+
+
+def _command_line(argv: Optional[Sequence[str]]) -> str:
+    rest: List[str] = list(sys.argv[1:] if argv is None else argv)
+    return "python -m eval.compare " + " ".join(shlex.quote(a) for a in rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

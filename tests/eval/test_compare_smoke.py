@@ -1,0 +1,42 @@
+"""End to end: ``python -m eval.compare`` on the tiny preset, stock vs chameleon, one repeat."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval.experiment import PNG_FILES
+from eval.summary import validate_summary
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_compare_end_to_end(tiny_assets, tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "eval.compare", "--preset", "tiny", "--requests", "10",
+           "--rps", "2", "--arms", "stock,chameleon", "--repeats", "1", "--drain", "90",
+           "--out", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert validate_summary(summary) == []
+    assert set(summary["arms"]) == {"stock", "chameleon"}
+    for arm, m in summary["arms"].items():
+        assert m["completed"] > 0, arm
+        assert m["ttft_p50"] is not None and m["throughput_rps"] is not None
+    assert summary["ratios"]["ttft_p50"] is not None
+    assert summary["workload"]["requests"] == 10 and summary["machine"]["cpu_count"] >= 1
+    assert "| stock |" in (out / "report.md").read_text()
+    for png in PNG_FILES:
+        assert (out / png).stat().st_size > 1000, png
+    replay = out / "workload.jsonl"
+    assert len(replay.read_text().splitlines()) == 10
+    for arm in ("stock", "chameleon"):
+        lines = (out / "runs" / f"{arm}-r0" / "requests.jsonl").read_text().splitlines()
+        assert len(lines) == 10
