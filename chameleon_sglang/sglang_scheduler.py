@@ -155,7 +155,7 @@ class SchedulerBridge:
             self.metrics.maybe_publish(self._now, self._snapshot())
         self.num_passes += 1
         state = self._pass = _PassState(adder)
-        steps = self.policy.iter_pass(self._now, self._bypass_hooks(running_batch))
+        steps = self.policy.iter_pass(self._now, self._bypass_hooks(running_batch, adder))
         try:
             entry = next(steps)
             while True:
@@ -248,11 +248,11 @@ class SchedulerBridge:
                     self._add(req)
                 self._waiting[rid] = req
 
-    def _bypass_hooks(self, running_batch: Any) -> BypassHooks:
+    def _bypass_hooks(self, running_batch: Any, adder: Any) -> BypassHooks:
         """Stock LoRA pool: an adapter is 'resident' when it already runs in the batch; the head's
         adapter gets a slot once some running adapter's requests have all finished. Computed
         only if a pass meets an adapter misfit."""
-        view = _RunningAdapters(running_batch, self._running)
+        view = _RunningAdapters(running_batch, self._running, adder)
         return BypassHooks(
             is_adapter_resident=view.is_resident, predicted_free_at=view.frees_in
         )
@@ -349,9 +349,12 @@ class _RunningAdapters:
     """Adapters of the running batch and when the first of them frees its slot (in decode
     steps, from the predicted outputs), built on first use."""
 
-    def __init__(self, running_batch: Any, running: Dict[str, Tuple[Any, RequestEntry]]) -> None:
+    def __init__(
+        self, running_batch: Any, running: Dict[str, Tuple[Any, RequestEntry]], adder: Any
+    ) -> None:
         self._batch = running_batch
         self._running = running
+        self._adder = adder
         self._remaining: Optional[Dict[Optional[str], float]] = None
 
     def _steps_left(self) -> Dict[Optional[str], float]:
@@ -366,7 +369,10 @@ class _RunningAdapters:
         return self._remaining
 
     def is_resident(self, adapter: Optional[str]) -> bool:
-        return adapter in self._steps_left()
+        """In the running batch, or admitted earlier in this pass."""
+        return adapter in self._steps_left() or any(
+            req.lora_id == adapter for req in self._adder.can_run_list
+        )
 
     def frees_in(self, entry: RequestEntry) -> float:
         steps = self._steps_left()

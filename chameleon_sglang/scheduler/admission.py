@@ -18,10 +18,10 @@ One ``schedule_pass`` forms one batch's admissions:
 * If a queue hits QUEUE_MISFIT in phase 1 (memory is short for a request within its own quota),
   phase 2 lends nothing this pass: lending would hand that memory to other queues and could
   starve it.
-* Opportunistic bypass: when the head gets ADAPTER_MISFIT, the first younger request of its
-  queue (within ``bypass_lookahead``) whose adapter is resident, whose charge fits, and which
-  would finish before the head's memory frees, is offered instead; at most one per queue per
-  pass. The head stays at the head.
+* Opportunistic bypass: when the head gets ADAPTER_MISFIT, the younger requests of its queue
+  (within ``bypass_lookahead``) whose adapter is resident, whose charge fits, and which would
+  finish before the head's memory frees, are offered instead, in FIFO order, until one does not
+  fit memory. The head stays at the head.
 
 Decisions depend only on the calls made, never on clocks, randomness or hash order, so every
 tensor-parallel rank reaches the same ones.
@@ -136,7 +136,7 @@ class MultiLevelQueue:
         quotas: Sequence[int],
         *,
         bypass: bool = True,
-        bypass_lookahead: int = 16,
+        bypass_lookahead: int = 64,
     ) -> None:
         self.is_bypass_enabled = bypass
         self.bypass_lookahead = bypass_lookahead
@@ -345,23 +345,27 @@ class MultiLevelQueue:
         now: float,
         hooks: BypassHooks | None,
     ) -> Generator[RequestEntry, AdmitResult, None]:
+        """Younger requests of the head's queue (within ``bypass_lookahead``) whose adapter is
+        resident and which would finish before the head's memory frees go ahead, in FIFO order,
+        each while it fits the quota; the head keeps its place."""
         if not self.is_bypass_enabled or hooks is None:
             return
         free_at = hooks.predicted_free_at(head)
-        younger = itertools.islice(self._waiting[head.queue], 1, 1 + self.bypass_lookahead)
-        candidate = next(
-            (e for e in younger if self._can_bypass(e, free_at, state.pool, hooks)), None
-        )
-        if candidate is None:
-            return
-        verdict = yield candidate
-        if verdict is AdmitResult.ADMITTED:
-            candidate.is_bypass = True
-            self._admit(candidate, state, now)
-            self.num_bypasses += 1
-            state.num_bypasses += 1
-        elif verdict is AdmitResult.STOP:
-            state.is_stopped = True
+        younger = list(itertools.islice(self._waiting[head.queue], 1, 1 + self.bypass_lookahead))
+        for candidate in younger:
+            if not self._can_bypass(candidate, free_at, state.pool, hooks):
+                continue
+            verdict = yield candidate
+            if verdict is AdmitResult.ADMITTED:
+                candidate.is_bypass = True
+                self._admit(candidate, state, now)
+                self.num_bypasses += 1
+                state.num_bypasses += 1
+            elif verdict is AdmitResult.STOP:
+                state.is_stopped = True
+                return
+            elif verdict is AdmitResult.QUEUE_MISFIT:
+                return
 
     def _can_bypass(
         self, entry: RequestEntry, free_at: float, pool: int, hooks: BypassHooks

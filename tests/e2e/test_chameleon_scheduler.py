@@ -10,6 +10,8 @@ them at once.
 
 from __future__ import annotations
 
+import json
+import statistics
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
@@ -23,10 +25,12 @@ pytestmark = pytest.mark.slow
 COMMON = ["--chunked-prefill-size", "512"]
 HOG = ("hog", 1600, "a004r128", 300)
 LARGE = ("large", 1900, "a004r128", 16)
-SMALLS = [(f"small{i}", 20, "a000r8", 8) for i in range(4)]
+SMALLS = [(f"small{i}", 20 + i, "a000r8", 8) for i in range(6)]
 
 
 first_token: Dict[str, float] = {}
+sent_at: Dict[str, float] = {}
+output_ids: Dict[str, List[int]] = {}
 
 
 def _stream(url: str, ids: List[int], adapter: Optional[str], max_new: int, t0: float,
@@ -34,12 +38,17 @@ def _stream(url: str, ids: List[int], adapter: Optional[str], max_new: int, t0: 
     body = {"input_ids": ids, "stream": True, "lora_path": adapter,
             "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}
     first = None
+    last: List[int] = []
+    sent_at[name] = time.monotonic() - t0
     with requests.post(url + "/generate", json=body, stream=True, timeout=300) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
-            if line.startswith(b"data:") and b"[DONE]" not in line and first is None:
-                first = time.monotonic() - t0
-                first_token[name] = first
+            if line.startswith(b"data:") and b"[DONE]" not in line:
+                last = json.loads(line[5:])["output_ids"]
+                if first is None:
+                    first = time.monotonic() - t0
+                    first_token[name] = first
+    output_ids[name] = last
     out[name] = (first, time.monotonic() - t0)
 
 
@@ -48,7 +57,8 @@ def run_scenario(url: str) -> Dict[str, Tuple[float, float]]:
     t0 = time.monotonic()
     out: Dict[str, Tuple[float, float]] = {}
     threads = []
-    first_token.clear()
+    for shared in (first_token, sent_at, output_ids):
+        shared.clear()
 
     def send(name: str, input_len: int, adapter: str, max_new: int) -> None:
         ids = [10 + (i * 7 + len(name)) % 2000 for i in range(input_len)]
@@ -61,11 +71,14 @@ def run_scenario(url: str) -> Dict[str, Tuple[float, float]]:
         time.sleep(0.02)
     send(*LARGE)  # the hog is decoding now
     time.sleep(0.3)
-    for small in SMALLS:
+    for small in SMALLS:  # a stream of short rank-8 requests
         send(*small)
+        time.sleep(0.05)
     for t in threads:
         t.join(timeout=300)
-    assert set(out) == {"hog", "large", *(s[0] for s in SMALLS)}
+    assert set(out) == {"hog", "large", *(s[0] for s in SMALLS)}  # every request completed
+    out["ttft"] = {name: first_token[name] - sent_at[name] for name in out}
+    out["output_ids"] = dict(output_ids)
     return out
 
 
@@ -83,7 +96,6 @@ def scenario_times(tiny_assets, tmp_path_factory):
                            max_total_tokens=3072, extra_args=extra)
         try:
             results[arm] = run_scenario(srv.url)
-            print(arm, {k: tuple(round(x, 2) for x in v) for k, v in results[arm].items()})
             if arm == "chameleon":
                 results["stats"] = requests.get(srv.url + "/chameleon/stats", timeout=30).json()
         finally:
@@ -107,6 +119,19 @@ def test_chameleon_small_requests_pass_the_blocked_large_one(scenario_times):
     for name, _, _, _ in SMALLS:
         assert t[name][1] < t["large"][0], (name, t)
         assert t[name][1] < t["hog"][1], (name, t)
+
+
+def test_short_requests_ttft_halved_with_identical_outputs(scenario_times):
+    """Short rank-8 requests behind long rank-128 ones: median TTFT under --chameleon is at
+    most half of stock's, and every request's greedy output is the same in both arms."""
+    stock, chameleon = scenario_times["stock"], scenario_times["chameleon"]
+    shorts = [name for name, _, _, _ in SMALLS]
+    stock_ttft = statistics.median(stock["ttft"][n] for n in shorts)
+    chameleon_ttft = statistics.median(chameleon["ttft"][n] for n in shorts)
+    assert chameleon_ttft <= 0.5 * stock_ttft, (chameleon_ttft, stock_ttft)
+    assert chameleon["output_ids"] == stock["output_ids"]
+    assert all(len(ids) == n for (name, _, _, n) in [HOG, LARGE, *SMALLS]
+               for ids in [chameleon["output_ids"][name]])
 
 
 def test_chameleon_stats_report_static_queues(scenario_times):

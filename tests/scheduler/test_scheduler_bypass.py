@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Dict
 
 import pytest
-from scheduler_factories import ADAPTER_MISFIT, ScriptedEngine, ids, make_entry, make_queue
+from scheduler_factories import (
+    ADAPTER_MISFIT,
+    QUEUE_MISFIT,
+    ScriptedEngine,
+    ids,
+    make_entry,
+    make_queue,
+)
 
 from chameleon_sglang.scheduler import BypassHooks, MultiLevelQueue, RequestEntry
 
@@ -92,12 +99,25 @@ def test_no_bypass_for_a_candidate_over_quota():
     assert ids(result.admitted) == []
 
 
-def test_at_most_one_bypass_per_queue_per_pass():
-    """One pass admits at most one bypass request per queue."""
+def test_every_eligible_younger_request_bypasses_in_fifo_order():
+    """All eligible younger requests bypass a blocked head, oldest first; the head stays."""
     mlq = blocked_head_queue()
     mlq.add(make_entry("y3", adapter_id="hot", predicted_output=5))
     result = mlq.schedule_pass(ScriptedEngine({"h": ADAPTER_MISFIT}), hooks=make_hooks())
-    assert ids(result.admitted) == ["y2"]
+    assert ids(result.admitted) == ["y2", "y3"]
+    assert [e.request_id for e in mlq][0] == "h"
+
+
+def test_bypass_stops_at_a_memory_misfit_and_skips_adapter_misfits():
+    """A bypass candidate that misfits memory ends the bypass; one whose adapter misfits is
+    skipped."""
+    mlq = blocked_head_queue()
+    for rid in ("y3", "y4", "y5"):
+        mlq.add(make_entry(rid, adapter_id="hot", predicted_output=5))
+    engine = ScriptedEngine({"h": ADAPTER_MISFIT, "y2": ADAPTER_MISFIT, "y4": QUEUE_MISFIT})
+    result = mlq.schedule_pass(engine, hooks=make_hooks())
+    assert ids(result.admitted) == ["y3"]
+    assert "y5" not in engine.calls
 
 
 def test_squash_requeues_behind_the_head_and_returns_the_charge():
