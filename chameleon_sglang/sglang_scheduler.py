@@ -46,6 +46,9 @@ ATTR = "chameleon_scheduler"
 # safety net; arrivals, admissions and aborts are tracked as events, so a pass costs
 # O(running + candidates), not O(waiting)).
 FULL_SYNC_PASSES = 256
+# Passes between checks of running requests against their predicted output (charges only grow
+# when a request outgrows its prediction; a few passes of lag only delay that).
+PROGRESS_PASSES = 8
 
 
 def bridge_of(scheduler: Any) -> Optional["SchedulerBridge"]:
@@ -145,7 +148,7 @@ class SchedulerBridge:
         adder when the loop asks for the next. If the loop stops early, the pass is settled
         when the generator is closed (the last candidate counts if it was admitted)."""
         self._now = self.clock.now()
-        self._settle_running()
+        self._settle_running(check_progress=self.num_passes % PROGRESS_PASSES == 0)
         if self.num_passes % FULL_SYNC_PASSES == 0:
             self._sync_waiting()
         if not self._metrics_checked:  # the metrics reporter is built after the policy
@@ -223,19 +226,19 @@ class SchedulerBridge:
             adapter_tokens=self._adapter_token_cost(adapter),
         )
 
-    def _settle_running(self) -> None:
+    def _settle_running(self, check_progress: bool = True) -> None:
         """Finished requests (SGLang marks aborted running requests finished too) return their
-        charge and teach the predictor; the others report progress. O(running)."""
-        finished = []
-        for rid, (req, entry) in self._running.items():
-            if req.finished():
-                finished.append((rid, req))
-            elif len(req.output_ids) > entry.charged_output:
-                self.policy.on_progress(rid, len(req.output_ids))
-        for rid, req in finished:
-            del self._running[rid]
+        charge and teach the predictor; with ``check_progress``, requests that outgrew their
+        prediction are re-charged. O(running)."""
+        running = self._running
+        for rid in [rid for rid, (req, _) in running.items() if req.finished()]:
+            req, _ = running.pop(rid)
             self.policy.on_finish(rid, len(req.output_ids), self._now)
             self._num_departures += 1
+        if check_progress:
+            for rid, (req, entry) in running.items():
+                if len(req.output_ids) > entry.charged_output:
+                    self.policy.on_progress(rid, len(req.output_ids))
 
     def _sync_waiting(self) -> None:
         """Make the policy's waiting set equal SGLang's waiting queue. O(waiting)."""
