@@ -257,7 +257,9 @@ class SchedulerBridge:
         only if a pass meets an adapter misfit."""
         view = _RunningAdapters(running_batch, self._running, adder)
         return BypassHooks(
-            is_adapter_resident=view.is_resident, predicted_free_at=view.frees_in
+            is_adapter_resident=view.is_resident,
+            predicted_free_at=view.frees_in,
+            predicted_finish_at=view.holds_slot_until,
         )
 
     def _still_memory_blocked(self, req: Any) -> bool:
@@ -378,8 +380,19 @@ class _RunningAdapters:
         )
 
     def frees_in(self, entry: RequestEntry) -> float:
+        """Steps until the first running adapter's slot frees: what a blocked head waits for."""
         steps = self._steps_left()
         return min(steps.values()) if steps else 0.0
+
+    def holds_slot_until(self, entry: RequestEntry) -> float:
+        """When admitting ``entry`` would stop holding a slot the head could get: ``-inf`` when
+        it cannot delay the head (its adapter is not the first to free, or already runs at least
+        as long, or was admitted earlier in this pass); else its predicted output."""
+        steps = self._steps_left()
+        own = steps.get(entry.adapter_id)
+        if own is None or own > min(steps.values()) or entry.predicted_output <= own:
+            return float("-inf")
+        return float(entry.predicted_output)
 
 
 def _metrics_if_enabled(scheduler: Any) -> Any:

@@ -136,7 +136,7 @@ class MultiLevelQueue:
         quotas: Sequence[int],
         *,
         bypass: bool = True,
-        bypass_lookahead: int = 64,
+        bypass_lookahead: int = 256,
     ) -> None:
         self.is_bypass_enabled = bypass
         self.bypass_lookahead = bypass_lookahead
