@@ -100,6 +100,8 @@ class SchedulerBridge:
         self.kv_bytes_per_token = _kv_bytes_per_token(scheduler)
         self._now = 0.0
         self._adapter_tokens: Dict[str, int] = {}
+        # True once the adapter cache keeps adapters in KV memory; SGLang's LoRA slots do not.
+        self.adapters_in_kv_memory = False
         # rid -> (Req, its policy entry) for requests admitted and not yet finished
         self._running: Dict[str, Tuple[Any, RequestEntry]] = {}
         self._waiting: Dict[str, Any] = {}  # rid -> Req in SGLang's waiting queue
@@ -310,8 +312,10 @@ class SchedulerBridge:
         return sorted(int(c.r) for c in configs.values())
 
     def _adapter_token_cost(self, adapter: Optional[str]) -> int:
-        """Adapter memory in KV tokens: its bytes over the KV bytes of one token, rounded up."""
-        if adapter is None or self.lora_manager is None:
+        """Adapter memory in KV tokens (its bytes over the KV bytes of one token, rounded up),
+        charged only where adapters live in the KV memory the quotas divide. With SGLang's own
+        LoRA pool they live in separate slots, so a charge would only shrink the quotas."""
+        if adapter is None or self.lora_manager is None or not self.adapters_in_kv_memory:
             return 0
         if adapter not in self._adapter_tokens:
             lora = getattr(self.lora_manager, "loras", {}).get(adapter)
