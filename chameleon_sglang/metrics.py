@@ -29,7 +29,8 @@ _PER_QUEUE = {
 
 
 class SchedulerMetrics:
-    """Publishes ``SchedulerBridge`` statistics at most every ``PUBLISH_PERIOD_S``."""
+    """Publishes ``SchedulerBridge`` statistics; callers ask ``is_due`` first (every
+    ``PUBLISH_PERIOD_S``) so the statistics are only gathered when they are published."""
 
     def __init__(self, labels: Optional[Dict[str, str]] = None) -> None:
         from prometheus_client import Gauge
@@ -53,9 +54,10 @@ class SchedulerMetrics:
         self._last_publish: Optional[float] = None
         self._max_queues_seen = 0
 
-    def maybe_publish(self, now: float, stats: Dict[str, Any]) -> bool:
-        if self._last_publish is not None and now - self._last_publish < PUBLISH_PERIOD_S:
-            return False
+    def is_due(self, now: float) -> bool:
+        return self._last_publish is None or now - self._last_publish >= PUBLISH_PERIOD_S
+
+    def publish(self, now: float, stats: Dict[str, Any]) -> None:
         self._last_publish = now
         for key, gauge in self._scalars.items():
             gauge.labels(**self._labels).set(float(stats.get(key, 0) or 0))
@@ -69,4 +71,3 @@ class SchedulerMetrics:
         accuracy = (stats.get("predictor") or {}).get("within_tolerance")
         if accuracy is not None:
             self._accuracy.labels(**self._labels).set(float(accuracy))
-        return True

@@ -156,8 +156,8 @@ class SchedulerBridge:
         if not self._metrics_checked:  # the metrics reporter is built after the policy
             self._metrics_checked = True
             self.metrics = _metrics_if_enabled(self.scheduler)
-        if self.metrics is not None:
-            self.metrics.maybe_publish(self._now, self._snapshot())
+        if self.metrics is not None and self.metrics.is_due(self._now):
+            self.metrics.publish(self._now, self._snapshot())
         self.num_passes += 1
         state = self._pass = _PassState(adder)
         steps = self.policy.iter_pass(self._now, self._bypass_hooks(running_batch, adder))
