@@ -36,13 +36,18 @@ def scheduler_status(config: ChameleonConfig, installed_reason: Optional[str]) -
     )
 
 
-def cache_status(config: ChameleonConfig) -> ComponentStatus:
+def cache_status(config: ChameleonConfig, installed_reason: Optional[str]) -> ComponentStatus:
+    """``installed_reason`` is None when the adapter cache is SGLang's LoRA pool, else why not."""
     if not config.enabled:
         return ComponentStatus(ADAPTER_CACHE, False, "--chameleon not set: SGLang's LoRA pool")
     if not config.cache:
         return ComponentStatus(ADAPTER_CACHE, False, "disabled by --no-chameleon-cache")
+    if installed_reason is not None:
+        return ComponentStatus(ADAPTER_CACHE, False, installed_reason)
     return ComponentStatus(
-        ADAPTER_CACHE, False, "not implemented in this version: SGLang's LoRA pool is in use"
+        ADAPTER_CACHE, True,
+        f"LoRA pool in free KV memory, rank-exact, no per-batch adapter cap "
+        f"({config.eviction_policy} eviction, prefetch {'on' if config.prefetch else 'off'})",
     )
 
 

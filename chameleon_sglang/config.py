@@ -36,6 +36,8 @@ class ChameleonConfig:
     score_weights: Tuple[float, float, float] = (0.45, 0.10, 0.45)
     frequency_window_s: float = 300.0
     prefetch: bool = True
+    # Host-link model (CPU machines): GB/s every host-to-device adapter copy is held to; 0 = off
+    host_link_gbps: float = 0.0
 
     def __post_init__(self) -> None:
         _require(1 <= self.max_queues <= 4, "--chameleon-max-queues must be between 1 and 4")
@@ -55,6 +57,7 @@ class ChameleonConfig:
             "(frequency recency size), not all zero",
         )
         _require(self.frequency_window_s > 0, "--chameleon-frequency-window must be > 0 seconds")
+        _require(self.host_link_gbps >= 0, "--chameleon-host-link-gbps must be >= 0")
 
     @staticmethod
     def from_server_args(server_args: Any) -> "ChameleonConfig":
@@ -79,6 +82,7 @@ class ChameleonConfig:
             score_weights=tuple(float(w) for w in get("chameleon_score_weights")),
             frequency_window_s=get("chameleon_frequency_window"),
             prefetch=get("chameleon_prefetch"),
+            host_link_gbps=float(get("chameleon_host_link_gbps")),
         )
 
 

@@ -22,6 +22,9 @@ from chameleon_sglang.config import ChameleonConfig
 logger = logging.getLogger(__name__)
 
 SCHEDULER_CLASS = "sglang.srt.managers.scheduler.Scheduler"
+LORA_MANAGER_CLASS = "sglang.srt.lora.lora_manager.LoRAManager"
+LORA_POOL_CLASS = "sglang.srt.lora.mem_pool.LoRAMemoryPool"
+CHAMELEON_LORA_BACKEND = "chameleon"
 _registered = False
 
 
@@ -38,14 +41,24 @@ def register() -> None:
     register_resolution_hook("handle_other_validations")(validate_chameleon_args)
     hooks = [
         ("init_schedule_policy", install_scheduler, HookType.AFTER),
+        ("_add_request_to_queue", refuse_request_beyond_memory, HookType.BEFORE),
         ("_add_request_to_queue", on_request_enqueued, HookType.AFTER),
         ("_release_aborted_request", on_request_aborted, HookType.AFTER),
         ("can_schedule_lora_req", on_can_schedule_lora_req, HookType.AROUND),
         ("get_init_info", add_chameleon_init_info, HookType.AFTER),
         ("get_internal_state", add_chameleon_internal_state, HookType.AFTER),
+        ("_get_new_batch_prefill_raw", on_prefill_pass_end, HookType.AFTER),
+        ("process_batch_result", on_batch_result, HookType.AFTER),
     ]
     for method, hook, kind in hooks:
         HookRegistry.register(f"{SCHEDULER_CLASS}.{method}", hook, kind)
+    HookRegistry.register(f"{LORA_MANAGER_CLASS}.init_memory_pool", init_lora_pool,
+                          HookType.AROUND)
+    HookRegistry.register(f"{LORA_MANAGER_CLASS}.validate_new_adapter",
+                          refuse_uncacheable_adapter, HookType.AFTER)
+    HookRegistry.register(f"{LORA_POOL_CLASS}.load_lora_weight_to_buffer",
+                          load_into_slot_with_host_link, HookType.AROUND)
+    register_lora_backend()
     HookRegistry.register(
         "sglang.srt.entrypoints.http_server.launch_server", add_http_routes, HookType.BEFORE
     )
@@ -69,16 +82,52 @@ def cpu_backend_defaults(server_args: Any, previous: Callable[[Any], None]) -> N
     from chameleon_sglang.platform import sgl_kernel_cpu_ops_available
 
     cfg = resolving_view(server_args)
+    picks: Dict[str, str] = {}
     if cfg.device == "cpu":
-        picks: Dict[str, str] = {}
         if cfg.attention_backend is None and not sgl_kernel_cpu_ops_available():
             picks["attention_backend"] = "torch_native"
         if cfg.lora_backend == GPU_ONLY_LORA_DEFAULT:
             picks["lora_backend"] = "torch_native"
         if picks:
             logger.info("CPU engine without SGLang's CPU kernels: using %s", picks)
-            declare_resolution(server_args, "chameleon_sglang.cpu_backend_defaults", **picks)
+    if adapter_cache_unsupported_reason(cfg) is None:
+        picks["lora_backend"] = CHAMELEON_LORA_BACKEND
+        logger.info("Chameleon adapter cache: LoRA backend %r", CHAMELEON_LORA_BACKEND)
+    if picks:
+        declare_resolution(server_args, "chameleon_sglang.cpu_backend_defaults", **picks)
     previous(server_args)
+
+
+def adapter_cache_unsupported_reason(cfg: Any) -> Optional[str]:
+    """Why the adapter cache cannot replace SGLang's LoRA pool here (None: it can)."""
+    config = ChameleonConfig.from_server_args(cfg)
+    if not config.enabled:
+        return "--chameleon not set: SGLang's LoRA pool"
+    if not config.cache:
+        return "disabled by --no-chameleon-cache: SGLang's LoRA pool"
+    if not (cfg.enable_lora or cfg.lora_paths):
+        return "LoRA is not enabled"
+    if (cfg.page_size or 1) != 1:
+        return "needs --page-size 1: SGLang's LoRA pool in use"
+    if getattr(cfg, "enable_dp_attention", False):
+        return "not supported with DP attention: SGLang's LoRA pool in use"
+    if getattr(cfg, "enable_lora_overlap_loading", False):
+        return "not combined with --enable-lora-overlap-loading: SGLang's LoRA pool in use"
+    if int(getattr(cfg, "pp_size", 1) or 1) > 1:
+        return "not supported with pipeline parallelism: SGLang's LoRA pool in use"
+    return None
+
+
+def register_lora_backend() -> None:
+    """Add the ``chameleon`` LoRA backend to SGLang's registry (imported when first used)."""
+    from sglang.srt.lora.backend.lora_registry import LORA_SUPPORTED_BACKENDS
+
+    def create() -> Any:
+        from chameleon_sglang.lora_backend import ChameleonLoRABackend
+
+        return ChameleonLoRABackend
+
+    LORA_SUPPORTED_BACKENDS.setdefault(CHAMELEON_LORA_BACKEND, create)
 
 
 def validate_chameleon_args(server_args: Any, previous: Callable[[Any], None]) -> None:
@@ -110,11 +159,21 @@ def install_scheduler(result: Any, scheduler: Any, *args: Any, **kwargs: Any) ->
     """After ``init_schedule_policy``: attach the Chameleon policy, turn priority preemption off."""
     from chameleon_sglang.sglang_scheduler import ATTR, SchedulerBridge
 
+    from chameleon_sglang.clock import SchedulerClock, tensor_parallel_broadcast
+    from chameleon_sglang.sglang_cache import chameleon_pool_of, install_cache
+
     config = _config(scheduler)
     reason = _scheduler_unsupported_reason(scheduler)
-    if config.enabled and config.scheduler != "off" and reason is None:
+    clock = SchedulerClock(tensor_parallel_broadcast()) if config.enabled else None
+    policy_on = config.enabled and config.scheduler != "off" and reason is None
+    cache = None
+    if chameleon_pool_of(scheduler) is not None:
+        cache = install_cache(scheduler, clock, config.prefetch, owns_clock=not policy_on)
+    if policy_on:
         scheduler.enable_priority_preemption = False
-        setattr(scheduler, ATTR, SchedulerBridge(scheduler, config))
+        bridge = SchedulerBridge(scheduler, config, clock)
+        bridge.use_adapter_cache(cache)
+        setattr(scheduler, ATTR, bridge)
     scheduler.chameleon_statuses = _statuses(scheduler, config, reason)
     if config.enabled:
         logger.info(status_line(config, scheduler.chameleon_statuses))
@@ -124,14 +183,36 @@ def install_scheduler(result: Any, scheduler: Any, *args: Any, **kwargs: Any) ->
 def _statuses(scheduler: Any, config: ChameleonConfig, reason: Optional[str]) -> List[ComponentStatus]:
     from chameleon_sglang.sglang_scheduler import bridge_of
 
+    from chameleon_sglang.sglang_cache import cache_bridge_of
+
     installed = None if bridge_of(scheduler) is not None else (reason or "not installed")
-    return [scheduler_status(config, installed), cache_status(config)]
+    cache_reason = None if cache_bridge_of(scheduler) is not None else (
+        adapter_cache_unsupported_reason(scheduler.server_args) or "not installed")
+    return [scheduler_status(config, installed), cache_status(config, cache_reason)]
+
+
+def refuse_request_beyond_memory(scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> None:
+    """With the adapter cache, a request whose prompt and adapter together exceed the KV pool
+    could never run: it finishes at once with an error (as SGLang treats over-long prompts)."""
+    from chameleon_sglang.sglang_cache import cache_bridge_of
+
+    cache = cache_bridge_of(scheduler)
+    if cache is not None and not req.finished():
+        error = cache.capacity_error(req)
+        if error is not None:
+            req.set_finish_with_abort(error)
+    return None
 
 
 def on_request_enqueued(result: Any, scheduler: Any, req: Any, is_retracted: bool = False,
                         *args: Any, **kwargs: Any) -> Any:
     from chameleon_sglang.sglang_scheduler import bridge_of
 
+    from chameleon_sglang.sglang_cache import cache_bridge_of
+
+    cache = cache_bridge_of(scheduler)
+    if cache is not None and is_retracted:
+        cache.on_retracted(req)
     bridge = bridge_of(scheduler)
     if bridge is not None:
         bridge.on_enqueue(req, is_retracted)
@@ -141,6 +222,11 @@ def on_request_enqueued(result: Any, scheduler: Any, req: Any, is_retracted: boo
 def on_request_aborted(result: Any, scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
     from chameleon_sglang.sglang_scheduler import bridge_of
 
+    from chameleon_sglang.sglang_cache import cache_bridge_of
+
+    cache = cache_bridge_of(scheduler)
+    if cache is not None:
+        cache.on_waiting_abort(req)
     bridge = bridge_of(scheduler)
     if bridge is not None:
         bridge.on_waiting_abort(req)
@@ -149,13 +235,109 @@ def on_request_aborted(result: Any, scheduler: Any, req: Any, *args: Any, **kwar
 
 def on_can_schedule_lora_req(original: Callable, scheduler: Any, req: Any, *args: Any,
                              **kwargs: Any) -> bool:
+    """With the adapter cache, 'can this adapter be made resident' replaces SGLang's per-batch
+    adapter limit (SGLang's LoRA drainer, when configured, still has its say first)."""
+    from chameleon_sglang.sglang_cache import cache_bridge_of
     from chameleon_sglang.sglang_scheduler import bridge_of
 
-    allowed = original(scheduler, req, *args, **kwargs)
+    cache = cache_bridge_of(scheduler)
+    if cache is None:
+        allowed = original(scheduler, req, *args, **kwargs)
+    else:
+        drainer = getattr(scheduler, "lora_drainer", None)
+        allowed = (drainer is None or drainer.can_schedule(req)) and cache.can_schedule(req)
     bridge = bridge_of(scheduler)
     if not allowed and bridge is not None:
         bridge.on_lora_veto(req)
     return allowed
+
+
+def on_prefill_pass_end(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+    """After a prefill pass (its KV allocated): settle adapter references, prefetch."""
+    from chameleon_sglang.sglang_cache import cache_bridge_of
+
+    cache = cache_bridge_of(scheduler)
+    if cache is not None:
+        cache.end_pass()
+    return result
+
+
+def on_batch_result(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+    """After a batch's results: finished requests release their adapters."""
+    from chameleon_sglang.sglang_cache import cache_bridge_of
+
+    cache = cache_bridge_of(scheduler)
+    if cache is not None:
+        cache.settle_finished()
+    return result
+
+
+# -- model runner (scheduler process) ----------------------------------------------------------
+def init_lora_pool(original: Callable, manager: Any, *args: Any, **kwargs: Any) -> Any:
+    """``LoRAManager.init_memory_pool``: with the ``chameleon`` backend, the adapter cache
+    becomes the LoRA pool; otherwise SGLang's pool (with the host-link model, if set)."""
+    from sglang.srt.runtime_context import get_server_args
+
+    config = ChameleonConfig.from_server_args(get_server_args())
+    backend = manager.lora_backend
+    if getattr(backend, "name", None) != CHAMELEON_LORA_BACKEND:
+        result = original(manager, *args, **kwargs)
+        manager.memory_pool.chameleon_host_link_gbps = config.host_link_gbps
+        return result
+    from chameleon_sglang.lora_pool import ChameleonLoRAPool
+
+    manager.memory_pool = ChameleonLoRAPool(
+        base_hf_config=manager.base_hf_config,
+        max_loras_per_batch=manager.max_loras_per_batch,
+        dtype=manager.dtype,
+        max_lora_rank=manager.max_lora_rank,
+        target_modules=manager.target_modules,
+        base_model=manager.base_model,
+        eviction_policy=manager.eviction_policy,
+        lora_added_tokens_size=manager.lora_added_tokens_size,
+        experts_shared_outer_loras=manager.experts_shared_outer_loras,
+        strict_loading=manager.lora_strict_loading,
+        enable_lora_overlap_loading=manager.enable_lora_overlap_loading,
+        manager=manager,
+        config=config,
+    )
+    manager.max_loras_per_batch = manager.memory_pool.max_loras_per_batch
+    backend.attach(manager.memory_pool)
+    return None
+
+
+def refuse_uncacheable_adapter(result: Any, manager: Any, lora_config: Any, lora_ref: Any,
+                               *args: Any, **kwargs: Any) -> Any:
+    """With the adapter cache, refuse adapters with embedding or LM-head weights at load."""
+    if getattr(manager.lora_backend, "name", None) == CHAMELEON_LORA_BACKEND:
+        from chameleon_sglang.lora_pool import EMBEDDING_MODULES
+
+        targets = set(getattr(lora_config, "target_modules", None) or ())
+        embedded = sorted(targets & EMBEDDING_MODULES)
+        if embedded or getattr(lora_config, "lora_added_tokens_size", 0):
+            raise ValueError(
+                f"Failed to load LoRA adapter {lora_ref.lora_name}: the Chameleon adapter cache "
+                f"does not serve LoRA on {embedded or 'added tokens'} (run without --chameleon "
+                f"or with --no-chameleon-cache for such adapters)")
+    return result
+
+
+def load_into_slot_with_host_link(original: Callable, pool: Any, uid: Any, *args: Any,
+                                  **kwargs: Any) -> Any:
+    """SGLang's slot fill, held to the host-link model when one is set."""
+    import time
+
+    started = time.perf_counter()
+    result = original(pool, uid, *args, **kwargs)
+    gbps = getattr(pool, "chameleon_host_link_gbps", 0.0)
+    adapter = args[1] if len(args) > 1 else kwargs.get("lora_adapter")
+    if gbps > 0 and uid is not None and adapter is not None:
+        num_bytes = sum(w.numel() * w.element_size()
+                        for layer in adapter.layers for w in layer.weights.values())
+        remaining = num_bytes / (gbps * 1e9) - (time.perf_counter() - started)
+        if remaining > 0:
+            time.sleep(remaining)
+    return result
 
 
 def add_chameleon_init_info(result: Dict[str, Any], scheduler: Any, *args: Any, **kwargs: Any):
@@ -172,10 +354,16 @@ def add_chameleon_internal_state(result: Any, scheduler: Any, *args: Any, **kwar
     """Add live Chameleon statistics to the scheduler's internal state (``/server_info``)."""
     from chameleon_sglang.sglang_scheduler import bridge_of
 
+    from chameleon_sglang.sglang_cache import cache_bridge_of
+
     bridge = bridge_of(scheduler)
+    cache = cache_bridge_of(scheduler)
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
-        state["chameleon"] = {"scheduler": bridge.stats() if bridge is not None else None}
+        state["chameleon"] = {
+            "scheduler": bridge.stats() if bridge is not None else None,
+            "adapter_cache": cache.stats() if cache is not None else None,
+        }
     return result
 
 

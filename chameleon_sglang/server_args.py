@@ -104,6 +104,12 @@ class Chameleon(msgspec.Struct):
             action=argparse.BooleanOptionalAction,
         ),
     ] = True
+    chameleon_host_link_gbps: A[
+        float,
+        "Host-link model for CPU machines: every host-to-device adapter copy takes at least "
+        "bytes / (this many GB/s), in SGLang's LoRA pool and in the adapter cache alike, with or "
+        "without --chameleon. 0 turns it off. " + _DEFAULTS % 0.0,
+    ] = 0.0
 
 
 def chameleon_input_namespaces() -> list:

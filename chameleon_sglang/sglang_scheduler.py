@@ -102,6 +102,7 @@ class SchedulerBridge:
         self._adapter_tokens: Dict[str, int] = {}
         # True once the adapter cache keeps adapters in KV memory; SGLang's LoRA slots do not.
         self.adapters_in_kv_memory = False
+        self.cache: Any = None
         # rid -> (Req, its policy entry) for requests admitted and not yet finished
         self._running: Dict[str, Tuple[Any, RequestEntry]] = {}
         self._waiting: Dict[str, Any] = {}  # rid -> Req in SGLang's waiting queue
@@ -117,6 +118,12 @@ class SchedulerBridge:
         self.num_adapter_misfits = 0
         self.num_retractions = 0
         self.last_pass: Optional[PassResult] = None
+
+    def use_adapter_cache(self, cache: Any) -> None:
+        """Adapters live in the adapter cache (a ``CacheBridge``), in KV memory: their memory is
+        charged to quotas, and bypass asks the cache which adapters are resident."""
+        self.cache = cache
+        self.adapters_in_kv_memory = cache is not None
 
     # -- events from SGLang ------------------------------------------------------------------
     def on_enqueue(self, req: Any, is_retracted: bool) -> None:
@@ -255,8 +262,13 @@ class SchedulerBridge:
 
     def _bypass_hooks(self, running_batch: Any, adder: Any) -> BypassHooks:
         """Stock LoRA pool: an adapter is 'resident' when it already runs in the batch; the head's
-        adapter gets a slot once some running adapter's requests have all finished. Computed
-        only if a pass meets an adapter misfit."""
+        adapter gets a slot once some running adapter's requests have all finished. With the
+        adapter cache: resident means cached; memory for the head frees when the first running
+        request finishes. Computed only if a pass meets an adapter misfit."""
+        if self.cache is not None:
+            view = _CachedAdapters(running_batch, self._running, self.cache.pool)
+            return BypassHooks(is_adapter_resident=view.is_resident,
+                               predicted_free_at=view.frees_in)
         view = _RunningAdapters(running_batch, self._running, adder)
         return BypassHooks(
             is_adapter_resident=view.is_resident,
@@ -318,9 +330,14 @@ class SchedulerBridge:
         if adapter is None or self.lora_manager is None or not self.adapters_in_kv_memory:
             return 0
         if adapter not in self._adapter_tokens:
-            lora = getattr(self.lora_manager, "loras", {}).get(adapter)
-            num_bytes = _adapter_bytes(lora) if lora is not None else 0
-            self._adapter_tokens[adapter] = -(-num_bytes // max(self.kv_bytes_per_token, 1))
+            if self.cache is not None and adapter in getattr(self.lora_manager, "loras", {}):
+                pool = self.cache.pool
+                self._adapter_tokens[adapter] = -(-pool.footprint_bytes(adapter)
+                                                  // pool.store.bytes_per_slot)
+            else:
+                lora = getattr(self.lora_manager, "loras", {}).get(adapter)
+                num_bytes = _adapter_bytes(lora) if lora is not None else 0
+                self._adapter_tokens[adapter] = -(-num_bytes // max(self.kv_bytes_per_token, 1))
         return self._adapter_tokens[adapter]
 
 
@@ -397,6 +414,26 @@ class _RunningAdapters:
         if own is None or own > min(steps.values()) or entry.predicted_output <= own:
             return float("-inf")
         return float(entry.predicted_output)
+
+
+class _CachedAdapters:
+    """Bypass estimates with the adapter cache: cached adapters are resident; memory for a
+    blocked head frees when the first running request finishes (in predicted decode steps)."""
+
+    def __init__(self, running_batch: Any, running: Dict[str, Tuple[Any, RequestEntry]],
+                 pool: Any) -> None:
+        self._batch = running_batch
+        self._running = running
+        self._pool = pool
+
+    def is_resident(self, adapter: Optional[str]) -> bool:
+        return self._pool.is_resident(adapter)
+
+    def frees_in(self, entry: RequestEntry) -> float:
+        left = [max(tracked[1].charged_output - len(req.output_ids), 0)
+                for req in self._batch.reqs
+                if (tracked := self._running.get(req.rid)) is not None]
+        return float(min(left)) if left else 0.0
 
 
 def _metrics_if_enabled(scheduler: Any) -> Any:

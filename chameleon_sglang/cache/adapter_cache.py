@@ -156,11 +156,17 @@ class AdapterCache:
         if deficit > 0:
             self._evict(deficit, now, queued, "make_room", allow_queued=not prefetch)
         handle = self._store.alloc(num_slots)
-        if handle is None:
-            raise CacheFullError(
-                f"store refused {num_slots} slots for adapter {adapter_id!r} with "
-                f"{self._store.num_free_slots()} free: it breaks the SlotStore contract"
-            )
+        while handle is None:
+            # A store needing contiguous runs may refuse for fragmentation: free one more idle
+            # entry (same tier order) and try again.
+            victim = next(self._victims(now, queued, allow_queued=not prefetch), None)
+            if victim is None:
+                raise CacheFullError(
+                    f"no run of {num_slots} slots for adapter {adapter_id!r} "
+                    f"({self._store.num_free_slots()} slots free, fragmented)"
+                )
+            self._remove(victim[0], "make_room", victim[1])
+            handle = self._store.alloc(num_slots)
         return self._insert(adapter_id, num_bytes, rank, num_slots, handle, now, prefetch)
 
     # References

@@ -11,9 +11,9 @@ class SlotStore(Protocol):
     Contract:
     - ``slots_for_bytes(n)`` is the number of slots an adapter of ``n`` bytes occupies (> 0 for
       ``n > 0``) and does not change over the store's life.
-    - Free slots are fungible: ``alloc(k)`` succeeds whenever ``k <= num_free_slots()`` (a store
-      that needs contiguous runs must compact inside ``alloc``); it returns None only when
-      ``k > num_free_slots()``.
+    - ``alloc(k)`` returns None when ``k > num_free_slots()``. A store that needs contiguous
+      runs may also return None when free slots are too fragmented; the cache then evicts
+      further idle entries and retries (so ``can_admit`` is exact only for fungible stores).
     - ``free(handle)`` returns exactly the slots of that allocation; each handle is freed once.
     """
 

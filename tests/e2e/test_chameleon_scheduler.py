@@ -90,10 +90,14 @@ def scenario_times(tiny_assets, tmp_path_factory):
         "stock": COMMON,
         "chameleon": COMMON + ["--chameleon", "--chameleon-scheduler", "static"],
     }
+    # Stock SGLang keeps adapters in LoRA slots outside the KV pool; the adapter cache lives in
+    # it. The Chameleon arm's pool is the stock KV pool plus room for this scenario's two
+    # adapters (rank 128: 2880 slots, rank 8: 180 of this tiny model's KV slots).
+    max_total = {"stock": 3072, "chameleon": 3072 + 3072}
     results = {}
     for arm, extra in arms.items():
         srv = start_server(tiny_assets, log_dir, f"hol-{arm}", chameleon=False,
-                           max_total_tokens=3072, extra_args=extra)
+                           max_total_tokens=max_total[arm], extra_args=extra)
         try:
             results[arm] = run_scenario(srv.url)
             if arm == "chameleon":

@@ -116,12 +116,14 @@ def test_chameleon_status_is_reported(server):
     assert status["enabled"] is chameleon
     assert set(status["components"]) == {"scheduler", "adapter_cache"}
     assert status["components"]["scheduler"]["active"] is chameleon
-    assert status["components"]["adapter_cache"]["active"] is False  # not installed yet
+    assert status["components"]["adapter_cache"]["active"] is chameleon
     assert all(c["detail"] for c in status["components"].values())
     stats = requests.get(server.url + "/chameleon/stats", timeout=30).json()
     assert stats["enabled"] is chameleon
     scheduler = stats["ranks"][0]["scheduler"]
+    cache = stats["ranks"][0]["adapter_cache"]
     if chameleon:
         assert scheduler["num_arrivals"] > 0 and scheduler["num_passes"] > 0
+        assert cache["misses"] > 0 and cache["bytes_loaded"] > 0 and cache["num_resident"] > 0
     else:
-        assert scheduler is None
+        assert cache is None and scheduler is None

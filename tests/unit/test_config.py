@@ -19,6 +19,7 @@ def server_args(**overrides):
         chameleon_cache=True, chameleon_eviction_policy="chameleon",
         chameleon_score_weights=[0.45, 0.10, 0.45], chameleon_frequency_window=300.0,
         chameleon_prefetch=True,
+        chameleon_host_link_gbps=0.0,
     )
     fields.update(overrides)
     return SimpleNamespace(**fields)
@@ -58,14 +59,15 @@ def test_invalid_values_are_rejected_with_the_flag_named(overrides, message):
         ChameleonConfig.from_server_args(server_args(**overrides))
 
 
-def test_status_never_claims_unimplemented_components():
-    """With --chameleon, the adapter cache (not installed yet) reports inactive with a reason."""
+def test_cache_status_follows_installation():
+    """The adapter cache is active only when installed as the LoRA pool; else the reason."""
     config = ChameleonConfig(enabled=True)
-    report = status_report(config, [scheduler_status(config, None), cache_status(config)])
-    assert report["enabled"] is True
-    assert report["active_components"] == ["scheduler"]
-    assert report["components"]["adapter_cache"]["active"] is False
-    assert report["components"]["adapter_cache"]["detail"]
+    report = status_report(config, [scheduler_status(config, None), cache_status(config, None)])
+    assert report["active_components"] == ["scheduler", "adapter_cache"]
+    missing = cache_status(config, "needs --page-size 1: SGLang's LoRA pool in use")
+    assert missing.active is False and "page-size" in missing.detail
+    off = cache_status(ChameleonConfig(enabled=True, cache=False), None)
+    assert off.active is False and "no-chameleon-cache" in off.detail
 
 
 def test_scheduler_status_follows_installation():
@@ -81,5 +83,5 @@ def test_scheduler_status_follows_installation():
 def test_disabled_config_reports_disabled():
     """Without --chameleon every component is inactive."""
     config = ChameleonConfig(enabled=False)
-    report = status_report(config, [scheduler_status(config, None), cache_status(config)])
+    report = status_report(config, [scheduler_status(config, None), cache_status(config, None)])
     assert report["enabled"] is False and report["active_components"] == []

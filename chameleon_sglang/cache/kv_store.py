@@ -1,0 +1,124 @@
+"""The adapter cache's memory: runs of free token slots of SGLang's KV cache.
+
+:class:`KVSlotStore` implements the cache's ``SlotStore`` over SGLang's page-size-1 KV allocator
+(``TokenToKVPoolAllocator``). An adapter takes one run of consecutive slot indices, cut from the
+top of the highest free run, while SGLang allocates KV from the bottom of its sorted free list;
+so adapters and KV meet only when memory is nearly full. Freed runs go back to the allocator.
+
+The store never counts memory the cache holds as free: ``num_free_slots`` is what the allocator
+could hand out now. ``alloc`` may refuse a run that fragmentation makes impossible even though
+enough slots are free in total; the cache then evicts further idle adapters and tries again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Callable, Optional
+
+import torch
+
+_run_ids = itertools.count(1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KVRun:
+    """Slots ``[start, start + length)``; identity-compared, each freed once."""
+
+    start: int
+    length: int
+    run_id: int = dataclasses.field(default_factory=lambda: next(_run_ids))
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.length
+
+
+def free_slot_count(allocator: Any) -> int:
+    """Slots the allocator holds free (free list plus frees not yet merged)."""
+    return len(allocator.free_pages) + len(allocator.release_pages)
+
+
+def sorted_free_slots(allocator: Any) -> torch.Tensor:
+    """Merge the allocator's pending frees into its free list, sort it, and return it.
+
+    Sorting keeps SGLang allocating KV from the lowest free indices, away from cached adapters.
+    """
+    merged = torch.cat((allocator.free_pages, allocator.release_pages))
+    merged, _ = torch.sort(merged)
+    allocator.free_pages = merged
+    allocator.release_pages = merged.new_empty((0,))
+    return merged
+
+
+def highest_run(free: torch.Tensor, length: int) -> Optional[int]:
+    """Start of the top ``length`` slots of the highest run of consecutive indices in the sorted
+    tensor ``free`` that is at least ``length`` long; None when no run is long enough."""
+    if length <= 0 or free.numel() < length:
+        return None
+    breaks = torch.nonzero(free[1:] - free[:-1] != 1).flatten()
+    last = free.new_tensor([free.numel() - 1])
+    ends = torch.cat((breaks, last))
+    starts = torch.cat((free.new_zeros(1), breaks + 1))
+    long_enough = torch.nonzero(ends - starts + 1 >= length).flatten()
+    if long_enough.numel() == 0:
+        return None
+    top = int(free[ends[long_enough[-1]]]) + 1
+    return top - length
+
+
+class KVSlotStore:
+    """``SlotStore`` over a page-size-1 SGLang KV allocator (see the module docstring)."""
+
+    def __init__(self, allocator: Any, bytes_per_slot: int,
+                 on_free: Optional[Callable[[KVRun], None]] = None) -> None:
+        if getattr(allocator, "page_size", 1) != 1:
+            raise ValueError("the KV slot store needs a page-size-1 KV allocator")
+        if bytes_per_slot <= 0:
+            raise ValueError(f"bytes_per_slot must be > 0, got {bytes_per_slot}")
+        self.allocator = allocator
+        self.bytes_per_slot = int(bytes_per_slot)
+        self.on_free = on_free
+        self.num_refused_for_fragmentation = 0
+        self._live: set[int] = set()
+
+    def num_free_slots(self) -> int:
+        return free_slot_count(self.allocator)
+
+    def slots_for_bytes(self, num_bytes: int) -> int:
+        if num_bytes < 0:
+            raise ValueError(f"num_bytes must be >= 0, got {num_bytes}")
+        return -(-num_bytes // self.bytes_per_slot)
+
+    def alloc(self, num_slots: int) -> Optional[KVRun]:
+        if num_slots <= 0:
+            raise ValueError(f"num_slots must be > 0, got {num_slots}")
+        if num_slots > self.num_free_slots():
+            return None
+        free = sorted_free_slots(self.allocator)
+        start = highest_run(free, num_slots)
+        if start is None:
+            self.num_refused_for_fragmentation += 1
+            return None
+        keep = (free < start) | (free >= start + num_slots)
+        self.allocator.free_pages = free[keep]
+        run = KVRun(start, num_slots)
+        self._live.add(run.run_id)
+        return run
+
+    def free(self, handle: object) -> None:
+        if not isinstance(handle, KVRun) or handle.run_id not in self._live:
+            raise ValueError(f"unknown or already freed KV run {handle!r}")
+        self._live.discard(handle.run_id)
+        if self.on_free is not None:
+            self.on_free(handle)
+        # Straight to the allocator's pending frees (not through ``free``, which a free group
+        # may defer): the slots must be allocatable at once.
+        allocator = self.allocator
+        slots = torch.arange(handle.start, handle.stop, dtype=torch.int64,
+                             device=allocator.free_pages.device)
+        allocator.release_pages = torch.cat((allocator.release_pages, slots))
+
+    @property
+    def num_live_runs(self) -> int:
+        return len(self._live)

@@ -1,0 +1,312 @@
+"""SGLang's LoRA memory pool under ``--chameleon``: the adapter cache, in free KV memory.
+
+:class:`ChameleonLoRAPool` replaces ``LoRAMemoryPool``'s fixed slots (``max_loras_per_batch``
+of them, each padded to ``--max-lora-rank``). It allocates no adapter buffers of its own:
+
+- an adapter is made resident by the :class:`~chameleon_sglang.cache.AdapterCache`, which takes
+  a run of free KV-cache token slots from SGLang's allocator (:class:`~chameleon_sglang.cache.
+  kv_store.KVSlotStore`); its weights are copied there once per residency, rank-exact, laid out
+  by :func:`~chameleon_sglang.cache.kv_layout.plan_layout`, and read in place by the
+  ``chameleon`` LoRA backend (:mod:`chameleon_sglang.lora_backend`);
+- a resident adapter gets a small integer id (the "buffer id" SGLang's LoRA manager and backend
+  index ``lora_ranks``/``scalings`` by); the base model is id 0. Any number of resident adapters
+  may share a batch;
+- the LoRA layers receive zero-storage *handle* tensors of the shapes SGLang expects, tagged with
+  their (module, layer), instead of stacked slot buffers.
+
+The pool is built with the model (before the KV cache exists) and bound to the KV cache by
+:meth:`bind_kv_cache` once SGLang has sized it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Dict, Hashable, Iterable, List, Optional, Set, Tuple
+
+import torch
+from sglang.srt.lora.mem_pool import LoRAMemoryPool
+from sglang.srt.lora.utils import get_target_module_name
+
+from chameleon_sglang.cache import AdapterCache, CacheFullError
+from chameleon_sglang.cache.kv_layout import K_PART, AdapterLayout, plan_layout
+from chameleon_sglang.cache.kv_store import KVRun, KVSlotStore
+from chameleon_sglang.config import ChameleonConfig
+
+logger = logging.getLogger(__name__)
+
+HANDLE_ATTR = "chameleon_key"
+EMBEDDING_MODULES = frozenset({"embed_tokens", "lm_head"})
+BASE_ID = 0
+INITIAL_ID_CAPACITY = 64
+
+
+@dataclasses.dataclass
+class ResidentAdapter:
+    """An adapter held in KV memory: its id, run and per-layer ``{module: (A, B)}`` views."""
+
+    uid: str
+    buffer_id: int
+    run: KVRun
+    rank: int
+    scaling: float
+    views: List[Dict[str, Tuple[torch.Tensor, torch.Tensor]]]
+
+
+class UnsupportedModelError(ValueError):
+    """The model or adapter uses LoRA features the adapter cache does not store."""
+
+
+class ChameleonLoRAPool(LoRAMemoryPool):
+    """The LoRA pool as an elastic adapter cache in free KV memory (see the module docstring)."""
+
+    def __init__(self, *args: Any, manager: Any, config: ChameleonConfig, **kwargs: Any) -> None:
+        self.manager = manager
+        self.config = config
+        super().__init__(*args, **kwargs)
+        if self.lora_added_tokens_size:
+            raise UnsupportedModelError("adapters with added tokens are not cached")
+        self.uid_to_buffer_id: Dict[Optional[str], int] = {None: BASE_ID}
+        self.buffer_id_to_uid: List[Optional[str]] = [None]
+        self.max_loras_per_batch = INITIAL_ID_CAPACITY
+        self._free_ids: List[int] = list(range(INITIAL_ID_CAPACITY - 1, 0, -1))
+        self.resident: Dict[str, ResidentAdapter] = {}
+        self.by_id: Dict[int, ResidentAdapter] = {}
+        self._layouts: Dict[str, AdapterLayout] = {}
+        self.cache: Optional[AdapterCache] = None
+        self.store: Optional[KVSlotStore] = None
+        self._k_buffers: List[torch.Tensor] = []
+        self._v_buffers: List[torch.Tensor] = []
+        self.host_link_bytes_per_s = config.host_link_gbps * 1e9
+        self.num_loads = 0
+        self.load_seconds = 0.0
+        self.weight_bytes_loaded = 0
+
+    # -- SGLang's pool interface -------------------------------------------------------------
+    def init_buffers(self, base_model: torch.nn.Module) -> None:
+        """Zero-storage handles of the stock buffer shapes, tagged ``(module, layer, A|B)``."""
+        self.base_model = base_model
+        if self._has_moe_module(base_model):
+            raise UnsupportedModelError("the adapter cache stores dense (non-MoE) LoRA modules")
+        device = next(base_model.parameters()).device
+        point = torch.zeros((1, 1, 1), dtype=self.dtype, device=device)
+        # Embedding and LM-head LoRA are not cached (adapters with such weights are refused at
+        # load); their layers get handles that no adapter has weights for, so they run the base.
+        for buffers, shape_of, kind in ((self.embedding_A_buffer, self.get_embedding_lora_A_shape,
+                                         "A"),
+                                        (self.embedding_B_buffer, self.get_embedding_lora_B_shape,
+                                         "B"),
+                                        (self.lm_head_A_buffer, self.get_embedding_lora_A_shape,
+                                         "A"),
+                                        (self.lm_head_B_buffer, self.get_embedding_lora_B_shape,
+                                         "B")):
+            module = "embed_tokens" if buffers in (self.embedding_A_buffer,
+                                                   self.embedding_B_buffer) else "lm_head"
+            if module in self.target_modules:
+                shape = (1, *shape_of(module, base_model, self.max_lora_rank, 0)[1:])
+                handle = point.expand(shape)
+                setattr(handle, HANDLE_ATTR, (module, 0, kind))
+                buffers[module] = handle
+        for buffers, shape_of, kind in ((self.A_buffer, self.get_lora_A_shape, "A"),
+                                        (self.B_buffer, self.get_lora_B_shape, "B")):
+            for module in sorted(set(self.target_modules) - EMBEDDING_MODULES):
+                handles = []
+                for layer_id in range(self.num_layer):
+                    shape = (1, *shape_of(module, base_model, self.max_lora_rank, layer_id)[1:])
+                    handle = point.expand(shape)
+                    setattr(handle, HANDLE_ATTR, (module, layer_id, kind))
+                    handles.append(handle)
+                buffers[module] = handles
+
+    def prepare_lora_batch(self, cur_uids: Set[Optional[str]], lora_adapters: Dict[str, Any],
+                           *args: Any, **kwargs: Any) -> None:
+        """Make every adapter of the batch resident (the scheduler normally already has)."""
+        for uid in sorted(u for u in cur_uids if u is not None):
+            if uid not in self.resident:
+                if not self.make_resident(uid, time.monotonic(), frozenset()):
+                    raise CacheFullError(f"adapter {uid!r} cannot be made resident: KV memory "
+                                         f"is held by running requests and adapters in use")
+
+    def remove_lora(self, uid: str) -> Optional[int]:
+        """Unload: drop the cached copy now if idle, else when its last request releases it."""
+        if self.cache is not None:
+            self.cache.drop(uid)
+        self._layouts.pop(uid, None)
+        return None
+
+    def get_buffer_id(self, lora_uid: Optional[str]) -> int:
+        return self.uid_to_buffer_id[lora_uid]
+
+    # -- binding to the KV cache -------------------------------------------------------------
+    def bind_kv_cache(self, allocator: Any, kv_pool: Any) -> None:
+        """Store adapters in ``kv_pool``'s free token slots, taken through ``allocator``."""
+        if getattr(kv_pool, "kv_cache_layout", "nhd") != "nhd" or allocator.page_size != 1:
+            raise UnsupportedModelError("the adapter cache needs an NHD KV layout with page size 1")
+        k_buffers, v_buffers = list(kv_pool.k_buffer), list(kv_pool.v_buffer)
+        if len(k_buffers) != self.num_layer:
+            raise UnsupportedModelError("the adapter cache needs one KV buffer per model layer")
+        if any(b.dtype != self.dtype for b in k_buffers + v_buffers):
+            raise UnsupportedModelError(
+                f"the adapter cache needs KV cache dtype {self.dtype} (the LoRA dtype)")
+        self._k_buffers = [b.view(b.shape[0], -1) for b in k_buffers]
+        self._v_buffers = [b.view(b.shape[0], -1) for b in v_buffers]
+        bytes_per_slot = sum(b.shape[1] * b.element_size()
+                             for b in self._k_buffers + self._v_buffers)
+        self.store = KVSlotStore(allocator, bytes_per_slot, on_free=self._on_run_freed)
+        self.cache = AdapterCache.from_config(self.store, self.config)
+
+    @property
+    def is_bound(self) -> bool:
+        return self.cache is not None
+
+    # -- residency ---------------------------------------------------------------------------
+    def footprint_bytes(self, uid: str) -> int:
+        """KV memory the adapter occupies when resident: its run of slots, in bytes."""
+        assert self.store is not None
+        return self._layout(uid).num_slots * self.store.bytes_per_slot
+
+    def is_resident(self, uid: Optional[str]) -> bool:
+        return uid is None or (self.cache is not None and self.cache.is_resident(uid))
+
+    def make_resident(self, uid: str, now: float, queued: Iterable[str],
+                      prefetch: bool = False, count_lookup: bool = True) -> bool:
+        """Resident already (a hit), or loaded now into KV memory (evicting idle adapters,
+        those of queued requests only when needed and not for a prefetch). False when the
+        memory cannot be found; nothing changes then. ``count_lookup=False``: a repeated
+        lookup for the same request, not counted as a hit again."""
+        cache = self.cache
+        if cache is None:
+            raise RuntimeError("the adapter cache is not bound to the KV cache yet")
+        if uid not in self.manager.loras:
+            return False
+        num_bytes = self.footprint_bytes(uid)
+        if cache.is_resident(uid):
+            if not prefetch and count_lookup:
+                cache.admit(uid, num_bytes, self._rank(uid), now)
+            return True
+        queued_set = frozenset(queued)
+        if not cache.can_admit(uid, num_bytes, now, queued_set, prefetch=prefetch):
+            return False
+        try:
+            entry = cache.admit(uid, num_bytes, self._rank(uid), now, queued_set,
+                                prefetch=prefetch)
+        except CacheFullError:
+            return False
+        self._load(uid, entry.handle)
+        return True
+
+    def _load(self, uid: str, run: KVRun) -> None:
+        started = time.perf_counter()
+        layout = self._layout(uid)
+        views: List[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = []
+        weight_bytes = 0
+        for layer_id, (matrices, placement) in enumerate(zip(self._host_matrices(uid),
+                                                              layout.layers)):
+            layer_views: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+            placed = {key: self._view(layer_id, run, placement[key]) for key, _ in matrices}
+            for key, weight in matrices:
+                placed[key].copy_(weight)
+                weight_bytes += weight.numel() * weight.element_size()
+            for module in sorted({module for module, _ in placed}):
+                layer_views[module] = (placed[(module, "A")], placed[(module, "B")])
+            views.append(layer_views)
+        buffer_id = self._take_id()
+        adapter = ResidentAdapter(uid, buffer_id, run, self._rank(uid),
+                                  float(self.manager.loras[uid].scaling), views)
+        self.resident[uid] = adapter
+        self.by_id[buffer_id] = adapter
+        self.uid_to_buffer_id[uid] = buffer_id
+        self.buffer_id_to_uid[buffer_id] = uid
+        self._model_host_link(weight_bytes, started)
+        self.num_loads += 1
+        self.weight_bytes_loaded += weight_bytes
+        self.load_seconds += time.perf_counter() - started
+
+    def _model_host_link(self, num_bytes: int, started: float) -> None:
+        """With a host-link bandwidth set, a copy takes at least ``bytes / bandwidth``."""
+        if self.host_link_bytes_per_s > 0:
+            remaining = num_bytes / self.host_link_bytes_per_s - (time.perf_counter() - started)
+            if remaining > 0:
+                time.sleep(remaining)
+
+    def _on_run_freed(self, run: KVRun) -> None:
+        """The cache gave a run back to the KV allocator: forget the adapter's views and id."""
+        for uid, adapter in list(self.resident.items()):
+            if adapter.run is run:
+                del self.resident[uid]
+                del self.by_id[adapter.buffer_id]
+                del self.uid_to_buffer_id[uid]
+                self.buffer_id_to_uid[adapter.buffer_id] = None
+                self._free_ids.append(adapter.buffer_id)
+                return
+
+    def _take_id(self) -> int:
+        if not self._free_ids:
+            old = self.max_loras_per_batch
+            self.max_loras_per_batch = 2 * old
+            self._free_ids = list(range(2 * old - 1, old - 1, -1))
+            self.manager.max_loras_per_batch = self.max_loras_per_batch
+        buffer_id = self._free_ids.pop()
+        while len(self.buffer_id_to_uid) <= buffer_id:
+            self.buffer_id_to_uid.append(None)
+        return buffer_id
+
+    # -- layout and weights ------------------------------------------------------------------
+    def _rank(self, uid: str) -> int:
+        return int(self.manager.configs[uid].r)
+
+    def _layout(self, uid: str) -> AdapterLayout:
+        layout = self._layouts.get(uid)
+        if layout is None:
+            shapes = [[(key, tuple(w.shape)) for key, w in layer]
+                      for layer in self._host_matrices(uid)]
+            layout = plan_layout(shapes, self._k_buffers[0].shape[1],
+                                 self._v_buffers[0].shape[1])
+            self._layouts[uid] = layout
+        return layout
+
+    def _view(self, layer_id: int, run: KVRun, placement: Any) -> torch.Tensor:
+        buffer = (self._k_buffers if placement.part == K_PART else self._v_buffers)[layer_id]
+        flat = buffer[run.start:run.stop].view(-1)
+        return flat[placement.offset:placement.offset + placement.numel].view(placement.shape)
+
+    def _host_matrices(self, uid: str) -> List[List[Tuple[Hashable, torch.Tensor]]]:
+        """Per layer, ``((module, "A"|"B"), weight)`` in module order: this rank's slices of the
+        adapter's host weights, rank-exact (A: ``[stack * r, in]``, B: ``[out, r]``)."""
+        adapter = self.manager.loras[uid]
+        result: List[List[Tuple[Hashable, torch.Tensor]]] = []
+        for layer_id in range(self.num_layer):
+            weights = adapter.layers[layer_id].weights
+            modules = {get_target_module_name(name, self.target_modules): module
+                       for name, module in self.manager.lora_modules[layer_id].items()}
+            by_module: Dict[str, Dict[str, torch.Tensor]] = {}
+            for name, weight in weights.items():
+                try:
+                    module = get_target_module_name(name, self.target_modules)
+                except ValueError:
+                    continue  # not a target module (SGLang's pool skips it too)
+                by_module.setdefault(module, {})["A" if "lora_A" in name else "B"] = weight
+            layer: List[Tuple[Hashable, torch.Tensor]] = []
+            for module in sorted(by_module):
+                pair = by_module[module]
+                if module not in modules or set(pair) != {"A", "B"}:
+                    continue
+                layer.append(((module, "A"), modules[module].slice_lora_a_weights(pair["A"])))
+                layer.append(((module, "B"), modules[module].slice_lora_b_weights(pair["B"])))
+            result.append(layer)
+        return result
+
+    # -- reporting ---------------------------------------------------------------------------
+    def stats(self) -> Dict[str, Any]:
+        stats: Dict[str, Any] = dict(self.cache.stats()) if self.cache is not None else {}
+        stats.update(
+            num_loads=self.num_loads,
+            weight_bytes_loaded=self.weight_bytes_loaded,
+            load_seconds=round(self.load_seconds, 6),
+            host_link_gbps=self.config.host_link_gbps,
+            refused_for_fragmentation=(self.store.num_refused_for_fragmentation
+                                       if self.store is not None else 0),
+            kv_bytes_per_slot=self.store.bytes_per_slot if self.store is not None else 0,
+        )
+        return stats

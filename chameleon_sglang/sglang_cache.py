@@ -1,0 +1,192 @@
+"""The adapter cache inside SGLang's scheduler: admission, references, prefetch, pressure.
+
+Under ``--chameleon`` (cache on) :class:`CacheBridge` replaces SGLang's per-batch adapter limit:
+
+- ``can_schedule_lora_req`` (AROUND hook) asks the cache instead of counting slots: a request is
+  schedulable when its adapter is resident or can be made resident now (loading it into free KV
+  memory, evicting idle adapters). The adapter is then referenced for the request, so KV
+  allocation for this very batch cannot evict it;
+- after each prefill pass (AFTER ``_get_new_batch_prefill_raw``) references of requests that were
+  not admitted are dropped again, and missing adapters of queued requests are prefetched into
+  free memory (never evicting a queued request's adapter);
+- references end when a request finishes (checked after each batch result) or is retracted;
+- the KV allocator counts idle adapters as available and evicts them before an allocation would
+  fail (:mod:`chameleon_sglang.cache.kv_allocator`), so SGLang admits, retracts and fails
+  exactly as if their memory were free.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+
+from chameleon_sglang.cache.kv_allocator import make_cache_aware
+from chameleon_sglang.cache.kv_store import free_slot_count
+from chameleon_sglang.clock import SchedulerClock
+
+logger = logging.getLogger(__name__)
+
+ATTR = "chameleon_cache"
+# Queued requests looked at for prefetch after each pass, and adapters loaded at most per pass
+# (a load is a synchronous copy on CPU; a few per pass bound the delay it adds).
+PREFETCH_LOOKAHEAD = 32
+PREFETCH_PER_PASS = 2
+
+
+def cache_bridge_of(scheduler: Any) -> Optional["CacheBridge"]:
+    return getattr(scheduler, ATTR, None)
+
+
+class CacheBridge:
+    """Connects one SGLang scheduler to the adapter cache in its LoRA pool."""
+
+    def __init__(self, scheduler: Any, pool: Any, clock: SchedulerClock, prefetch: bool,
+                 owns_clock: bool) -> None:
+        self.scheduler = scheduler
+        self.pool = pool
+        self.clock = clock
+        # Without the Chameleon scheduler (which reads the clock at the start of each pass),
+        # the cache reads it once after each pass; every rank does so at the same point.
+        self.owns_clock = owns_clock
+        self.prefetch = prefetch
+        self.cache = pool.cache
+        self._holds: Dict[str, Tuple[Any, str]] = {}  # rid -> (Req, adapter) admitted, running
+        self._pins: Dict[str, Tuple[Any, str]] = {}  # rid -> (Req, adapter) this pass only
+        self._looked_up: Set[str] = set()  # rids whose hit/miss was counted
+        self.num_refused = 0
+        make_cache_aware(scheduler.token_to_kv_pool_allocator, self)
+
+    # -- the allocator's questions (BorrowedSlots) -----------------------------------------
+    def reclaimable_slots(self) -> int:
+        return self.cache.reclaimable_slots()
+
+    def free_slots_for(self, num_slots: int) -> None:
+        self.cache.shrink_to_free(num_slots, self.clock.last, self._queued_adapters())
+
+    # -- admission ------------------------------------------------------------------------
+    def can_schedule(self, req: Any) -> bool:
+        """May ``req`` join the batch as far as its adapter goes? References it if so."""
+        adapter = req.lora_id
+        if adapter is None or req.rid in self._holds or req.rid in self._pins:
+            return True
+        now = self.clock.last
+        first = req.rid not in self._looked_up
+        queued = () if self.cache.is_resident(adapter) else self._queued_adapters()
+        if not self.pool.make_resident(adapter, now, queued, count_lookup=first):
+            self.num_refused += 1
+            return False
+        self._looked_up.add(req.rid)
+        self.cache.acquire(adapter, now)
+        self._pins[req.rid] = (req, adapter)
+        return True
+
+    def end_pass(self) -> None:
+        """After a prefill pass: keep references of admitted requests, drop the others',
+        then prefetch adapters of queued requests."""
+        if self.owns_clock:
+            self.clock.now()
+        if self._pins:
+            waiting = {id(req) for req in self.scheduler.waiting_queue}
+            now = self.clock.last
+            for rid, (req, adapter) in self._pins.items():
+                if id(req) in waiting:
+                    self.cache.release(adapter, now)
+                else:
+                    self._holds[rid] = (req, adapter)
+                    self._looked_up.discard(rid)
+            self._pins.clear()
+        if self.prefetch:
+            self._prefetch()
+
+    def settle_finished(self) -> None:
+        """Release the adapters of requests that finished (or were aborted while running)."""
+        holds = self._holds
+        if not holds:
+            return
+        done = [rid for rid, (req, _) in holds.items() if req.finished()]
+        if done:
+            now = self.clock.last
+            for rid in done:
+                _, adapter = holds.pop(rid)
+                self.cache.release(adapter, now)
+
+    def on_retracted(self, req: Any) -> None:
+        """A running request went back to the waiting queue: it no longer holds its adapter."""
+        held = self._holds.pop(req.rid, None)
+        if held is not None:
+            self.cache.release(held[1], self.clock.last)
+
+    def on_waiting_abort(self, req: Any) -> None:
+        self._looked_up.discard(req.rid)
+
+    def capacity_error(self, req: Any) -> Optional[str]:
+        """Why ``req`` can never run (its prompt and its adapter exceed the KV pool), or None."""
+        adapter = req.lora_id
+        if adapter is None or adapter not in self.pool.manager.loras:
+            return None
+        adapter_slots = self.pool.footprint_bytes(adapter) // self.pool.store.bytes_per_slot
+        total = int(self.scheduler.max_total_num_tokens)
+        need = len(req.origin_input_ids) + 1 + adapter_slots
+        if need <= total:
+            return None
+        ref = self.pool.manager.lora_refs.get(adapter)
+        name = getattr(ref, "lora_name", adapter)
+        return (f"The prompt ({len(req.origin_input_ids)} tokens) and adapter {name!r} "
+                f"({adapter_slots} KV slots in the adapter cache) need {need} KV token slots; "
+                f"the KV cache has {total}. Use a shorter prompt or a larger KV cache.")
+
+    # -- internals -----------------------------------------------------------------------
+    def _queued_adapters(self) -> Set[str]:
+        return {req.lora_id for req in self.scheduler.waiting_queue if req.lora_id is not None}
+
+    def _prefetch(self) -> None:
+        queue = self.scheduler.waiting_queue
+        if not queue:
+            return
+        head = [req.lora_id for req in queue[:PREFETCH_LOOKAHEAD]]
+        missing = self.cache.prefetch_candidates(head)
+        if not missing:
+            return
+        queued = self._queued_adapters()
+        now = self.clock.last
+        for adapter in missing[:PREFETCH_PER_PASS]:
+            self.pool.make_resident(adapter, now, queued, prefetch=True)
+
+    def stats(self) -> Dict[str, Any]:
+        self.settle_finished()
+        stats = self.pool.stats()
+        backend = getattr(self.pool.manager, "lora_backend", None)
+        if backend is not None and hasattr(backend, "batch_stats"):
+            stats.update(backend.batch_stats())
+        allocator = self.scheduler.token_to_kv_pool_allocator
+        stats.update(
+            num_refused_requests=self.num_refused,
+            num_holding_requests=len(self._holds),
+            kv_free_slots=free_slot_count(allocator),
+            kv_total_slots=int(self.scheduler.max_total_num_tokens),
+        )
+        return stats
+
+
+def chameleon_pool_of(scheduler: Any) -> Any:
+    """The scheduler's LoRA pool if it is the Chameleon adapter cache, else None."""
+    from chameleon_sglang.lora_pool import ChameleonLoRAPool
+
+    try:
+        pool = scheduler.tp_worker.model_runner.lora_manager.memory_pool
+    except AttributeError:
+        return None
+    return pool if isinstance(pool, ChameleonLoRAPool) else None
+
+
+def install_cache(scheduler: Any, clock: SchedulerClock, prefetch: bool,
+                  owns_clock: bool) -> CacheBridge:
+    """Bind the Chameleon LoRA pool to the scheduler's KV cache and attach the bridge."""
+    pool = chameleon_pool_of(scheduler)
+    if pool is None:
+        raise RuntimeError("--chameleon's adapter cache needs the chameleon LoRA pool")
+    model_runner = scheduler.tp_worker.model_runner
+    pool.bind_kv_cache(scheduler.token_to_kv_pool_allocator, model_runner.token_to_kv_pool)
+    bridge = CacheBridge(scheduler, pool, clock, prefetch, owns_clock)
+    setattr(scheduler, ATTR, bridge)
+    return bridge
