@@ -71,7 +71,10 @@ class CacheBridge:
             return True
         now = self.clock.last
         first = req.rid not in self._looked_up
-        queued = () if self.cache.is_resident(adapter) else self._queued_adapters()
+        queued: Iterable[str] = ()
+        if not self.cache.is_resident(adapter):
+            queued = self._queued_adapters()
+            self._evict_prefix_cache_for(adapter)
         if not self.pool.make_resident(adapter, now, queued, count_lookup=first):
             self.num_refused += 1
             return False
@@ -136,6 +139,20 @@ class CacheBridge:
                 f"the KV cache has {total}. Use a shorter prompt or a larger KV cache.")
 
     # -- internals -----------------------------------------------------------------------
+    def _evict_prefix_cache_for(self, adapter: str) -> None:
+        """A missing adapter of a request being scheduled takes memory from SGLang's prefix
+        (radix) cache before idle adapters are evicted: an evicted prefix costs a prefill later,
+        an evicted adapter a reload now and again at its next request."""
+        if adapter not in self.pool.manager.loras:
+            return
+        need = self.pool.footprint_bytes(adapter) // self.pool.store.bytes_per_slot
+        deficit = need - free_slot_count(self.scheduler.token_to_kv_pool_allocator)
+        tree = self.scheduler.tree_cache
+        if deficit > 0 and tree is not None and tree.evictable_size() > 0:
+            from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+            tree.evict(EvictParams(num_tokens=deficit))
+
     def _queued_adapters(self) -> Set[str]:
         return {req.lora_id for req in self.scheduler.waiting_queue if req.lora_id is not None}
 
@@ -159,11 +176,18 @@ class CacheBridge:
         if backend is not None and hasattr(backend, "batch_stats"):
             stats.update(backend.batch_stats())
         allocator = self.scheduler.token_to_kv_pool_allocator
+        total = int(self.scheduler.max_total_num_tokens)
+        free = free_slot_count(allocator)
+        held = int(stats.get("resident_slots", 0))
+        per_slot = self.pool.store.bytes_per_slot
         stats.update(
             num_refused_requests=self.num_refused,
             num_holding_requests=len(self._holds),
-            kv_free_slots=free_slot_count(allocator),
-            kv_total_slots=int(self.scheduler.max_total_num_tokens),
+            kv_free_slots=free,
+            kv_total_slots=total,
+            memory={"kv_bytes": (total - free - held) * per_slot,
+                    "adapter_cache_bytes": held * per_slot,
+                    "free_bytes": free * per_slot},
         )
         return stats
 

@@ -31,8 +31,14 @@ def server_info(url: str, timeout_s: float = 30.0) -> Dict[str, Any]:
 
 
 def chameleon_status(info: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """``chameleon_status`` plus, under ``live``, each scheduler's live Chameleon statistics
+    (``internal_states[i]["chameleon"]``: scheduler and adapter-cache counters)."""
     status = info.get(STATUS_KEY)
-    return status if isinstance(status, dict) else None
+    if not isinstance(status, dict):
+        return None
+    live = [state["chameleon"] for state in info.get("internal_states") or []
+            if isinstance(state, dict) and isinstance(state.get("chameleon"), dict)]
+    return {**status, "live": live} if live else status
 
 
 def _find_dict_with(obj: Any, key: str) -> Optional[Dict[str, Any]]:

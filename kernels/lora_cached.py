@@ -11,7 +11,9 @@ Contract shared by every implementation of these ops:
   and zeros elsewhere; :func:`expand` adds each slice's ``a_i @ B_i.T`` into the output columns
   ``[offsets[i], offsets[i+1])``.
 
-This module is the reference CPU path: one matmul pair per adapter present in the batch.
+This module is the CPU path (also the fallback on any device): tokens are brought into adapter
+order once per call, then one ``addmm`` per adapter (shrink) and per adapter and slice (expand)
+writes straight into the output, so the Python loop does one cheap call per adapter present.
 """
 
 from __future__ import annotations
@@ -79,48 +81,57 @@ def group_tokens(adapter_per_request: Sequence[int], tokens_per_request: Sequenc
 
 def shrink(x: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf, stack: int,
            max_rank: int) -> torch.Tensor:
-    """``scaling * x @ A.T`` per token, rank-exact columns first (see the module docstring)."""
-    out = torch.zeros((x.shape[0], stack * max_rank), dtype=x.dtype, device=x.device)
+    """``scaling * x @ A.T`` per token, rank-exact columns first (see the module docstring).
+
+    One ``addmm`` per adapter present, written straight into its rows of the output (tokens
+    gathered into adapter order first when the batch interleaves adapters).
+    """
+    width = stack * max_rank
+    out = torch.zeros((x.shape[0], width), dtype=x.dtype, device=x.device)
+    if not groups.groups:
+        return out
+    order = groups.order
+    src = x if order is None else x.index_select(0, order)
+    dst = out if order is None else torch.zeros((src.shape[0], width), dtype=x.dtype,
+                                                 device=x.device)
+    scalings = groups.scalings
     for start, stop, adapter in groups.groups:
         a_weight = weights_of(adapter)
         if a_weight is None:
             continue
-        index, span = groups.rows(start, stop)
-        rows = x[span] if index is None else x.index_select(0, index)
-        width = a_weight.shape[0]
-        result = torch.matmul(rows, a_weight.t())
-        result.mul_(groups.scalings[adapter])
-        if index is None:
-            out[span, :width] = result
-        else:
-            out[index, :width] = result
+        view = dst[start:stop, : a_weight.shape[0]]
+        torch.addmm(view, src[start:stop], a_weight.t(), beta=0, alpha=scalings[adapter],
+                    out=view)
+    if order is not None:
+        out.index_copy_(0, order, dst)
     return out
 
 
 def expand(a: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf,
            offsets: Sequence[int], base_output: Optional[torch.Tensor]) -> torch.Tensor:
-    """Add ``a_i @ B_i.T`` of every slice into ``base_output`` (a new zero tensor if None)."""
+    """Add ``a_i @ B_i.T`` of every slice into ``base_output`` (a new zero tensor if None).
+
+    One in-place ``addmm_`` per adapter and slice, into the output's rows and columns.
+    """
+    total = int(offsets[-1])
     out = base_output if base_output is not None else torch.zeros(
-        (a.shape[0], int(offsets[-1])), dtype=a.dtype, device=a.device)
-    num_slices = len(offsets) - 1
+        (a.shape[0], total), dtype=a.dtype, device=a.device)
+    if not groups.groups:
+        return out
+    order = groups.order
+    src = a if order is None else a.index_select(0, order)
+    dst = out if order is None else torch.zeros((src.shape[0], out.shape[1]), dtype=out.dtype,
+                                                 device=out.device)
+    bounds = [(int(offsets[i]), int(offsets[i + 1])) for i in range(len(offsets) - 1)]
     for start, stop, adapter in groups.groups:
         b_weight = weights_of(adapter)
         if b_weight is None:
             continue
         rank = b_weight.shape[1]
-        index, span = groups.rows(start, stop)
-        rows = a[span] if index is None else a.index_select(0, index)
-        if num_slices == 1:
-            delta = torch.matmul(rows[:, :rank], b_weight.t())
-        else:
-            delta = torch.empty((rows.shape[0], b_weight.shape[0]), dtype=a.dtype,
-                                device=a.device)
-            for i in range(num_slices):
-                lo, hi = int(offsets[i]), int(offsets[i + 1])
-                torch.matmul(rows[:, i * rank:(i + 1) * rank], b_weight[lo:hi].t(),
-                             out=delta[:, lo:hi])
-        if index is None:
-            out[span, : delta.shape[1]] += delta
-        else:
-            out.index_add_(0, index, delta)
+        rows = src[start:stop]
+        target = dst[start:stop]
+        for i, (lo, hi) in enumerate(bounds):
+            target[:, lo:hi].addmm_(rows[:, i * rank:(i + 1) * rank], b_weight[lo:hi].t())
+    if order is not None:
+        out.index_add_(0, order, dst)
     return out

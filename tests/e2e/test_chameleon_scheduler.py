@@ -26,6 +26,10 @@ COMMON = ["--chunked-prefill-size", "512"]
 HOG = ("hog", 1600, "a004r128", 300)
 LARGE = ("large", 1900, "a004r128", 16)
 SMALLS = [(f"small{i}", 20 + i, "a000r8", 8) for i in range(6)]
+# Stock SGLang keeps adapters in LoRA slots outside the KV pool; the adapter cache lives in it.
+# The Chameleon arm's pool is the stock KV pool plus room for this scenario's two adapters
+# (rank 128: 2880 slots, rank 8: 180 slots of this tiny model).
+HOL_TOTAL_TOKENS = {"stock": 3072, "chameleon": 3072 + 3072}
 
 
 first_token: Dict[str, float] = {}
@@ -90,14 +94,10 @@ def scenario_times(tiny_assets, tmp_path_factory):
         "stock": COMMON,
         "chameleon": COMMON + ["--chameleon", "--chameleon-scheduler", "static"],
     }
-    # Stock SGLang keeps adapters in LoRA slots outside the KV pool; the adapter cache lives in
-    # it. The Chameleon arm's pool is the stock KV pool plus room for this scenario's two
-    # adapters (rank 128: 2880 slots, rank 8: 180 of this tiny model's KV slots).
-    max_total = {"stock": 3072, "chameleon": 3072 + 3072}
     results = {}
     for arm, extra in arms.items():
         srv = start_server(tiny_assets, log_dir, f"hol-{arm}", chameleon=False,
-                           max_total_tokens=max_total[arm], extra_args=extra)
+                           max_total_tokens=HOL_TOTAL_TOKENS[arm], extra_args=extra)
         try:
             results[arm] = run_scenario(srv.url)
             if arm == "chameleon":
@@ -143,7 +143,7 @@ def test_chameleon_stats_report_static_queues(scenario_times):
     sched = scenario_times["stats"]["ranks"][0]["scheduler"]
     assert sched["mode"] == "static" and sched["num_queues"] == 4
     assert sched["cutoffs"] == sorted(sched["cutoffs"]) and len(sched["cutoffs"]) == 3
-    assert len(set(sched["quotas"])) == 1 and sum(sched["quotas"]) == 3072
+    assert len(set(sched["quotas"])) == 1 and sum(sched["quotas"]) == HOL_TOTAL_TOKENS["chameleon"]
     assert sched["num_arrivals"] >= 2 + len(SMALLS)  # plus the server's own warm-up request
     # Every request finished, so every charge came back: quota is conserved.
     assert sched["num_running"] == 0 and sum(sched["num_waiting"]) == 0
