@@ -39,8 +39,8 @@ class CacheAwareTokenAllocator(TokenToKVPoolAllocator):
     def alloc(self, need_size: int) -> Any:
         if need_size > free_slot_count(self):
             self.chameleon_slots.free_slots_for(need_size)
-            if len(self.release_pages):
-                self.merge_and_sort_free()
+        if need_size > len(self.free_pages) and len(self.release_pages):
+            self.merge_and_sort_free()
         return super().alloc(need_size)
 
 

@@ -112,12 +112,17 @@ class KVSlotStore:
         self._live.discard(handle.run_id)
         if self.on_free is not None:
             self.on_free(handle)
-        # Straight to the allocator's pending frees (not through ``free``, which a free group
-        # may defer): the slots must be allocatable at once.
+        # Straight to the allocator's lists (not through ``free``, which a free group may
+        # defer): the slots must be allocatable at once. An allocator that sorts its frees
+        # merges ``release_pages`` when it runs short; one that does not only reads
+        # ``free_pages``.
         allocator = self.allocator
         slots = torch.arange(handle.start, handle.stop, dtype=torch.int64,
                              device=allocator.free_pages.device)
-        allocator.release_pages = torch.cat((allocator.release_pages, slots))
+        if allocator.need_sort:
+            allocator.release_pages = torch.cat((allocator.release_pages, slots))
+        else:
+            allocator.free_pages = torch.cat((allocator.free_pages, slots))
 
     @property
     def num_live_runs(self) -> int:
