@@ -21,6 +21,25 @@ from chameleon_kernels.lora_cached import AdapterGroups, expand, group_tokens, s
 BACKEND_NAME = "chameleon"
 
 
+def _shrink(x: torch.Tensor, groups: AdapterGroups, weights_of: Any, stack: int,
+            max_rank: int) -> torch.Tensor:
+    """One call site for both devices: Triton on CUDA tensors, torch elsewhere."""
+    if x.is_cuda:
+        from chameleon_kernels.lora_cached_triton import lora_shrink
+
+        return lora_shrink(x, groups, weights_of, stack, max_rank)
+    return shrink(x, groups, weights_of, stack, max_rank)
+
+
+def _expand(a: torch.Tensor, groups: AdapterGroups, weights_of: Any, offsets: Sequence[int],
+            base_output: Optional[torch.Tensor]) -> torch.Tensor:
+    if a.is_cuda:
+        from chameleon_kernels.lora_cached_triton import lora_expand
+
+        return lora_expand(a, groups, weights_of, offsets, base_output)
+    return expand(a, groups, weights_of, offsets, base_output)
+
+
 @dataclasses.dataclass
 class CachedLoRABatchInfo(LoRABatchInfo):
     """SGLang's batch info plus the batch's tokens grouped by adapter."""
@@ -112,7 +131,7 @@ class ChameleonLoRABackend(BaseLoRABackend):
 
     def run_lora_a_sgemm(self, x: torch.Tensor, weights: torch.Tensor, stack_num: int = 1,
                          *args: Any, **kwargs: Any) -> torch.Tensor:
-        return shrink(x, self._groups(), self._weights_of(weights), stack_num, self.max_rank)
+        return _shrink(x, self._groups(), self._weights_of(weights), stack_num, self.max_rank)
 
     def run_lora_b_sgemm(self, x: torch.Tensor, weights: torch.Tensor,
                          output_offset_cpu: Optional[torch.Tensor] = None,
@@ -120,13 +139,13 @@ class ChameleonLoRABackend(BaseLoRABackend):
                          **kwargs: Any) -> torch.Tensor:
         offsets = (output_offset_cpu.tolist() if output_offset_cpu is not None
                    else [0, weights.shape[-2]])
-        return expand(x, self._groups(), self._weights_of(weights), offsets, base_output)
+        return _expand(x, self._groups(), self._weights_of(weights), offsets, base_output)
 
     def run_qkv_lora(self, x: torch.Tensor, qkv_lora_a: torch.Tensor, qkv_lora_b: torch.Tensor,
                      output_offset: Any = None, output_offset_cpu: Optional[torch.Tensor] = None,
                      max_qkv_out_dim: int = 0, base_output: Optional[torch.Tensor] = None,
                      n_slices: int = 3, *args: Any, **kwargs: Any) -> torch.Tensor:
-        a = shrink(x, self._groups(), self._weights_of(qkv_lora_a), n_slices, self.max_rank)
+        a = _shrink(x, self._groups(), self._weights_of(qkv_lora_a), n_slices, self.max_rank)
         return self.run_lora_b_sgemm(a, qkv_lora_b, output_offset_cpu, base_output)
 
     def run_gate_up_lora(self, x: torch.Tensor, gate_up_lora_a: torch.Tensor,
@@ -135,8 +154,8 @@ class ChameleonLoRABackend(BaseLoRABackend):
                          base_output: Optional[torch.Tensor] = None, *args: Any,
                          **kwargs: Any) -> torch.Tensor:
         num_slices = len(output_offset_cpu) - 1 if output_offset_cpu is not None else 2
-        a = shrink(x, self._groups(), self._weights_of(gate_up_lora_a), num_slices,
-                   self.max_rank)
+        a = _shrink(x, self._groups(), self._weights_of(gate_up_lora_a), num_slices,
+                    self.max_rank)
         return self.run_lora_b_sgemm(a, gate_up_lora_b, output_offset_cpu, base_output)
 
     def init_decode_cuda_graph_batch_info(self, *args: Any, **kwargs: Any) -> None:

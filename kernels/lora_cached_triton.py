@@ -23,16 +23,21 @@ whatever their ranks:
   Segments cover disjoint tokens, so the read-modify-write of the output needs no atomics.
 
 Both accumulate in fp32 (``input_precision="ieee"`` for fp32 inputs, so no TF32) and take
-fp32/bf16/fp16 activations; weights are cast to the activation dtype inside the kernel.
+fp32/bf16/fp16 activations; weights are cast to the activation dtype inside the kernel. The table
+also carries the largest power of two (up to 16 bytes) dividing every offset, rank and row
+stride; the kernels pass it to ``tl.multiple_of`` so aligned weights get vector (cp.async) loads.
+
 :func:`lora_shrink` / :func:`lora_expand` are the one call site for CPU and GPU: Triton on CUDA
 tensors (or on CPU tensors under ``TRITON_INTERPRET=1`` when asked with ``use_triton=True``), the
-torch reference otherwise. Not CUDA-graph safe (the table is built on the host per call).
+torch reference otherwise. Without a ``base`` they derive one: a flat view of the storage all
+matrices share, or, when they sit in different allocations (a layer's K and V buffers), the
+first matrix as the anchor of address-difference offsets. Not CUDA-graph safe (the table is
+built on the host per call).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -47,10 +52,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
 
 HAS_TRITON = triton is not None
-# Kernels are decorated at import time; the interpreter is chosen then (Triton reads the
-# variable when ``@triton.jit`` runs), so record it once here.
-INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").strip().lower() in (
-    "1", "true", "yes", "on")
+# Whether the kernels below run in Triton's interpreter: Triton decides when ``@triton.jit``
+# runs (at this module's import, from TRITON_INTERPRET); set again after the kernels exist.
+INTERPRETED = False
 
 # Columns of the int64 segment table.
 SEG_START, SEG_STOP, SEG_OFFSET, SEG_RANK, SEG_STRIDE = range(5)
@@ -296,14 +300,27 @@ if HAS_TRITON:
         tl.store(out_ptrs, (prev + acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(table: SegmentTable, dtype: torch.dtype) -> Tuple[int, int]:
-    """BLOCK_M and BLOCK_K that compile without register spills on sm80/sm90 (checked with
-    cuobjdump at BLOCK_N=64, 4 warps): fp32 (FMA dots) stays at 32x32; bf16/fp16 take 64x64
-    when the weights are 16-byte aligned (vector cp.async loads), 64x32 otherwise."""
+    INTERPRETED = type(_shrink_kernel).__name__ == "InterpretedFunction"
+
+
+def _blocks(table: SegmentTable, dtype: torch.dtype) -> Tuple[int, int, int]:
+    """BLOCK_M, BLOCK_K and num_warps that compile without register spills for sm80 and sm90
+    (checked offline with cuobjdump at BLOCK_N=64): fp32 (FMA dots) stays at 32x32 with 4
+    warps; bf16/fp16 take BLOCK_K 64 when the weights are 16-byte aligned (vector cp.async
+    loads), 32 otherwise, and 8 warps once BLOCK_M reaches 64."""
     if dtype == torch.float32:
-        return _block(table.max_tokens, 16, 32), 32
+        return _block(table.max_tokens, 16, 32), 32, 4
     aligned = table.align * table.dtype.itemsize >= 16
-    return _block(table.max_tokens, 16, 64), 64 if aligned else 32
+    block_m = _block(table.max_tokens, 16, 64)
+    return block_m, 64 if aligned else 32, 8 if block_m >= 64 else 4
+
+
+def _checked_blocks(block_sizes: Sequence[int]) -> Tuple[int, int, int]:
+    block_m, block_n, block_k = (int(b) for b in block_sizes)
+    for b in (block_m, block_n, block_k):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"block sizes must be powers of two >= 16, got {block_sizes}")
+    return block_m, block_n, block_k
 
 
 def _dot_mode(dtype: torch.dtype) -> Dict[str, object]:
@@ -330,8 +347,12 @@ def _check_launchable(t: torch.Tensor, table: SegmentTable, base: torch.Tensor) 
 
 
 def shrink_triton(x: torch.Tensor, table: SegmentTable, base: torch.Tensor, stack: int,
-                  max_rank: int) -> torch.Tensor:
-    """:func:`~chameleon_kernels.lora_cached.shrink` in one launch: ``[T, stack * max_rank]``."""
+                  max_rank: int, *, block_sizes: Optional[Tuple[int, int, int]] = None
+                  ) -> torch.Tensor:
+    """:func:`~chameleon_kernels.lora_cached.shrink` in one launch: ``[T, stack * max_rank]``.
+
+    ``block_sizes`` (BLOCK_M, BLOCK_N, BLOCK_K) overrides the chosen tiles (powers of two >= 16;
+    tests use it to cover several token/column blocks with tiny shapes)."""
     if table.kind != "A" or table.stack != stack:
         raise ValueError("shrink needs a table of A matrices built with the same stack")
     if table.max_rank > max_rank:
@@ -342,9 +363,11 @@ def shrink_triton(x: torch.Tensor, table: SegmentTable, base: torch.Tensor, stac
     _check_launchable(x, table, base)
     if x.dim() != 2 or x.shape[1] != table.width:
         raise ValueError(f"x of shape {tuple(x.shape)} does not match A's {table.width} columns")
-    block_m, block_k = _blocks(table, x.dtype)
+    block_m, block_k, warps = _blocks(table, x.dtype)
     block_n = _block(stack * table.max_rank, 16, 64)
     block_k = min(block_k, _block(x.shape[1], 16, 64))
+    if block_sizes is not None:
+        block_m, block_n, block_k = _checked_blocks(block_sizes)
     grid = (table.num_segments, triton.cdiv(table.max_tokens, block_m),
             triton.cdiv(stack * table.max_rank, block_n))
     order = table.order if table.order is not None else table.segments
@@ -352,13 +375,17 @@ def shrink_triton(x: torch.Tensor, table: SegmentTable, base: torch.Tensor, stac
         x, out, base, table.segments, table.scalings, order,
         x.shape[1], x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         STACK=stack, HAS_ORDER=table.order is not None, ALIGN=table.align,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_dot_mode(x.dtype))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        **_dot_mode(x.dtype))
     return out
 
 
 def expand_triton(a: torch.Tensor, table: SegmentTable, base: torch.Tensor,
-                  offsets: Sequence[int], base_output: Optional[torch.Tensor]) -> torch.Tensor:
-    """:func:`~chameleon_kernels.lora_cached.expand` in one launch; adds into ``base_output``."""
+                  offsets: Sequence[int], base_output: Optional[torch.Tensor], *,
+                  block_sizes: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+    """:func:`~chameleon_kernels.lora_cached.expand` in one launch; adds into ``base_output``.
+
+    ``block_sizes``: as for :func:`shrink_triton`."""
     offsets = [int(o) for o in offsets]
     num_slices = len(offsets) - 1
     if num_slices < 1 or offsets[0] != 0 or any(lo > hi for lo, hi in zip(offsets, offsets[1:])):
@@ -379,9 +406,11 @@ def expand_triton(a: torch.Tensor, table: SegmentTable, base: torch.Tensor,
     if out.shape[0] != a.shape[0] or out.shape[1] < total or out.device != a.device:
         raise ValueError(f"base_output {tuple(out.shape)} cannot take [{a.shape[0]}, {total}]")
     slices = torch.tensor(offsets, dtype=torch.int64).to(a.device)
-    block_m, block_k = _blocks(table, a.dtype)
+    block_m, block_k, warps = _blocks(table, a.dtype)
     block_n = _block(total, 16, 64)
     block_k = min(block_k, _block(table.max_rank, 16, 64))
+    if block_sizes is not None:
+        block_m, block_n, block_k = _checked_blocks(block_sizes)
     grid = (table.num_segments, triton.cdiv(table.max_tokens, block_m),
             triton.cdiv(total, block_n))
     order = table.order if table.order is not None else table.segments
@@ -389,7 +418,8 @@ def expand_triton(a: torch.Tensor, table: SegmentTable, base: torch.Tensor,
         a, out, base, table.segments, order, slices,
         a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         STACK=num_slices, HAS_ORDER=table.order is not None, ALIGN=table.align,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_dot_mode(a.dtype))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        **_dot_mode(a.dtype))
     return out
 
 
