@@ -80,6 +80,7 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         self._v_buffers: List[torch.Tensor] = []
         self.host_link_bytes_per_s = config.host_link_gbps * 1e9
         self.num_loads = 0
+        self._last_now = 0.0  # the scheduler clock's latest value seen
         self.load_seconds = 0.0
         self.weight_bytes_loaded = 0
 
@@ -124,7 +125,7 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         """Make every adapter of the batch resident (the scheduler normally already has)."""
         for uid in sorted(u for u in cur_uids if u is not None):
             if uid not in self.resident:
-                if not self.make_resident(uid, time.monotonic(), frozenset()):
+                if not self.make_resident(uid, self._last_now, frozenset()):
                     raise CacheFullError(f"adapter {uid!r} cannot be made resident: KV memory "
                                          f"is held by running requests and adapters in use")
 
@@ -178,6 +179,7 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         cache = self.cache
         if cache is None:
             raise RuntimeError("the adapter cache is not bound to the KV cache yet")
+        self._last_now = max(self._last_now, now)
         if uid not in self.manager.loras:
             return False
         num_bytes = self.footprint_bytes(uid)
