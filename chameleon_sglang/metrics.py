@@ -71,3 +71,52 @@ class SchedulerMetrics:
         accuracy = (stats.get("predictor") or {}).get("within_tolerance")
         if accuracy is not None:
             self._accuracy.labels(**self._labels).set(float(accuracy))
+
+
+_CACHE_SCALARS = {
+    "hits": "Adapter-cache lookups that found the adapter resident (total).",
+    "misses": "Adapter-cache lookups that loaded the adapter (total).",
+    "hit_rate": "Adapter-cache hits over lookups.",
+    "prefetch_loads": "Adapters loaded ahead of their queued requests (total).",
+    "bytes_loaded": "KV-memory bytes of adapters loaded into the cache (total).",
+    "resident_bytes": "KV-memory bytes held by cached adapters.",
+    "num_resident": "Adapters resident in the cache.",
+    "num_in_use": "Cached adapters used by running requests.",
+    "max_distinct_adapters_per_batch": "Most distinct adapters in one forward batch.",
+    "mean_distinct_adapters_per_batch": "Mean distinct adapters per forward batch with adapters.",
+}
+
+
+class CacheMetrics:
+    """Publishes ``CacheBridge`` statistics as ``chameleon:cache_*`` gauges (same rules as
+    :class:`SchedulerMetrics`: ask ``is_due`` first)."""
+
+    def __init__(self, labels: Optional[Dict[str, str]] = None) -> None:
+        from prometheus_client import Gauge
+
+        self._labels = dict(labels or {})
+        names = list(self._labels)
+        self._scalars = {
+            key: Gauge(f"chameleon:cache_{key}", doc, labelnames=names,
+                       multiprocess_mode="mostrecent")
+            for key, doc in _CACHE_SCALARS.items()
+        }
+        self._by_tier = Gauge("chameleon:cache_evictions_by_tier",
+                              "Policy evictions by tier: unused, queued (total).",
+                              labelnames=names + ["tier"], multiprocess_mode="mostrecent")
+        self._by_reason = Gauge("chameleon:cache_evictions_by_reason",
+                                "Removals by reason: make_room, kv_pressure, unload (total).",
+                                labelnames=names + ["reason"], multiprocess_mode="mostrecent")
+        self._last_publish: Optional[float] = None
+
+    def is_due(self, now: float) -> bool:
+        return self._last_publish is None or now - self._last_publish >= PUBLISH_PERIOD_S
+
+    def publish(self, now: float, stats: Dict[str, Any]) -> None:
+        self._last_publish = now
+        for key, gauge in self._scalars.items():
+            gauge.labels(**self._labels).set(float(stats.get(key, 0) or 0))
+        for tier, value in (stats.get("evictions_by_tier") or {}).items():
+            self._by_tier.labels(**self._labels, tier=tier).set(float(value))
+        for reason, value in (stats.get("evictions_by_reason") or {}).items():
+            self._by_reason.labels(**self._labels, reason=reason).set(float(value))

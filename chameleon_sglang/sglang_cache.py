@@ -54,6 +54,7 @@ class CacheBridge:
         self._pins: Dict[str, Tuple[Any, str]] = {}  # rid -> (Req, adapter) this pass only
         self._looked_up: Set[str] = set()  # rids whose hit/miss was counted
         self.num_refused = 0
+        self._metrics: Any = False  # not looked up yet
         make_cache_aware(scheduler.token_to_kv_pool_allocator, self)
 
     # -- the allocator's questions (BorrowedSlots) -----------------------------------------
@@ -88,6 +89,7 @@ class CacheBridge:
         then prefetch adapters of queued requests."""
         if self.owns_clock:
             self.clock.now()
+        self._publish_metrics()
         if self._pins:
             waiting = {id(req) for req in self.scheduler.waiting_queue}
             now = self.clock.last
@@ -139,6 +141,12 @@ class CacheBridge:
                 f"the KV cache has {total}. Use a shorter prompt or a larger KV cache.")
 
     # -- internals -----------------------------------------------------------------------
+    def _publish_metrics(self) -> None:
+        if self._metrics is False:  # the metrics reporter is built after the cache
+            self._metrics = _cache_metrics_if_enabled(self.scheduler)
+        if self._metrics is not None and self._metrics.is_due(self.clock.last):
+            self._metrics.publish(self.clock.last, self.stats())
+
     def _evict_prefix_cache_for(self, adapter: str) -> None:
         """A missing adapter of a request being scheduled takes memory from SGLang's prefix
         (radix) cache before idle adapters are evicted: an evicted prefix costs a prefill later,
@@ -190,6 +198,17 @@ class CacheBridge:
                     "free_bytes": free * per_slot},
         )
         return stats
+
+
+def _cache_metrics_if_enabled(scheduler: Any) -> Any:
+    """``chameleon:cache_*`` gauges when SGLang runs with ``--enable-metrics``."""
+    reporter = getattr(scheduler, "metrics_reporter", None)
+    if reporter is None or not getattr(reporter, "enable_metrics", False):
+        return None
+    from chameleon_sglang.metrics import CacheMetrics
+
+    collector = getattr(scheduler, "metrics_collector", None)
+    return CacheMetrics(dict(getattr(collector, "labels", {}) or {}))
 
 
 def chameleon_pool_of(scheduler: Any) -> Any:

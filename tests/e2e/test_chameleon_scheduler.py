@@ -181,6 +181,9 @@ def test_dynamic_queues_are_fitted_from_live_traffic(tiny_assets, tmp_path_facto
     assert "chameleon:num_queues" in metrics
     assert 'chameleon:queue_quota_tokens{' in metrics and 'queue="0"' in metrics
     assert "chameleon:predictor_within_tolerance" in metrics
+    # ... and the adapter cache's.
+    assert "chameleon:cache_misses" in metrics and "chameleon:cache_bytes_loaded" in metrics
+    assert 'chameleon:cache_evictions_by_reason{' in metrics and 'reason="unload"' in metrics
 
 
 def test_chameleon_keeps_sglang_features_working(tiny_assets, tmp_path_factory):
