@@ -1,4 +1,10 @@
-"""Chameleon's adapter cache core (paper §4.2), free of SGLang and torch."""
+"""Chameleon's adapter cache (paper §4.2).
+
+The core (``AdapterCache``, entries, eviction policies, the ``SlotStore`` interface) is free of
+SGLang and torch. ``kv_layout`` (pure arithmetic), ``kv_store`` (a ``SlotStore`` over SGLang's KV
+allocator, torch) and ``kv_allocator`` (SGLang's allocator made cache-aware) put it in KV memory;
+import them explicitly.
+"""
 
 from chameleon_sglang.cache.adapter_cache import AdapterCache, CacheFullError
 from chameleon_sglang.cache.entry import CacheEntry
