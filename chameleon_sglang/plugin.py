@@ -49,6 +49,7 @@ def register() -> None:
         ("get_internal_state", add_chameleon_internal_state, HookType.AFTER),
         ("_get_new_batch_prefill_raw", on_prefill_pass_end, HookType.AFTER),
         ("process_batch_result", on_batch_result, HookType.AFTER),
+        ("update_running_batch", squash_before_decode, HookType.BEFORE),
     ]
     for method, hook, kind in hooks:
         HookRegistry.register(f"{SCHEDULER_CLASS}.{method}", hook, kind)
@@ -260,6 +261,16 @@ def on_prefill_pass_end(result: Any, scheduler: Any, *args: Any, **kwargs: Any) 
     if cache is not None:
         cache.end_pass()
     return result
+
+
+def squash_before_decode(scheduler: Any, batch: Any = None, *args: Any, **kwargs: Any) -> None:
+    """Before SGLang updates the running batch (its retraction point): squash planned bypasses."""
+    from chameleon_sglang.sglang_scheduler import bridge_of
+
+    bridge = bridge_of(scheduler)
+    if bridge is not None:
+        bridge.apply_squashes(batch)
+    return None
 
 
 def on_batch_result(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:

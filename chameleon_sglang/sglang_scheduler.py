@@ -118,6 +118,10 @@ class SchedulerBridge:
         self.num_adapter_misfits = 0
         self.num_retractions = 0
         self.last_pass: Optional[PassResult] = None
+        # Squash-and-requeue (with the adapter cache): bypass requests chosen at a pass, taken
+        # out of the running batch at SGLang's next retraction point.
+        self._squash_pending: Dict[str, Any] = {}
+        self._squashing: set = set()
 
     def use_adapter_cache(self, cache: Any) -> None:
         """Adapters live in the adapter cache (a ``CacheBridge``), in KV memory: their memory is
@@ -132,10 +136,14 @@ class SchedulerBridge:
         if not queue or queue[-1] is not req:
             return  # rejected (aborted, queue limit) or routed elsewhere (disaggregation)
         if is_retracted and req.rid in self._running:
-            self.num_retractions += 1
             self._num_departures += 1
             del self._running[req.rid]
-            self.policy.on_retracted(req.rid)
+            if req.rid in self._squashing:
+                self._squashing.discard(req.rid)
+                self.policy.squash(req.rid)  # back behind the head it bypassed
+            else:
+                self.num_retractions += 1
+                self.policy.on_retracted(req.rid)
         elif req.rid not in self.policy.queue:
             self._add(req)
         self._waiting[req.rid] = req
@@ -165,6 +173,8 @@ class SchedulerBridge:
             self.metrics = _metrics_if_enabled(self.scheduler)
         if self.metrics is not None and self.metrics.is_due(self._now):
             self.metrics.publish(self._now, self._snapshot())
+        if self.cache is not None and self.config.bypass:
+            self._plan_squashes()
         self.num_passes += 1
         state = self._pass = _PassState(adder)
         steps = self.policy.iter_pass(self._now, self._bypass_hooks(running_batch, adder))
@@ -201,6 +211,55 @@ class SchedulerBridge:
         state.memory_rejected = True
         self._memory_blocked[req.rid] = (self._num_departures, self._free_tokens())
         return True
+
+    # -- squash-and-requeue ------------------------------------------------------------------
+    def _plan_squashes(self) -> None:
+        """The paper's squash, with the adapter cache: a bypass request goes back to its queue
+        when the head it passed can now have its adapter placed (memory freed before the bypass
+        finished) but was refused for memory in the last pass; the head then goes first."""
+        queue = self.policy.queue
+        for entry in queue.running_bypasses():
+            if entry.request_id in self._squash_pending:
+                continue
+            head = queue.head(entry.queue)
+            if head is None or head.order > entry.order or head.adapter_id is None:
+                continue
+            if head.request_id not in self._memory_blocked:
+                continue
+            if not self._adapter_placeable(head.adapter_id):
+                continue
+            tracked = self._running.get(entry.request_id)
+            if tracked is not None and not tracked[0].finished():
+                self._squash_pending[entry.request_id] = tracked[0]
+
+    def _adapter_placeable(self, adapter: str) -> bool:
+        pool = self.cache.pool
+        if pool.is_resident(adapter):
+            return True
+        if adapter not in getattr(self.lora_manager, "loras", {}):
+            return False
+        return pool.cache.can_admit(adapter, pool.footprint_bytes(adapter), self._now)
+
+    def apply_squashes(self, batch: Any) -> None:
+        """At SGLang's retraction point (before ``update_running_batch``): take the planned
+        bypass requests out of the running batch, free their KV and requeue them."""
+        pending, self._squash_pending = self._squash_pending, {}
+        if not pending or batch is None or batch.is_empty():
+            return
+        squash = [i for i, req in enumerate(batch.reqs)
+                  if req.rid in pending and not req.finished()]
+        if not squash:
+            return
+        keep = [i for i in range(len(batch.reqs)) if i not in set(squash)]
+        reqs = [batch.reqs[i] for i in squash]
+        for i in squash:
+            batch.release_req(i, len(keep))
+        batch.filter_batch(keep_indices=keep)
+        batch.batch_is_full = False
+        for req in reqs:
+            self._squashing.add(req.rid)
+            self.scheduler._add_request_to_queue(req, is_retracted=True)
+        logger.info("Chameleon: squashed %d bypass request(s) back to their queues", len(reqs))
 
     # -- reporting -----------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:

@@ -179,6 +179,11 @@ class MultiLevelQueue:
     def get(self, request_id: str) -> RequestEntry:
         return self._entries[request_id]
 
+    def head(self, queue: int) -> RequestEntry | None:
+        """The oldest waiting request of ``queue`` (None when it has none)."""
+        waiting = self._waiting[queue]
+        return waiting[0] if waiting else None
+
     def running_bypasses(self) -> List[RequestEntry]:
         """Running requests admitted by bypass, in admission-table order (squash candidates)."""
         return [e for e in self._entries.values() if e.is_running and e.is_bypass]
