@@ -28,9 +28,27 @@ _PER_QUEUE = {
 }
 
 
-class SchedulerMetrics:
-    """Publishes ``SchedulerBridge`` statistics; callers ask ``is_due`` first (every
-    ``PUBLISH_PERIOD_S``) so the statistics are only gathered when they are published."""
+def metrics_labels(scheduler: Any) -> Optional[Dict[str, str]]:
+    """SGLang's metric labels when it runs with ``--enable-metrics`` on this rank, else None."""
+    reporter = getattr(scheduler, "metrics_reporter", None)
+    if reporter is None or not getattr(reporter, "enable_metrics", False):
+        return None
+    collector = getattr(scheduler, "metrics_collector", None)
+    return dict(getattr(collector, "labels", {}) or {})
+
+
+class _Periodic:
+    """Callers ask ``is_due`` first (every ``PUBLISH_PERIOD_S``) so that statistics are only
+    gathered when they are published."""
+
+    _last_publish: Optional[float] = None
+
+    def is_due(self, now: float) -> bool:
+        return self._last_publish is None or now - self._last_publish >= PUBLISH_PERIOD_S
+
+
+class SchedulerMetrics(_Periodic):
+    """Publishes ``SchedulerBridge`` statistics as ``chameleon:*`` gauges."""
 
     def __init__(self, labels: Optional[Dict[str, str]] = None) -> None:
         from prometheus_client import Gauge
@@ -51,11 +69,7 @@ class SchedulerMetrics:
             "Fraction of output-length predictions within tolerance of the real length.",
             labelnames=names, multiprocess_mode="mostrecent",
         )
-        self._last_publish: Optional[float] = None
         self._max_queues_seen = 0
-
-    def is_due(self, now: float) -> bool:
-        return self._last_publish is None or now - self._last_publish >= PUBLISH_PERIOD_S
 
     def publish(self, now: float, stats: Dict[str, Any]) -> None:
         self._last_publish = now
@@ -87,9 +101,8 @@ _CACHE_SCALARS = {
 }
 
 
-class CacheMetrics:
-    """Publishes ``CacheBridge`` statistics as ``chameleon:cache_*`` gauges (same rules as
-    :class:`SchedulerMetrics`: ask ``is_due`` first)."""
+class CacheMetrics(_Periodic):
+    """Publishes ``CacheBridge`` statistics as ``chameleon:cache_*`` gauges."""
 
     def __init__(self, labels: Optional[Dict[str, str]] = None) -> None:
         from prometheus_client import Gauge
@@ -107,10 +120,6 @@ class CacheMetrics:
         self._by_reason = Gauge("chameleon:cache_evictions_by_reason",
                                 "Removals by reason: make_room, kv_pressure, unload (total).",
                                 labelnames=names + ["reason"], multiprocess_mode="mostrecent")
-        self._last_publish: Optional[float] = None
-
-    def is_due(self, now: float) -> bool:
-        return self._last_publish is None or now - self._last_publish >= PUBLISH_PERIOD_S
 
     def publish(self, now: float, stats: Dict[str, Any]) -> None:
         self._last_publish = now

@@ -202,13 +202,10 @@ class CacheBridge:
 
 def _cache_metrics_if_enabled(scheduler: Any) -> Any:
     """``chameleon:cache_*`` gauges when SGLang runs with ``--enable-metrics``."""
-    reporter = getattr(scheduler, "metrics_reporter", None)
-    if reporter is None or not getattr(reporter, "enable_metrics", False):
-        return None
-    from chameleon_sglang.metrics import CacheMetrics
+    from chameleon_sglang.metrics import CacheMetrics, metrics_labels
 
-    collector = getattr(scheduler, "metrics_collector", None)
-    return CacheMetrics(dict(getattr(collector, "labels", {}) or {}))
+    labels = metrics_labels(scheduler)
+    return None if labels is None else CacheMetrics(labels)
 
 
 def chameleon_pool_of(scheduler: Any) -> Any:

@@ -497,14 +497,10 @@ class _CachedAdapters:
 
 def _metrics_if_enabled(scheduler: Any) -> Any:
     """Prometheus gauges when SGLang runs with ``--enable-metrics`` (on the rank that exports)."""
-    reporter = getattr(scheduler, "metrics_reporter", None)
-    if reporter is None or not getattr(reporter, "enable_metrics", False):
-        return None
-    from chameleon_sglang.metrics import SchedulerMetrics
+    from chameleon_sglang.metrics import SchedulerMetrics, metrics_labels
 
-    collector = getattr(scheduler, "metrics_collector", None)
-    labels = dict(getattr(collector, "labels", {}) or {})
-    return SchedulerMetrics(labels)
+    labels = metrics_labels(scheduler)
+    return None if labels is None else SchedulerMetrics(labels)
 
 
 def _lora_manager(scheduler: Any) -> Any:
