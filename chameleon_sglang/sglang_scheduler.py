@@ -120,7 +120,7 @@ class SchedulerBridge:
         self.last_pass: Optional[PassResult] = None
         # Squash-and-requeue (with the adapter cache): bypass requests chosen at a pass, taken
         # out of the running batch at SGLang's next retraction point.
-        self._squash_pending: Dict[str, Any] = {}
+        self._squash_pending: Dict[str, Tuple[Any, str]] = {}  # rid -> (Req, head's rid)
         self._squashing: set = set()
 
     def use_adapter_cache(self, cache: Any) -> None:
@@ -173,8 +173,6 @@ class SchedulerBridge:
             self.metrics = _metrics_if_enabled(self.scheduler)
         if self.metrics is not None and self.metrics.is_due(self._now):
             self.metrics.publish(self._now, self._snapshot())
-        if self.cache is not None and self.config.bypass:
-            self._plan_squashes()
         self.num_passes += 1
         state = self._pass = _PassState(adder)
         steps = self.policy.iter_pass(self._now, self._bypass_hooks(running_batch, adder))
@@ -204,7 +202,11 @@ class SchedulerBridge:
         state = self._pass
         if state is None or state.current is not req or state.was_admitted():
             return False
-        if res != AddReqResult.NO_TOKEN or adder.budget_state() == AddReqResult.NO_TOKEN:
+        if res != AddReqResult.NO_TOKEN:
+            return False
+        if self._squashes_enabled():
+            self._plan_squashes_for(req, adder)
+        if adder.budget_state() == AddReqResult.NO_TOKEN:
             return False
         # Only this request did not fit; SGLang marked the batch full just before asking.
         running_batch.batch_is_full = False
@@ -213,41 +215,62 @@ class SchedulerBridge:
         return True
 
     # -- squash-and-requeue ------------------------------------------------------------------
-    def _plan_squashes(self) -> None:
-        """The paper's squash, with the adapter cache: a bypass request goes back to its queue
-        when the head it passed can now have its adapter placed (memory freed before the bypass
-        finished) but was refused for memory in the last pass; the head then goes first."""
+    def _plan_squashes_for(self, head: Any, adder: Any) -> None:
+        """The paper's squash, with the adapter cache. ``head`` was just refused (its adapter
+        could not be placed, or its KV did not fit). If memory held by younger bypass requests
+        of its queue is what keeps it out - it would fit with them gone - those requests
+        (youngest first, as few as needed) are planned for squash: taken out of the running
+        batch at SGLang's next retraction point and requeued behind the head."""
         queue = self.policy.queue
-        for entry in queue.running_bypasses():
-            if entry.request_id in self._squash_pending:
+        entry = queue.get(head.rid)
+        if entry is None or queue.head(entry.queue) is not entry:
+            return
+        younger = sorted((e for e in queue.running_bypasses()
+                          if e.queue == entry.queue and e.order > entry.order
+                          and e.request_id not in self._squash_pending),
+                         key=lambda e: e.order, reverse=True)
+        if not younger:
+            return
+        need = self._admission_need(head)
+        have = int(adder.rem_total_tokens)
+        chosen: List[Any] = []
+        for bypass in younger:
+            if have >= need:
+                break
+            tracked = self._running.get(bypass.request_id)
+            if tracked is None or tracked[0].finished():
                 continue
-            head = queue.head(entry.queue)
-            if head is None or head.order > entry.order or head.adapter_id is None:
-                continue
-            if head.request_id not in self._memory_blocked:
-                continue
-            if not self._adapter_placeable(head.adapter_id):
-                continue
-            tracked = self._running.get(entry.request_id)
-            if tracked is not None and not tracked[0].finished():
-                self._squash_pending[entry.request_id] = tracked[0]
+            chosen.append(tracked[0])
+            have += _kv_tokens_held(tracked[0])
+        if chosen and have >= need:
+            for req in chosen:
+                self._squash_pending[req.rid] = (req, head.rid)
 
-    def _adapter_placeable(self, adapter: str) -> bool:
-        pool = self.cache.pool
-        if pool.is_resident(adapter):
-            return True
-        if adapter not in getattr(self.lora_manager, "loras", {}):
-            return False
-        return pool.cache.can_admit(adapter, pool.footprint_bytes(adapter), self._now)
+    def _squashes_enabled(self) -> bool:
+        return self.cache is not None and self.config.bypass
+
+    def _admission_need(self, req: Any) -> int:
+        """KV tokens SGLang's adder needs to admit ``req`` (prompt plus clipped output), plus
+        its adapter's slots when the adapter is not resident."""
+        from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
+
+        need = len(req.origin_input_ids) + min(req.sampling_params.max_new_tokens,
+                                               CLIP_MAX_NEW_TOKENS)
+        adapter = req.lora_id
+        if adapter is not None and not self.cache.pool.is_resident(adapter):
+            need += self._adapter_token_cost(adapter)
+        return need
 
     def apply_squashes(self, batch: Any) -> None:
         """At SGLang's retraction point (before ``update_running_batch``): take the planned
-        bypass requests out of the running batch, free their KV and requeue them."""
+        bypass requests out of the running batch, free their KV and requeue them. A plan whose
+        head is no longer waiting (admitted or gone meanwhile) is dropped."""
         pending, self._squash_pending = self._squash_pending, {}
         if not pending or batch is None or batch.is_empty():
             return
         squash = [i for i, req in enumerate(batch.reqs)
-                  if req.rid in pending and not req.finished()]
+                  if req.rid in pending and not req.finished()
+                  and pending[req.rid][1] in self._waiting]
         if not squash:
             return
         keep = [i for i in range(len(batch.reqs)) if i not in set(squash)]
@@ -359,6 +382,8 @@ class SchedulerBridge:
             self.num_queue_misfits += 1
         else:
             self.num_adapter_misfits += 1
+        if verdict is AdmitResult.ADAPTER_MISFIT and self._squashes_enabled():
+            self._plan_squashes_for(state.current, state.adder)
         return verdict
 
     def _settle_early_end(self, steps: Generator, state: "_PassState") -> Optional[PassResult]:
@@ -526,3 +551,8 @@ def _kv_bytes_per_token(scheduler: Any) -> int:
         return max(int((k_bytes + v_bytes) // (pool.size + pool.page_size)), 1)
     except (AttributeError, TypeError, ValueError):
         return 1
+
+
+def _kv_tokens_held(req: Any) -> int:
+    """KV tokens a running request holds: its prompt and the output so far."""
+    return len(req.origin_input_ids) + len(req.output_ids)

@@ -42,8 +42,9 @@ class FakeBatch:
 
 class FakePolicy:
     def __init__(self, bypasses: List[Any], heads: Dict[int, Any]) -> None:
+        entries = {e.request_id: e for e in [*bypasses, *heads.values()]}
         self.queue = SimpleNamespace(running_bypasses=lambda: bypasses,
-                                     head=lambda q: heads.get(q))
+                                     head=lambda q: heads.get(q), get=entries.get)
         self.calls: List[tuple] = []
 
     def squash(self, rid: str) -> int:
@@ -58,6 +59,17 @@ def _entry(rid: str, order: int, adapter: str | None, queue: int = 0) -> SimpleN
     return SimpleNamespace(request_id=rid, order=order, adapter_id=adapter, queue=queue)
 
 
+def _req(rid: str, prompt: int, output: int = 0, max_new: int = 16,
+         adapter: str | None = None) -> SimpleNamespace:
+    """The part of SGLang's Req a squash plan reads."""
+    return SimpleNamespace(rid=rid, origin_input_ids=[1] * prompt, output_ids=[2] * output,
+                           sampling_params=SimpleNamespace(max_new_tokens=max_new),
+                           lora_id=adapter, finished=lambda: False)
+
+
+ADAPTER_TOKENS = {"big": 300}
+
+
 def _bridge(policy: FakePolicy, resident: bool = True) -> SchedulerBridge:
     bridge = SchedulerBridge.__new__(SchedulerBridge)  # no SGLang scheduler needed
     requeued: List[tuple] = []
@@ -69,7 +81,10 @@ def _bridge(policy: FakePolicy, resident: bool = True) -> SchedulerBridge:
     bridge.policy = policy
     pool = SimpleNamespace(is_resident=lambda adapter: resident)
     bridge.cache = SimpleNamespace(pool=pool)
+    bridge.config = SimpleNamespace(bypass=True)
     bridge.lora_manager = SimpleNamespace(loras={})
+    bridge._adapter_tokens = dict(ADAPTER_TOKENS)
+    bridge.adapters_in_kv_memory = True
     bridge._now = 0.0
     bridge._squash_pending, bridge._squashing = {}, set()
     bridge._memory_blocked, bridge._running, bridge._waiting = {}, {}, {}
@@ -78,30 +93,55 @@ def _bridge(policy: FakePolicy, resident: bool = True) -> SchedulerBridge:
     return bridge
 
 
-def test_bypass_is_planned_for_squash_when_the_head_can_now_place_its_adapter():
-    """A running bypass is squashed when the older head it passed was refused for memory and
-    its adapter can now be placed."""
-    head, bypass = _entry("h", 1, "big"), _entry("b", 2, "small")
-    bridge = _bridge(FakePolicy([bypass], {0: head}))
-    req = FakeReq("b")
-    bridge._running["b"] = (req, bypass)
-    bridge._memory_blocked["h"] = (0, 0)
-    bridge._plan_squashes()
-    assert bridge._squash_pending == {"b": req}
+def _refused_head_scene(free_tokens: int, resident: bool = False, bypass_order: int = 2,
+                        bypass_queue: int = 0):
+    """A head (prompt 100, 16 new tokens, adapter 'big' of 300 tokens) refused with
+    ``free_tokens`` left, and one running bypass holding 150 KV tokens."""
+    head, bypass = _entry("h", 1, "big"), _entry("b", bypass_order, "small", bypass_queue)
+    bridge = _bridge(FakePolicy([bypass], {0: head}), resident=resident)
+    running = _req("b", prompt=120, output=30)
+    bridge._running["b"] = (running, bypass)
+    head_req = _req("h", prompt=100, max_new=16, adapter="big")
+    bridge._waiting["h"] = head_req
+    bridge._plan_squashes_for(head_req, SimpleNamespace(rem_total_tokens=free_tokens))
+    return bridge, running
 
 
-def test_no_squash_unless_the_head_was_refused_for_memory_with_a_placeable_adapter():
-    """No squash while the head's adapter still cannot be placed, when the head was not refused
-    for memory, or when the 'head' is younger than the bypass."""
-    head, bypass = _entry("h", 1, "big"), _entry("b", 2, "small")
-    for resident, blocked, head_order in ((False, True, 1), (True, False, 1), (True, True, 3)):
-        head.order = head_order
-        bridge = _bridge(FakePolicy([bypass], {0: head}), resident=resident)
-        bridge._running["b"] = (FakeReq("b"), bypass)
-        if blocked:
-            bridge._memory_blocked["h"] = (0, 0)
-        bridge._plan_squashes()
-        assert bridge._squash_pending == {}, (resident, blocked, head_order)
+def test_bypass_is_planned_for_squash_when_its_memory_is_what_keeps_the_head_out():
+    """The head needs its adapter (300) + prompt (100) + new tokens (16) = 416; 300 are free and
+    the bypass holds 150: with the bypass gone the head fits, so the bypass is planned."""
+    bridge, running = _refused_head_scene(free_tokens=300)
+    assert bridge._squash_pending == {"b": (running, "h")}
+
+
+def test_no_squash_while_the_head_would_not_fit_even_without_the_bypass():
+    """Memory has not freed yet (free + held < need): the bypass keeps running (the paper's bet
+    that it finishes before the head's memory frees still stands)."""
+    bridge, _ = _refused_head_scene(free_tokens=200)
+    assert bridge._squash_pending == {}
+
+
+def test_a_resident_adapter_is_not_counted_in_the_heads_need():
+    """With its adapter resident the head needs only 116 tokens: 100 free are short, and the
+    bypass's 150 make up the difference."""
+    bridge, running = _refused_head_scene(free_tokens=100, resident=True)
+    assert bridge._squash_pending == {"b": (running, "h")}
+
+
+def test_only_younger_bypasses_of_the_heads_own_queue_are_squashed():
+    """A bypass older than the head, or in another queue, is never squashed for it."""
+    for order, queue in ((0, 0), (2, 1)):
+        bridge, _ = _refused_head_scene(free_tokens=300, bypass_order=order, bypass_queue=queue)
+        assert bridge._squash_pending == {}, (order, queue)
+
+
+def test_a_plan_is_dropped_when_the_head_is_no_longer_waiting():
+    """If the head got in (or left) before SGLang's next retraction point, nothing is squashed."""
+    bridge, running = _refused_head_scene(free_tokens=300)
+    del bridge._waiting["h"]
+    batch = FakeBatch([running])
+    bridge.apply_squashes(batch)
+    assert batch.released == [] and bridge.requeued == [] and bridge._squash_pending == {}
 
 
 def test_squash_takes_the_request_out_of_the_running_batch_and_requeues_it():
@@ -109,7 +149,8 @@ def test_squash_takes_the_request_out_of_the_running_batch_and_requeues_it():
     and it re-enters the waiting queue as retracted; the others keep running."""
     reqs = [FakeReq("a"), FakeReq("b"), FakeReq("c")]
     bridge = _bridge(FakePolicy([], {}))
-    bridge._squash_pending = {"b": reqs[1]}
+    bridge._squash_pending = {"b": (reqs[1], "h")}
+    bridge._waiting["h"] = FakeReq("h")
     batch = FakeBatch(reqs)
     bridge.apply_squashes(batch)
     assert batch.released == [("b", 2)]
@@ -123,7 +164,8 @@ def test_finished_requests_are_not_squashed():
     """A planned request that finished meanwhile is left alone."""
     reqs = [FakeReq("a"), FakeReq("b", done=True)]
     bridge = _bridge(FakePolicy([], {}))
-    bridge._squash_pending = {"b": reqs[1]}
+    bridge._squash_pending = {"b": (reqs[1], "h")}
+    bridge._waiting["h"] = FakeReq("h")
     batch = FakeBatch(reqs)
     bridge.apply_squashes(batch)
     assert batch.released == [] and len(batch.reqs) == 2 and bridge.requeued == []
