@@ -16,6 +16,7 @@ import torch
 from sglang.srt.lora.backend.base_backend import BaseLoRABackend
 from sglang.srt.lora.utils import LoRABatchInfo, generate_sequence_lengths
 
+from chameleon_kernels import lora_cached_numba
 from chameleon_kernels.lora_cached import AdapterGroups, expand, group_tokens, shrink
 
 BACKEND_NAME = "chameleon"
@@ -59,6 +60,8 @@ class ChameleonLoRABackend(BaseLoRABackend):
         self.num_batches = 0
         self.sum_distinct_adapters = 0
         self.max_distinct_adapters = 0
+        if torch.device(device).type == "cpu":
+            lora_cached_numba.warm_up()  # compile (or load) the decode kernels before serving
 
     def attach(self, pool: Any) -> None:
         """Read adapters from ``pool`` (a ``ChameleonLoRAPool``)."""

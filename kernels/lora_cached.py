@@ -11,17 +11,23 @@ Contract shared by every implementation of these ops:
   and zeros elsewhere; :func:`expand` adds each slice's ``a_i @ B_i.T`` into the output columns
   ``[offsets[i], offsets[i+1])``.
 
-This module is the CPU path (also the fallback on any device): tokens are brought into adapter
-order once per call, then one ``addmm`` per adapter (shrink) and per adapter and slice (expand)
-writes straight into the output, so the Python loop does one cheap call per adapter present.
+This module is the CPU path (also the fallback on any device). Groups of few tokens (decode) go
+to the compiled loop of :mod:`chameleon_kernels.lora_cached_numba` when it can take them (float32
+on CPU): one call for all of them, no per-adapter Python work. The other groups (prefill) are
+brought into adapter order once per call, then one ``addmm`` per adapter (shrink) and per adapter
+and slice (expand) writes straight into the output.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+
+from chameleon_kernels import lora_cached_numba
 
 WeightsOf = Callable[[int], Optional[torch.Tensor]]
 
@@ -44,6 +50,34 @@ class AdapterGroups:
         if self.order is None:
             return None, slice(start, stop)
         return self.order[start:stop], slice(start, stop)
+
+    @functools.cached_property
+    def row_index(self) -> np.ndarray:
+        """The batch row of every position of the order (int64)."""
+        if self.order is None:
+            return np.arange(self.num_tokens, dtype=np.int64)
+        return self.order.numpy().astype(np.int64, copy=False)
+
+    @functools.cached_property
+    def by_size(self) -> Tuple[Tuple[Tuple[int, int, int], ...], "AdapterGroups"]:
+        """``(small groups, the rest as AdapterGroups)``: groups of fewer than
+        ``SMALL_GROUP_TOKENS`` tokens, and the others with an order of their own."""
+        limit = lora_cached_numba.SMALL_GROUP_TOKENS
+        small = tuple(g for g in self.groups if g[1] - g[0] < limit)
+        large = [g for g in self.groups if g[1] - g[0] >= limit]
+        return small, self.restricted(large)
+
+    def restricted(self, groups: Sequence[Tuple[int, int, int]]) -> "AdapterGroups":
+        """The same batch with only ``groups`` (which must be groups of this one)."""
+        if self.order is None or len(groups) == len(self.groups):
+            return AdapterGroups(self.num_tokens, self.order, tuple(groups), self.scalings)
+        pieces, renumbered, cursor = [], [], 0
+        for start, stop, adapter in groups:
+            pieces.append(self.order[start:stop])
+            renumbered.append((cursor, cursor + stop - start, adapter))
+            cursor += stop - start
+        order = torch.cat(pieces) if pieces else self.order[:0]
+        return AdapterGroups(self.num_tokens, order, tuple(renumbered), self.scalings)
 
 
 def group_tokens(adapter_per_request: Sequence[int], tokens_per_request: Sequence[int],
@@ -90,6 +124,22 @@ def shrink(x: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf, stack:
     out = torch.zeros((x.shape[0], width), dtype=x.dtype, device=x.device)
     if not groups.groups:
         return out
+    small, large = groups.by_size
+    if small:
+        plan = lora_cached_numba.plan_small_groups(x, small, groups.row_index, weights_of,
+                                                   groups.scalings)
+        if plan is not None:
+            lora_cached_numba.shrink_small(x, out, plan)
+            groups = large
+    _shrink_blas(x, out, groups, weights_of)
+    return out
+
+
+def _shrink_blas(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups,
+                 weights_of: WeightsOf) -> None:
+    if not groups.groups:
+        return
+    width = out.shape[1]
     order = groups.order
     src = x if order is None else x.index_select(0, order)
     dst = out if order is None else torch.zeros((src.shape[0], width), dtype=x.dtype,
@@ -104,7 +154,6 @@ def shrink(x: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf, stack:
                     out=view)
     if order is not None:
         out.index_copy_(0, order, dst)
-    return out
 
 
 def expand(a: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf,
@@ -118,6 +167,22 @@ def expand(a: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf,
         (a.shape[0], total), dtype=a.dtype, device=a.device)
     if not groups.groups:
         return out
+    small, large = groups.by_size
+    if small:
+        plan = lora_cached_numba.plan_small_groups(a, small, groups.row_index, weights_of,
+                                                   groups.scalings, for_expand=True)
+        if plan is not None:
+            bounds = np.asarray([int(v) for v in offsets], dtype=np.int64)
+            lora_cached_numba.expand_small(a, out, plan, bounds)
+            groups = large
+    _expand_blas(a, out, groups, weights_of, offsets)
+    return out
+
+
+def _expand_blas(a: torch.Tensor, out: torch.Tensor, groups: AdapterGroups,
+                 weights_of: WeightsOf, offsets: Sequence[int]) -> None:
+    if not groups.groups:
+        return
     order = groups.order
     src = a if order is None else a.index_select(0, order)
     dst = out if order is None else torch.zeros((src.shape[0], out.shape[1]), dtype=out.dtype,
@@ -132,6 +197,5 @@ def expand(a: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf,
         target = dst[start:stop]
         for i, (lo, hi) in enumerate(bounds):
             target[:, lo:hi].addmm_(rows[:, i * rank:(i + 1) * rank], b_weight[lo:hi].t())
-    if order is not None:
-        out.index_add_(0, order, dst)
-    return out
+    if order is not None:  # rows are distinct: gather, add, put back (no scatter-add)
+        out.index_copy_(0, order, out.index_select(0, order).add_(dst))

@@ -1,0 +1,224 @@
+"""CPU LoRA shrink/expand for groups of few tokens (decode), compiled with numba.
+
+Same contract as :mod:`chameleon_kernels.lora_cached` for the groups it is given. A decode batch
+spreads its tokens over many adapters, one or two tokens each: there a matrix product per
+adapter is all call overhead and the work is a stream over the adapters' weights. These kernels
+do every small group of a call in one compiled loop, parallel over groups, reading each
+adapter's rows once, in place: a weight matrix is located by its offset in the flat storage it
+lives in (a layer's K or V buffer of the KV cache, at most two storages per call), tokens by
+their row in the batch (no gather or scatter).
+
+Only float32 on CPU with contiguous matrices qualifies (:func:`plan_small_groups` returns None
+otherwise); everything else, and groups of many tokens (prefill), stays with the torch path.
+Compiled on first use and cached on disk (``cache=True``); :func:`warm_up` compiles ahead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+try:  # numba ships with SGLang's CPU requirements; without it the torch path serves
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised only on installs without numba
+    njit = None
+    prange = range
+
+SMALL_GROUP_TOKENS = 16
+"""Groups with fewer tokens than this go through the compiled loop; larger ones use BLAS."""
+
+WeightsOf = Callable[[int], Optional[torch.Tensor]]
+
+
+def available() -> bool:
+    return njit is not None
+
+
+if njit is not None:
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _shrink_kernel(x, out, buf0, buf1, rows, starts, stops, which, offsets, num_rows,
+                       scalings):  # pragma: no cover - compiled
+        width = x.shape[1]
+        for g in prange(starts.shape[0]):
+            buf = buf0 if which[g] == 0 else buf1
+            offset = offsets[g]
+            scale = scalings[g]
+            for j in range(num_rows[g]):
+                row = buf[offset + j * width: offset + (j + 1) * width]  # a slice vectorises
+                for i in range(starts[g], stops[g]):
+                    t = rows[i]
+                    acc = np.float32(0.0)
+                    for k in range(width):
+                        acc += x[t, k] * row[k]
+                    out[t, j] = acc * scale
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _expand_kernel(a, out, buf0, buf1, rows, starts, stops, which, offsets, ranks,
+                       bounds):  # pragma: no cover - compiled
+        num_slices = bounds.shape[0] - 1
+        for g in prange(starts.shape[0]):
+            buf = buf0 if which[g] == 0 else buf1
+            offset = offsets[g]
+            rank = ranks[g]
+            for s in range(num_slices):
+                first = s * rank
+                c = bounds[s]
+                while c + 4 <= bounds[s + 1]:  # four output columns per pass over a's slice
+                    row = offset + c * rank
+                    b0 = buf[row: row + rank]
+                    b1 = buf[row + rank: row + 2 * rank]
+                    b2 = buf[row + 2 * rank: row + 3 * rank]
+                    b3 = buf[row + 3 * rank: row + 4 * rank]
+                    for i in range(starts[g], stops[g]):
+                        t = rows[i]
+                        av = a[t, first: first + rank]
+                        s0 = np.float32(0.0)
+                        s1 = np.float32(0.0)
+                        s2 = np.float32(0.0)
+                        s3 = np.float32(0.0)
+                        for k in range(rank):
+                            ak = av[k]
+                            s0 += ak * b0[k]
+                            s1 += ak * b1[k]
+                            s2 += ak * b2[k]
+                            s3 += ak * b3[k]
+                        out[t, c] += s0
+                        out[t, c + 1] += s1
+                        out[t, c + 2] += s2
+                        out[t, c + 3] += s3
+                    c += 4
+                while c < bounds[s + 1]:
+                    b0 = buf[offset + c * rank: offset + (c + 1) * rank]
+                    for i in range(starts[g], stops[g]):
+                        t = rows[i]
+                        acc = np.float32(0.0)
+                        for k in range(rank):
+                            acc += a[t, first + k] * b0[k]
+                        out[t, c] += acc
+                    c += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallGroupPlan:
+    """The small groups of one call, as the kernels take them."""
+
+    buffers: Tuple[np.ndarray, np.ndarray]
+    rows: np.ndarray
+    starts: np.ndarray
+    stops: np.ndarray
+    which: np.ndarray
+    offsets: np.ndarray
+    dims: np.ndarray  # shrink: rows of A (stack * rank); expand: rank
+    scalings: np.ndarray
+
+
+_FLATS: Dict[int, Tuple[torch.Tensor, np.ndarray]] = {}  # storage address -> flat views
+_LOCATED: Dict[int, Tuple[Any, int, int, int, int]] = {}  # id(weight) -> location
+_MAX_STORAGES = 256  # a model's K and V buffers: two per layer
+_MAX_WEIGHTS = 1 << 16
+
+
+def _flat(weight: torch.Tensor, storage_ptr: int) -> np.ndarray:
+    """The whole storage under ``weight`` as a flat float32 array (remembered per storage)."""
+    known = _FLATS.get(storage_ptr)
+    if known is None:
+        if len(_FLATS) >= _MAX_STORAGES:
+            _FLATS.clear()
+        flat = torch.empty(0, dtype=torch.float32).set_(weight.untyped_storage())
+        known = _FLATS[storage_ptr] = (flat, flat.numpy())
+    return known[1]
+
+
+def _locate(weight: torch.Tensor) -> Optional[Tuple[Any, int, int, int, int]]:
+    """``(weakref to weight, storage address, element offset, rows, columns)``, remembered per
+    weight object (the cache hands out the same views while an adapter is resident); None when
+    the kernels cannot read it in place."""
+    known = _LOCATED.get(id(weight))
+    if known is not None and known[0]() is weight:
+        return known
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" \
+            or not weight.is_contiguous() or weight.dim() != 2:
+        return None
+    storage_ptr = weight.untyped_storage().data_ptr()
+    if len(_LOCATED) >= _MAX_WEIGHTS:
+        _LOCATED.clear()
+    located = (weakref.ref(weight), storage_ptr, (weight.data_ptr() - storage_ptr) // 4,
+               int(weight.shape[0]), int(weight.shape[1]))
+    _LOCATED[id(weight)] = located
+    return located
+
+
+def plan_small_groups(x: torch.Tensor, groups: Sequence[Tuple[int, int, int]],
+                      rows: np.ndarray, weights_of: WeightsOf, scalings: dict,
+                      for_expand: bool = False) -> Optional[SmallGroupPlan]:
+    """Locate the weights of ``groups`` (``(start, stop, adapter)`` over ``rows``) in their flat
+    storages. None when the kernels cannot take them (not float32 CPU, not contiguous, more
+    than two storages); groups whose adapter has no weights for the module are dropped.
+    ``for_expand``: the weights are B matrices (``dims`` is then their rank)."""
+    if not available() or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    keys: List[int] = []
+    flats: List[np.ndarray] = []
+    kept: List[Tuple[int, int, int, int, int]] = []
+    scales: List[float] = []
+    for start, stop, adapter in groups:
+        weight = weights_of(adapter)
+        if weight is None:
+            continue
+        located = _locate(weight)
+        if located is None:
+            return None
+        _, storage_ptr, offset, num_rows, num_cols = located
+        if storage_ptr not in keys:
+            if len(keys) == 2:
+                return None
+            keys.append(storage_ptr)
+            flats.append(_flat(weight, storage_ptr))
+        kept.append((start, stop, keys.index(storage_ptr), offset,
+                     num_cols if for_expand else num_rows))
+        scales.append(scalings.get(adapter, 1.0))
+    if not kept:
+        return None
+    starts, stops, which, offsets, dims = np.ascontiguousarray(np.array(kept, dtype=np.int64).T)
+    return SmallGroupPlan(
+        buffers=(flats[0], flats[-1]),
+        rows=rows,
+        starts=starts,
+        stops=stops,
+        which=which,
+        offsets=offsets,
+        dims=dims,
+        scalings=np.array(scales, dtype=np.float32),
+    )
+
+
+def shrink_small(x: torch.Tensor, out: torch.Tensor, plan: SmallGroupPlan) -> None:
+    """``out[t, :stack*r] = scaling * x[t] @ A.T`` for every token of the plan's groups."""
+    _shrink_kernel(x.numpy(), out.numpy(), plan.buffers[0], plan.buffers[1], plan.rows,
+                   plan.starts, plan.stops, plan.which, plan.offsets, plan.dims, plan.scalings)
+
+
+def expand_small(a: torch.Tensor, out: torch.Tensor, plan: SmallGroupPlan,
+                 bounds: np.ndarray) -> None:
+    """``out[t, lo_i:hi_i] += a[t, i*r:(i+1)*r] @ B[lo_i:hi_i].T`` for every slice ``i``."""
+    _expand_kernel(a.numpy(), out.numpy(), plan.buffers[0], plan.buffers[1], plan.rows,
+                   plan.starts, plan.stops, plan.which, plan.offsets, plan.dims, bounds)
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) both kernels now, not on the first batch."""
+    if not available():
+        return
+    weights = torch.zeros(16)
+    x = torch.zeros((1, 2))
+    rows = np.zeros(1, dtype=np.int64)
+    plan = plan_small_groups(x, [(0, 1, 1)], rows, lambda _: weights[:4].view(2, 2), {1: 1.0})
+    assert plan is not None
+    out = torch.zeros((1, 2))
+    shrink_small(x, out, plan)
+    expand_small(out, torch.zeros((1, 2)), plan, np.array([0, 2], dtype=np.int64))
