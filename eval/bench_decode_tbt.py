@@ -1,6 +1,7 @@
 """End-to-end decode TBT with 1, 8, 32 and 64 distinct adapters in the batch, on real servers.
 
-``python -m eval.bench_decode_tbt [--batch 64] [--adapters 1,8,32,64] [--new-tokens 48]``
+``python -m eval.bench_decode_tbt [--batch 64] [--adapters 1,8,32,64] [--new-tokens 48]
+[--rounds 3]``
 
 One server per arm (``eval`` preset, fp32, 100 adapters of ranks cycling 8-128):
 
@@ -10,8 +11,11 @@ One server per arm (``eval`` preset, fp32, 100 adapters of ranks cycling 8-128):
 
 For each N, ``--batch`` concurrent streaming requests (32-token prompts, ``ignore_eos``) use N
 adapters round-robin, so the decode batch holds N distinct adapters of mixed ranks; the point
-reports the median and P90 gap between streamed tokens (first token excluded). Prints one JSON
-line per point and the ratio TBT(32 adapters) / TBT(1 adapter) per arm (target <= 1.3).
+reports the median and P90 gap between streamed tokens (first token excluded). The points are
+measured ``--rounds`` times in turn (1, 8, 32, 64, 1, 8, ...), so slow drifts of a shared machine
+hit every point alike. Prints one JSON line per point and round, then per arm the median over
+rounds of each point's TBT P50 and the ratio TBT(32 adapters) / TBT(1 adapter) (target <= 1.3):
+the median of the per-round ratios, with their range.
 """
 
 from __future__ import annotations
@@ -65,27 +69,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--adapters", default="1,8,32,64")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--log-dir", type=Path, default=Path("eval/results/decode-tbt"))
     args = p.parse_args(argv)
     assets = build("eval")
     names = [a.name for a in assets.adapters]
     counts = [int(v) for v in args.adapters.split(",")]
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    results: Dict[str, Dict[int, Dict]] = {}
+    results: Dict[str, Dict[int, List[Dict]]] = {}
     for arm in args.arms.split(","):
         port = free_port()
         cmd = server_command(assets, port, chameleon=False, max_total_tokens=65536,
                              extra_args=ARMS[arm])
         with ServerProcess(cmd, port, log_path=args.log_dir / f"{arm}.log") as srv:
             _point(srv.url, names, min(args.batch, 8), 1, 8)  # warm up
-            for n in counts:
-                point = {"arm": arm, **_point(srv.url, names, args.batch, n, args.new_tokens)}
-                results.setdefault(arm, {})[n] = point
-                print(json.dumps(point), flush=True)
+            for round_ in range(args.rounds):
+                for n in counts:
+                    point = {"arm": arm, "round": round_,
+                             **_point(srv.url, names, args.batch, n, args.new_tokens)}
+                    results.setdefault(arm, {}).setdefault(n, []).append(point)
+                    print(json.dumps(point), flush=True)
     for arm, points in results.items():
+        summary: Dict = {"arm": arm, "tbt_p50_s": {
+            n: statistics.median(p["tbt_p50_s"] for p in rounds) for n, rounds in points.items()}}
         if 1 in points and 32 in points:
-            print(json.dumps({"arm": arm, "tbt_p50_32_over_1":
-                              points[32]["tbt_p50_s"] / points[1]["tbt_p50_s"], "target": 1.3}))
+            ratios = [b["tbt_p50_s"] / a["tbt_p50_s"] for a, b in zip(points[1], points[32])]
+            summary.update(tbt_p50_32_over_1=statistics.median(ratios),
+                           per_round=ratios, target=1.3)
+        print(json.dumps(summary))
     return 0
 
 
