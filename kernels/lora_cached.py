@@ -125,7 +125,7 @@ def shrink(x: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf, stack:
     if not groups.groups:
         return out
     small, large = groups.by_size
-    if small:
+    if small and x.is_contiguous():
         plan = lora_cached_numba.plan_small_groups(x, small, groups.row_index, weights_of,
                                                    groups.scalings)
         if plan is not None:
@@ -168,7 +168,7 @@ def expand(a: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf,
     if not groups.groups:
         return out
     small, large = groups.by_size
-    if small:
+    if small and a.is_contiguous() and out.is_contiguous():
         plan = lora_cached_numba.plan_small_groups(a, small, groups.row_index, weights_of,
                                                    groups.scalings, for_expand=True)
         if plan is not None:

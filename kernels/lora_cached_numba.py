@@ -8,8 +8,9 @@ adapter's rows once, in place: a weight matrix is located by its offset in the f
 lives in (a layer's K or V buffer of the KV cache, at most two storages per call), tokens by
 their row in the batch (no gather or scatter).
 
-Only float32 on CPU with contiguous matrices qualifies (:func:`plan_small_groups` returns None
-otherwise); everything else, and groups of many tokens (prefill), stays with the torch path.
+Only float32 on CPU with contiguous operands and matrices qualifies (one compiled
+specialisation; :func:`plan_small_groups` returns None otherwise, and the callers check the
+operands); everything else, and groups of many tokens (prefill), stays with the torch path.
 Compiled on first use and cached on disk (``cache=True``); :func:`warm_up` compiles ahead.
 """
 

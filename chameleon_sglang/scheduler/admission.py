@@ -143,6 +143,7 @@ class MultiLevelQueue:
         self.num_bypasses = 0
         self.num_squashes = 0
         self._entries: Dict[str, RequestEntry] = {}
+        self._bypassed: Dict[str, RequestEntry] = {}  # running bypass requests, in admission order
         self._next_back = 0
         self._next_front = -1
         self._install(layout, quotas, [])
@@ -185,8 +186,8 @@ class MultiLevelQueue:
         return waiting[0] if waiting else None
 
     def running_bypasses(self) -> List[RequestEntry]:
-        """Running requests admitted by bypass, in admission-table order (squash candidates)."""
-        return [e for e in self._entries.values() if e.is_running and e.is_bypass]
+        """Running requests admitted by bypass, in admission order (squash candidates)."""
+        return list(self._bypassed.values())
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._entries
@@ -240,6 +241,7 @@ class MultiLevelQueue:
             return None
         if entry.is_running:
             self._usage[entry.queue] -= entry.charge
+            self._bypassed.pop(request_id, None)
         else:
             self._waiting[entry.queue].remove(entry)
         del self._entries[request_id]
@@ -262,6 +264,7 @@ class MultiLevelQueue:
         if not entry.is_running:
             raise ValueError(f"request {request_id!r} is not running")
         self._usage[entry.queue] -= entry.charge
+        self._bypassed.pop(request_id, None)
         del self._entries[request_id]
         return entry
 
@@ -364,6 +367,7 @@ class MultiLevelQueue:
             if verdict is AdmitResult.ADMITTED:
                 candidate.is_bypass = True
                 self._admit(candidate, state, now)
+                self._bypassed[candidate.request_id] = candidate
                 self.num_bypasses += 1
                 state.num_bypasses += 1
             elif verdict is AdmitResult.STOP:
@@ -403,6 +407,7 @@ class MultiLevelQueue:
         if not entry.is_running:
             raise ValueError(f"request {request_id!r} is not running")
         self._usage[entry.queue] -= entry.charge
+        self._bypassed.pop(request_id, None)
         entry.is_running = entry.is_bypass = False
         entry.admitted_s = None
         return entry

@@ -135,7 +135,8 @@ OPS = ("add", "add", "pass", "pass", "finish", "retract", "grow", "abort", "rela
 @given(st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 10**6)), max_size=60),
        st.lists(verdicts, min_size=1, max_size=16))
 def test_quota_is_conserved(ops, verdict_cycle):
-    """Whatever happens, usage tracks running charges, and is zero once everything is released."""
+    """Whatever happens, usage tracks running charges (and the running-bypass index the running
+    bypass requests), and is zero once everything is released."""
     mlq = make_queue([150, 100, 80, 50])
     all_ids: List[str] = []
     calls = [0]
@@ -169,6 +170,8 @@ def test_quota_is_conserved(ops, verdict_cycle):
             elif op == "squash" and target.is_bypass:
                 mlq.squash(target.request_id)
         check_usage_matches_running(mlq, all_ids)
+        bypasses = {e.request_id for e in _entries(mlq, all_ids) if e.is_running and e.is_bypass}
+        assert {e.request_id for e in mlq.running_bypasses()} == bypasses
         assert all(e.queue == mlq.layout.queue_of(e.wrs) for e in _entries(mlq, all_ids))
         for q in range(mlq.num_queues):
             orders = [e.order for e in _entries(mlq, all_ids) if not e.is_running and e.queue == q]
