@@ -41,6 +41,10 @@ def available() -> bool:
 
 if njit is not None:
 
+    # Both kernels take a group's tokens two at a time, so each weight row is read once per
+    # pair, with independent accumulators per token (and per output column in expand). A lone
+    # last token is computed as a pair with itself; expand adds it once.
+
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _shrink_kernel(x, out, buf0, buf1, rows, starts, stops, which, offsets, num_rows,
                        scalings):  # pragma: no cover - compiled
@@ -49,14 +53,21 @@ if njit is not None:
             buf = buf0 if which[g] == 0 else buf1
             offset = offsets[g]
             scale = scalings[g]
-            for j in range(num_rows[g]):
-                row = buf[offset + j * width: offset + (j + 1) * width]  # a slice vectorises
-                for i in range(starts[g], stops[g]):
-                    t = rows[i]
-                    acc = np.float32(0.0)
+            for i in range(starts[g], stops[g], 2):
+                t0 = rows[i]
+                t1 = rows[i + 1] if i + 1 < stops[g] else t0
+                x0 = x[t0]
+                x1 = x[t1]
+                for j in range(num_rows[g]):
+                    row = buf[offset + j * width: offset + (j + 1) * width]  # slices vectorise
+                    s0 = np.float32(0.0)
+                    s1 = np.float32(0.0)
                     for k in range(width):
-                        acc += x[t, k] * row[k]
-                    out[t, j] = acc * scale
+                        w = row[k]
+                        s0 += x0[k] * w
+                        s1 += x1[k] * w
+                    out[t0, j] = s0 * scale
+                    out[t1, j] = s1 * scale
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _expand_kernel(a, out, buf0, buf1, rows, starts, stops, which, offsets, ranks,
@@ -66,42 +77,60 @@ if njit is not None:
             buf = buf0 if which[g] == 0 else buf1
             offset = offsets[g]
             rank = ranks[g]
-            for s in range(num_slices):
-                first = s * rank
-                c = bounds[s]
-                while c + 4 <= bounds[s + 1]:  # four output columns per pass over a's slice
-                    row = offset + c * rank
-                    b0 = buf[row: row + rank]
-                    b1 = buf[row + rank: row + 2 * rank]
-                    b2 = buf[row + 2 * rank: row + 3 * rank]
-                    b3 = buf[row + 3 * rank: row + 4 * rank]
-                    for i in range(starts[g], stops[g]):
-                        t = rows[i]
-                        av = a[t, first: first + rank]
-                        s0 = np.float32(0.0)
-                        s1 = np.float32(0.0)
-                        s2 = np.float32(0.0)
-                        s3 = np.float32(0.0)
+            for i in range(starts[g], stops[g], 2):
+                pair = i + 1 < stops[g]
+                t0 = rows[i]
+                t1 = rows[i + 1] if pair else t0
+                for s in range(num_slices):
+                    a0 = a[t0, s * rank: (s + 1) * rank]
+                    a1 = a[t1, s * rank: (s + 1) * rank]
+                    c = bounds[s]
+                    while c + 4 <= bounds[s + 1]:  # four output columns per pass
+                        row = offset + c * rank
+                        b0 = buf[row: row + rank]
+                        b1 = buf[row + rank: row + 2 * rank]
+                        b2 = buf[row + 2 * rank: row + 3 * rank]
+                        b3 = buf[row + 3 * rank: row + 4 * rank]
+                        p0 = np.float32(0.0)
+                        p1 = np.float32(0.0)
+                        p2 = np.float32(0.0)
+                        p3 = np.float32(0.0)
+                        q0 = np.float32(0.0)
+                        q1 = np.float32(0.0)
+                        q2 = np.float32(0.0)
+                        q3 = np.float32(0.0)
                         for k in range(rank):
-                            ak = av[k]
-                            s0 += ak * b0[k]
-                            s1 += ak * b1[k]
-                            s2 += ak * b2[k]
-                            s3 += ak * b3[k]
-                        out[t, c] += s0
-                        out[t, c + 1] += s1
-                        out[t, c + 2] += s2
-                        out[t, c + 3] += s3
-                    c += 4
-                while c < bounds[s + 1]:
-                    b0 = buf[offset + c * rank: offset + (c + 1) * rank]
-                    for i in range(starts[g], stops[g]):
-                        t = rows[i]
-                        acc = np.float32(0.0)
+                            u = a0[k]
+                            v = a1[k]
+                            p0 += u * b0[k]
+                            p1 += u * b1[k]
+                            p2 += u * b2[k]
+                            p3 += u * b3[k]
+                            q0 += v * b0[k]
+                            q1 += v * b1[k]
+                            q2 += v * b2[k]
+                            q3 += v * b3[k]
+                        out[t0, c] += p0
+                        out[t0, c + 1] += p1
+                        out[t0, c + 2] += p2
+                        out[t0, c + 3] += p3
+                        if pair:
+                            out[t1, c] += q0
+                            out[t1, c + 1] += q1
+                            out[t1, c + 2] += q2
+                            out[t1, c + 3] += q3
+                        c += 4
+                    while c < bounds[s + 1]:
+                        b0 = buf[offset + c * rank: offset + (c + 1) * rank]
+                        p0 = np.float32(0.0)
+                        q0 = np.float32(0.0)
                         for k in range(rank):
-                            acc += a[t, first + k] * b0[k]
-                        out[t, c] += acc
-                    c += 1
+                            p0 += a0[k] * b0[k]
+                            q0 += a1[k] * b0[k]
+                        out[t0, c] += p0
+                        if pair:
+                            out[t1, c] += q0
+                        c += 1
 
 
 @dataclasses.dataclass(frozen=True)
