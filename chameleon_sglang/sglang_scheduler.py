@@ -222,8 +222,10 @@ class SchedulerBridge:
         (youngest first, as few as needed) are planned for squash: taken out of the running
         batch at SGLang's next retraction point and requeued behind the head."""
         queue = self.policy.queue
+        if head.rid not in queue:
+            return
         entry = queue.get(head.rid)
-        if entry is None or queue.head(entry.queue) is not entry:
+        if queue.head(entry.queue) is not entry:
             return
         younger = sorted((e for e in queue.running_bypasses()
                           if e.queue == entry.queue and e.order > entry.order

@@ -40,11 +40,29 @@ class FakeBatch:
         self.reqs = [self.reqs[i] for i in keep_indices]
 
 
+class _FakeQueue:
+    """The part of MultiLevelQueue a squash plan reads (``get`` raises for unknown ids)."""
+
+    def __init__(self, bypasses: List[Any], heads: Dict[int, Any], entries: Dict[str, Any]):
+        self._bypasses, self._heads, self._entries = bypasses, heads, entries
+
+    def running_bypasses(self) -> List[Any]:
+        return self._bypasses
+
+    def head(self, queue: int) -> Any:
+        return self._heads.get(queue)
+
+    def get(self, rid: str) -> Any:
+        return self._entries[rid]
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._entries
+
+
 class FakePolicy:
     def __init__(self, bypasses: List[Any], heads: Dict[int, Any]) -> None:
         entries = {e.request_id: e for e in [*bypasses, *heads.values()]}
-        self.queue = SimpleNamespace(running_bypasses=lambda: bypasses,
-                                     head=lambda q: heads.get(q), get=entries.get)
+        self.queue = _FakeQueue(bypasses, heads, entries)
         self.calls: List[tuple] = []
 
     def squash(self, rid: str) -> int:
@@ -188,3 +206,13 @@ def test_a_squashed_request_goes_back_behind_the_head_not_to_the_front():
     bridge.scheduler.waiting_queue.append(other)
     bridge.on_enqueue(other, is_retracted=True)
     assert policy.calls[-1] == ("retracted", "c") and bridge.num_retractions == 1
+
+
+def test_a_refused_request_the_policy_does_not_know_plans_nothing():
+    """Only a queue head the policy tracks can cause a squash."""
+    bypass = _entry("b", 2, "small")
+    bridge = _bridge(FakePolicy([bypass], {}))
+    bridge._running["b"] = (_req("b", prompt=120, output=30), bypass)
+    bridge._plan_squashes_for(_req("stranger", prompt=10, adapter="big"),
+                              SimpleNamespace(rem_total_tokens=0))
+    assert bridge._squash_pending == {}
