@@ -17,28 +17,30 @@ from sglang.srt.lora.backend.base_backend import BaseLoRABackend
 from sglang.srt.lora.utils import LoRABatchInfo, generate_sequence_lengths
 
 from chameleon_kernels import lora_cached_numba
-from chameleon_kernels.lora_cached import AdapterGroups, expand, group_tokens, shrink
+from chameleon_kernels.lora_cached import AdapterGroups, SmallPlanOf, expand, group_tokens, shrink
+from chameleon_kernels.lora_locations import SmallBatch
 
 BACKEND_NAME = "chameleon"
 
 
 def _shrink(x: torch.Tensor, groups: AdapterGroups, weights_of: Any, stack: int,
-            max_rank: int) -> torch.Tensor:
+            max_rank: int, small_plan: Optional[SmallPlanOf]) -> torch.Tensor:
     """One call site for both devices: Triton on CUDA tensors, torch elsewhere."""
     if x.is_cuda:
         from chameleon_kernels.lora_cached_triton import lora_shrink
 
         return lora_shrink(x, groups, weights_of, stack, max_rank)
-    return shrink(x, groups, weights_of, stack, max_rank)
+    return shrink(x, groups, weights_of, stack, max_rank, small_plan)
 
 
 def _expand(a: torch.Tensor, groups: AdapterGroups, weights_of: Any, offsets: Sequence[int],
-            base_output: Optional[torch.Tensor]) -> torch.Tensor:
+            base_output: Optional[torch.Tensor], small_plan: Optional[SmallPlanOf]
+            ) -> torch.Tensor:
     if a.is_cuda:
         from chameleon_kernels.lora_cached_triton import lora_expand
 
         return lora_expand(a, groups, weights_of, offsets, base_output)
-    return expand(a, groups, weights_of, offsets, base_output)
+    return expand(a, groups, weights_of, offsets, base_output, small_plan)
 
 
 @dataclasses.dataclass
@@ -128,13 +130,28 @@ class ChameleonLoRABackend(BaseLoRABackend):
 
         return weights_of
 
+    def _small_plan(self, handle: torch.Tensor) -> Optional[SmallPlanOf]:
+        """Plans for the compiled decode kernels from the pool's location table (if it keeps
+        one); None: the kernels locate each matrix themselves."""
+        locations = self.pool.locations
+        if locations is None:
+            return None
+        module, layer, kind = handle.chameleon_key
+        key = (module, kind)
+
+        def plan(batch: SmallBatch):
+            return locations.plan(key, layer, batch)
+
+        return plan
+
     def _groups(self) -> AdapterGroups:
         assert self.batch_info is not None and self.batch_info.groups is not None
         return self.batch_info.groups
 
     def run_lora_a_sgemm(self, x: torch.Tensor, weights: torch.Tensor, stack_num: int = 1,
                          *args: Any, **kwargs: Any) -> torch.Tensor:
-        return _shrink(x, self._groups(), self._weights_of(weights), stack_num, self.max_rank)
+        return _shrink(x, self._groups(), self._weights_of(weights), stack_num, self.max_rank,
+                       self._small_plan(weights))
 
     def run_lora_b_sgemm(self, x: torch.Tensor, weights: torch.Tensor,
                          output_offset_cpu: Optional[torch.Tensor] = None,
@@ -142,13 +159,15 @@ class ChameleonLoRABackend(BaseLoRABackend):
                          **kwargs: Any) -> torch.Tensor:
         offsets = (output_offset_cpu.tolist() if output_offset_cpu is not None
                    else [0, weights.shape[-2]])
-        return _expand(x, self._groups(), self._weights_of(weights), offsets, base_output)
+        return _expand(x, self._groups(), self._weights_of(weights), offsets, base_output,
+                       self._small_plan(weights))
 
     def run_qkv_lora(self, x: torch.Tensor, qkv_lora_a: torch.Tensor, qkv_lora_b: torch.Tensor,
                      output_offset: Any = None, output_offset_cpu: Optional[torch.Tensor] = None,
                      max_qkv_out_dim: int = 0, base_output: Optional[torch.Tensor] = None,
                      n_slices: int = 3, *args: Any, **kwargs: Any) -> torch.Tensor:
-        a = _shrink(x, self._groups(), self._weights_of(qkv_lora_a), n_slices, self.max_rank)
+        a = _shrink(x, self._groups(), self._weights_of(qkv_lora_a), n_slices, self.max_rank,
+                    self._small_plan(qkv_lora_a))
         return self.run_lora_b_sgemm(a, qkv_lora_b, output_offset_cpu, base_output)
 
     def run_gate_up_lora(self, x: torch.Tensor, gate_up_lora_a: torch.Tensor,
@@ -158,7 +177,7 @@ class ChameleonLoRABackend(BaseLoRABackend):
                          **kwargs: Any) -> torch.Tensor:
         num_slices = len(output_offset_cpu) - 1 if output_offset_cpu is not None else 2
         a = _shrink(x, self._groups(), self._weights_of(gate_up_lora_a), num_slices,
-                    self.max_rank)
+                    self.max_rank, self._small_plan(gate_up_lora_a))
         return self.run_lora_b_sgemm(a, gate_up_lora_b, output_offset_cpu, base_output)
 
     def init_decode_cuda_graph_batch_info(self, *args: Any, **kwargs: Any) -> None:

@@ -7,7 +7,10 @@ of them, each padded to ``--max-lora-rank``). It allocates no adapter buffers of
   a run of free KV-cache token slots from SGLang's allocator (:class:`~chameleon_sglang.cache.
   kv_store.KVSlotStore`); its weights are copied there once per residency, rank-exact, laid out
   by :func:`~chameleon_sglang.cache.kv_layout.plan_layout`, and read in place by the
-  ``chameleon`` LoRA backend (:mod:`chameleon_sglang.lora_backend`);
+  ``chameleon`` LoRA backend (:mod:`chameleon_sglang.lora_backend`). On CPU each B matrix is
+  stored transposed (a contiguous ``[r, out]`` block; the view handed out is still ``[out, r]``)
+  so that the decode kernels stream whole rows, and every matrix's place is recorded in a
+  :class:`~chameleon_kernels.lora_locations.MatrixLocations` table the kernels' plans gather;
 - a resident adapter gets a small integer id (the "buffer id" SGLang's LoRA manager and backend
   index ``lora_ranks``/``scalings`` by); the base model is id 0. Any number of resident adapters
   may share a batch;
@@ -29,6 +32,8 @@ import torch
 from sglang.srt.lora.mem_pool import LoRAMemoryPool
 from sglang.srt.lora.utils import get_target_module_name
 
+from chameleon_kernels import lora_cached_numba
+from chameleon_kernels.lora_locations import MatrixLocations
 from chameleon_sglang.cache import AdapterCache, CacheFullError
 from chameleon_sglang.cache.kv_layout import K_PART, AdapterLayout, plan_layout
 from chameleon_sglang.cache.kv_store import KVRun, KVSlotStore
@@ -78,6 +83,8 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         self.store: Optional[KVSlotStore] = None
         self._k_buffers: List[torch.Tensor] = []
         self._v_buffers: List[torch.Tensor] = []
+        self.transposed_b = False  # B matrices stored as [r, out] blocks (on CPU)
+        self.locations: Optional[MatrixLocations] = None
         self.host_link_bytes_per_s = config.host_link_gbps * 1e9
         self.num_loads = 0
         self._last_now = 0.0  # the scheduler clock's latest value seen
@@ -154,6 +161,13 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         self._v_buffers = [b.view(b.shape[0], -1) for b in v_buffers]
         bytes_per_slot = sum(b.shape[1] * b.element_size()
                              for b in self._k_buffers + self._v_buffers)
+        self.transposed_b = self._k_buffers[0].device.type == "cpu"
+        if self.transposed_b and self.dtype == torch.float32 and lora_cached_numba.available():
+            modules = sorted(set(self.target_modules) - EMBEDDING_MODULES)
+            self.locations = MatrixLocations(
+                [(k.view(-1).numpy(), v.view(-1).numpy())
+                 for k, v in zip(self._k_buffers, self._v_buffers)],
+                [(module, kind) for module in modules for kind in ("A", "B")])
         self.store = KVSlotStore(allocator, bytes_per_slot, on_free=self._on_run_freed)
         self.cache = AdapterCache.from_config(self.store, self.config)
 
@@ -206,7 +220,8 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         for layer_id, (matrices, placement) in enumerate(zip(self._host_matrices(uid),
                                                               layout.layers)):
             layer_views: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-            placed = {key: self._view(layer_id, run, placement[key]) for key, _ in matrices}
+            placed = {key: self._view(layer_id, run, placement[key], key[1] == "B")
+                      for key, _ in matrices}
             for key, weight in matrices:
                 placed[key].copy_(weight)
                 weight_bytes += weight.numel() * weight.element_size()
@@ -214,6 +229,8 @@ class ChameleonLoRAPool(LoRAMemoryPool):
                 layer_views[module] = (placed[(module, "A")], placed[(module, "B")])
             views.append(layer_views)
         buffer_id = self._take_id()
+        if self.locations is not None:
+            self._record_locations(buffer_id, run, layout)
         adapter = ResidentAdapter(uid, buffer_id, run, self._rank(uid),
                                   float(self.manager.loras[uid].scaling), views)
         self.resident[uid] = adapter
@@ -224,6 +241,15 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         self.num_loads += 1
         self.weight_bytes_loaded += weight_bytes
         self.load_seconds += time.perf_counter() - started
+
+    def _record_locations(self, buffer_id: int, run: KVRun, layout: AdapterLayout) -> None:
+        assert self.locations is not None
+        for layer_id, placement in enumerate(layout.layers):
+            for (module, kind), where in placement.items():
+                row = (self._k_buffers if where.part == K_PART else self._v_buffers)[layer_id]
+                # A: [stack * r, in] -> its rows; B stored as [r, out] -> its rank
+                self.locations.set(buffer_id, (module, kind), layer_id, where.part,
+                                   run.start * row.shape[1] + where.offset, where.shape[0])
 
     def _model_host_link(self, num_bytes: int, started: float) -> None:
         """With a host-link bandwidth set, a copy takes at least ``bytes / bandwidth``."""
@@ -241,6 +267,8 @@ class ChameleonLoRAPool(LoRAMemoryPool):
                 del self.uid_to_buffer_id[uid]
                 self.buffer_id_to_uid[adapter.buffer_id] = None
                 self._free_ids.append(adapter.buffer_id)
+                if self.locations is not None:
+                    self.locations.clear(adapter.buffer_id)
                 return
 
     def _take_id(self) -> int:
@@ -261,17 +289,25 @@ class ChameleonLoRAPool(LoRAMemoryPool):
     def _layout(self, uid: str) -> AdapterLayout:
         layout = self._layouts.get(uid)
         if layout is None:
-            shapes = [[(key, tuple(w.shape)) for key, w in layer]
+            shapes = [[(key, self._stored_shape(key, w)) for key, w in layer]
                       for layer in self._host_matrices(uid)]
             layout = plan_layout(shapes, self._k_buffers[0].shape[1],
                                  self._v_buffers[0].shape[1])
             self._layouts[uid] = layout
         return layout
 
-    def _view(self, layer_id: int, run: KVRun, placement: Any) -> torch.Tensor:
+    def _stored_shape(self, key: Tuple[str, str], weight: torch.Tensor) -> Tuple[int, ...]:
+        """The block a matrix takes: B as ``[r, out]`` when stored transposed."""
+        if key[1] == "B" and self.transposed_b:
+            return tuple(reversed(weight.shape))
+        return tuple(weight.shape)
+
+    def _view(self, layer_id: int, run: KVRun, placement: Any, is_b: bool) -> torch.Tensor:
+        """The matrix as SGLang's shape (A ``[stack * r, in]``, B ``[out, r]``), in place."""
         buffer = (self._k_buffers if placement.part == K_PART else self._v_buffers)[layer_id]
         flat = buffer[run.start:run.stop].view(-1)
-        return flat[placement.offset:placement.offset + placement.numel].view(placement.shape)
+        block = flat[placement.offset:placement.offset + placement.numel].view(placement.shape)
+        return block.t() if is_b and self.transposed_b else block
 
     def _host_matrices(self, uid: str) -> List[List[Tuple[Hashable, torch.Tensor]]]:
         """Per layer, ``((module, "A"|"B"), weight)`` in module order: this rank's slices of the

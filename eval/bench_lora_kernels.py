@@ -8,8 +8,8 @@ A "step" is what one decode step does in the linear layers of the ``eval`` prese
 ``qkv_proj``, ``o_proj``, ``gate_up_proj`` and ``down_proj`` plus their LoRA, for ``--tokens``
 requests (one token each) spread round-robin over N distinct adapters (interleaved, as a decode
 batch is) with ranks cycling 8, 16, 32, 64, 128. Ours reads each adapter's rank-exact matrices
-(views into one flat buffer, as in the cache); ``torch_native`` reads SGLang's stacked,
-max-rank-padded slots. Prints one JSON line per point (median seconds per step) and, at the end,
+(views into one flat buffer, laid out and located as the cache does on CPU); ``torch_native``
+reads SGLang's stacked, max-rank-padded slots. Prints one JSON line per point (median seconds per step) and, at the end,
 the ratios the kernels issue sets: ours with 32 adapters over ours with 1, and ours over
 ``torch_native`` with 32 adapters.
 """
@@ -21,11 +21,12 @@ import json
 import statistics
 import time
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 from chameleon_kernels.lora_cached import expand, group_tokens, shrink
+from chameleon_kernels.lora_locations import MatrixLocations
 
 HIDDEN, Q_OUT, KV_OUT, INTER, LAYERS = 512, 512, 256, 1376, 4
 RANK_CYCLE = (8, 16, 32, 64, 128)
@@ -39,25 +40,32 @@ MODULES = {
 }
 
 
-def _adapters(n: int, gen: torch.Generator) -> List[Dict[str, Dict[str, torch.Tensor]]]:
-    """Per layer, per adapter id (1..n), per module: rank-exact A and B as views of one buffer."""
+def _adapters(n: int, gen: torch.Generator
+              ) -> Tuple[List[Dict[int, Dict[str, Dict[str, torch.Tensor]]]], MatrixLocations]:
+    """Per layer, per adapter id (1..n), per module: rank-exact A and B as views of one buffer,
+    laid out as the adapter cache lays them out on CPU (A ``[stack * r, in]`` rows, B stored as
+    an ``[r, out]`` block and viewed as ``[out, r]``), and the location table the server keeps."""
     shapes = []
     for i in range(n):
         r = RANK_CYCLE[i % len(RANK_CYCLE)]
         for _ in range(LAYERS):
             for module, (din, offs, stack) in MODULES.items():
-                shapes += [(i, module, "A", (stack * r, din)), (i, module, "B", (offs[-1], r))]
+                shapes += [(i, module, "A", (stack * r, din)), (i, module, "B", (r, offs[-1]))]
     flat = torch.randn(sum(a * b for *_, (a, b) in shapes), generator=gen) * 0.02
+    table = MatrixLocations([(flat.numpy(), flat.numpy())] * LAYERS,
+                            [(m, kind) for m in MODULES for kind in "AB"], capacity=n + 1)
     views: List[Dict] = [dict() for _ in range(LAYERS)]
     pos = 0
-    counters: Dict[int, int] = {}
+    counters: Dict[Tuple[int, str, str], int] = {}
     for i, module, kind, (a, b) in shapes:
-        layer = counters.get((i, module, kind), 0)  # type: ignore[arg-type]
-        counters[(i, module, kind)] = layer + 1  # type: ignore[index]
+        layer = counters.get((i, module, kind), 0)
+        counters[(i, module, kind)] = layer + 1
+        block = flat[pos:pos + a * b].view(a, b)
         views[layer].setdefault(i + 1, {}).setdefault(module, {})[kind] = \
-            flat[pos:pos + a * b].view(a, b)
+            block if kind == "A" else block.t()
+        table.set(i + 1, (module, kind), layer, 0, pos, a)
         pos += a * b
-    return views
+    return views, table
 
 
 def _base_weights(gen: torch.Generator) -> List[Dict[str, torch.Tensor]]:
@@ -75,13 +83,16 @@ def _time(fn: Callable[[], None], reps: int) -> float:
     return statistics.median(samples)
 
 
-def ours_step(x: torch.Tensor, xd: torch.Tensor, base, views, groups) -> None:
+def ours_step(x: torch.Tensor, xd: torch.Tensor, base, views, table, groups) -> None:
+    """As the server's backend calls the kernels (plans from the location table)."""
     for layer in range(LAYERS):
         for module, (din, offs, stack) in MODULES.items():
             inp = xd if module == "down_proj" else x
             out = inp @ base[layer][module].t()
-            a = shrink(inp, groups, lambda i: views[layer][i][module]["A"], stack, MAX_RANK)
-            expand(a, groups, lambda i: views[layer][i][module]["B"], offs, out)
+            a = shrink(inp, groups, lambda i: views[layer][i][module]["A"], stack, MAX_RANK,
+                       lambda batch: table.plan((module, "A"), layer, batch))
+            expand(a, groups, lambda i: views[layer][i][module]["B"], offs, out,
+                   lambda batch: table.plan((module, "B"), layer, batch))
 
 
 def base_step(x: torch.Tensor, xd: torch.Tensor, base) -> None:
@@ -150,11 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps({"point": "base-only", "tokens": args.tokens, "step_s": base_s}))
     results: Dict[int, Dict[str, float]] = {}
     for n in [int(v) for v in args.adapters.split(",")]:
-        views = _adapters(n, gen)
+        views, table = _adapters(n, gen)
         scalings = {i: 2.0 for i in range(1, n + 1)}
         groups = group_tokens([1 + t % n for t in range(args.tokens)], [1] * args.tokens,
                               scalings)
-        ours = _time(lambda: ours_step(x, xd, base, views, groups), args.reps)
+        ours = _time(lambda: ours_step(x, xd, base, views, table, groups), args.reps)
         backend, buffers = _torch_native(n, args.tokens, views, scalings)
         native = _time(lambda: native_step(x, xd, base, backend, buffers), args.reps)
         results[n] = {"ours": ours, "torch_native": native}

@@ -28,8 +28,10 @@ import numpy as np
 import torch
 
 from chameleon_kernels import lora_cached_numba
+from chameleon_kernels.lora_locations import SmallBatch
 
 WeightsOf = Callable[[int], Optional[torch.Tensor]]
+SmallPlanOf = Callable[[SmallBatch], lora_cached_numba.SmallGroupPlan]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,11 @@ class AdapterGroups:
         small = tuple(g for g in self.groups if g[1] - g[0] < limit)
         large = [g for g in self.groups if g[1] - g[0] >= limit]
         return small, self.restricted(large)
+
+    @functools.cached_property
+    def small_batch(self) -> SmallBatch:
+        """The small groups (see :attr:`by_size`) as the compiled kernels' arrays."""
+        return SmallBatch.of(self.by_size[0], self.row_index, self.scalings)
 
     def restricted(self, groups: Sequence[Tuple[int, int, int]]) -> "AdapterGroups":
         """The same batch with only ``groups`` (which must be groups of this one)."""
@@ -113,21 +120,35 @@ def group_tokens(adapter_per_request: Sequence[int], tokens_per_request: Sequenc
     return AdapterGroups(position, torch.cat(pieces), tuple(groups), dict(scalings))
 
 
+def _small_plan(t: torch.Tensor, small: Sequence[Tuple[int, int, int]], groups: AdapterGroups,
+                weights_of: WeightsOf, small_plan: Optional[SmallPlanOf], for_expand: bool
+                ) -> Optional[lora_cached_numba.SmallGroupPlan]:
+    """The compiled path's plan for the small groups, or None (the torch path serves them)."""
+    if not small or not lora_cached_numba.accepts(t):
+        return None
+    if small_plan is not None:
+        return small_plan(groups.small_batch)
+    return lora_cached_numba.plan_small_groups(t, small, groups.row_index, weights_of,
+                                               groups.scalings, for_expand=for_expand)
+
+
 def shrink(x: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf, stack: int,
-           max_rank: int) -> torch.Tensor:
+           max_rank: int, small_plan: Optional[SmallPlanOf] = None) -> torch.Tensor:
     """``scaling * x @ A.T`` per token, rank-exact columns first (see the module docstring).
 
-    One ``addmm`` per adapter present, written straight into its rows of the output (tokens
-    gathered into adapter order first when the batch interleaves adapters).
+    Small groups: the compiled loop (``small_plan``, when given, builds its plan from the
+    batch's :class:`~chameleon_kernels.lora_locations.SmallBatch`, e.g. through a
+    ``MatrixLocations`` table; else the weights are located one by one). Other groups: one
+    ``addmm`` per adapter, written straight into its rows of the output (tokens gathered into
+    adapter order first when the batch interleaves adapters).
     """
     width = stack * max_rank
     out = torch.zeros((x.shape[0], width), dtype=x.dtype, device=x.device)
     if not groups.groups:
         return out
     small, large = groups.by_size
-    if small and x.is_contiguous():
-        plan = lora_cached_numba.plan_small_groups(x, small, groups.row_index, weights_of,
-                                                   groups.scalings)
+    if small:
+        plan = _small_plan(x, small, groups, weights_of, small_plan, for_expand=False)
         if plan is not None:
             lora_cached_numba.shrink_small(x, out, plan)
             groups = large
@@ -157,10 +178,12 @@ def _shrink_blas(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups,
 
 
 def expand(a: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf,
-           offsets: Sequence[int], base_output: Optional[torch.Tensor]) -> torch.Tensor:
+           offsets: Sequence[int], base_output: Optional[torch.Tensor],
+           small_plan: Optional[SmallPlanOf] = None) -> torch.Tensor:
     """Add ``a_i @ B_i.T`` of every slice into ``base_output`` (a new zero tensor if None).
 
-    One in-place ``addmm_`` per adapter and slice, into the output's rows and columns.
+    Small groups as in :func:`shrink`; other groups one in-place ``addmm_`` per adapter and
+    slice, into the output's rows and columns.
     """
     total = int(offsets[-1])
     out = base_output if base_output is not None else torch.zeros(
@@ -168,9 +191,8 @@ def expand(a: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf,
     if not groups.groups:
         return out
     small, large = groups.by_size
-    if small and a.is_contiguous() and out.is_contiguous():
-        plan = lora_cached_numba.plan_small_groups(a, small, groups.row_index, weights_of,
-                                                   groups.scalings, for_expand=True)
+    if small and out.is_contiguous():
+        plan = _small_plan(a, small, groups, weights_of, small_plan, for_expand=True)
         if plan is not None:
             bounds = np.asarray([int(v) for v in offsets], dtype=np.int64)
             lora_cached_numba.expand_small(a, out, plan, bounds)

@@ -8,10 +8,12 @@ adapter's rows once, in place: a weight matrix is located by its offset in the f
 lives in (a layer's K or V buffer of the KV cache, at most two storages per call), tokens by
 their row in the batch (no gather or scatter).
 
-Only float32 on CPU with contiguous operands and matrices qualifies (one compiled
-specialisation; :func:`plan_small_groups` returns None otherwise, and the callers check the
-operands); everything else, and groups of many tokens (prefill), stays with the torch path.
-Compiled on first use and cached on disk (``cache=True``); :func:`warm_up` compiles ahead.
+Only float32 on CPU qualifies, with contiguous operands, A matrices stored row-major
+(``[stack * r, in]``, contiguous) and B matrices stored transposed (the ``[out, r]`` view of a
+contiguous ``[r, out]`` block, as the adapter cache keeps them on CPU: expand then streams whole
+rows). :func:`plan_small_groups` returns None otherwise, and the callers check the operands;
+everything else, and groups of many tokens (prefill), stays with the torch path. Compiled on
+first use and cached on disk (``cache=True``); :func:`warm_up` compiles ahead.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def available() -> bool:
 if njit is not None:
 
     # Both kernels take a group's tokens two at a time, so each weight row is read once per
-    # pair, with independent accumulators per token (and per output column in expand). A lone
-    # last token is computed as a pair with itself; expand adds it once.
+    # pair, with independent accumulators per token. A lone last token is computed as a pair
+    # with itself in shrink; expand adds it once.
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _shrink_kernel(x, out, buf0, buf1, rows, starts, stops, which, offsets, num_rows,
@@ -72,7 +74,11 @@ if njit is not None:
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _expand_kernel(a, out, buf0, buf1, rows, starts, stops, which, offsets, ranks,
                        bounds):  # pragma: no cover - compiled
+        # B is stored transposed (``[rank, out]`` rows): each of its rows is one contiguous
+        # run that is added, scaled, into the token's output row (a vectorised axpy), four
+        # rank rows per pass over the output slice.
         num_slices = bounds.shape[0] - 1
+        total = bounds[num_slices]
         for g in prange(starts.shape[0]):
             buf = buf0 if which[g] == 0 else buf1
             offset = offsets[g]
@@ -82,55 +88,49 @@ if njit is not None:
                 t0 = rows[i]
                 t1 = rows[i + 1] if pair else t0
                 for s in range(num_slices):
-                    a0 = a[t0, s * rank: (s + 1) * rank]
-                    a1 = a[t1, s * rank: (s + 1) * rank]
-                    c = bounds[s]
-                    while c + 4 <= bounds[s + 1]:  # four output columns per pass
-                        row = offset + c * rank
-                        b0 = buf[row: row + rank]
-                        b1 = buf[row + rank: row + 2 * rank]
-                        b2 = buf[row + 2 * rank: row + 3 * rank]
-                        b3 = buf[row + 3 * rank: row + 4 * rank]
-                        p0 = np.float32(0.0)
-                        p1 = np.float32(0.0)
-                        p2 = np.float32(0.0)
-                        p3 = np.float32(0.0)
-                        q0 = np.float32(0.0)
-                        q1 = np.float32(0.0)
-                        q2 = np.float32(0.0)
-                        q3 = np.float32(0.0)
-                        for k in range(rank):
-                            u = a0[k]
-                            v = a1[k]
-                            p0 += u * b0[k]
-                            p1 += u * b1[k]
-                            p2 += u * b2[k]
-                            p3 += u * b3[k]
-                            q0 += v * b0[k]
-                            q1 += v * b1[k]
-                            q2 += v * b2[k]
-                            q3 += v * b3[k]
-                        out[t0, c] += p0
-                        out[t0, c + 1] += p1
-                        out[t0, c + 2] += p2
-                        out[t0, c + 3] += p3
+                    lo = bounds[s]
+                    n = bounds[s + 1] - lo
+                    o0 = out[t0, lo:lo + n]
+                    o1 = out[t1, lo:lo + n]
+                    col = s * rank
+                    k = 0
+                    while k + 4 <= rank:
+                        at = offset + k * total + lo
+                        r0 = buf[at: at + n]
+                        r1 = buf[at + total: at + total + n]
+                        r2 = buf[at + 2 * total: at + 2 * total + n]
+                        r3 = buf[at + 3 * total: at + 3 * total + n]
+                        u0 = a[t0, col + k]
+                        u1 = a[t0, col + k + 1]
+                        u2 = a[t0, col + k + 2]
+                        u3 = a[t0, col + k + 3]
                         if pair:
-                            out[t1, c] += q0
-                            out[t1, c + 1] += q1
-                            out[t1, c + 2] += q2
-                            out[t1, c + 3] += q3
-                        c += 4
-                    while c < bounds[s + 1]:
-                        b0 = buf[offset + c * rank: offset + (c + 1) * rank]
-                        p0 = np.float32(0.0)
-                        q0 = np.float32(0.0)
-                        for k in range(rank):
-                            p0 += a0[k] * b0[k]
-                            q0 += a1[k] * b0[k]
-                        out[t0, c] += p0
+                            v0 = a[t1, col + k]
+                            v1 = a[t1, col + k + 1]
+                            v2 = a[t1, col + k + 2]
+                            v3 = a[t1, col + k + 3]
+                            for c in range(n):
+                                w0 = r0[c]
+                                w1 = r1[c]
+                                w2 = r2[c]
+                                w3 = r3[c]
+                                o0[c] += u0 * w0 + u1 * w1 + u2 * w2 + u3 * w3
+                                o1[c] += v0 * w0 + v1 * w1 + v2 * w2 + v3 * w3
+                        else:
+                            for c in range(n):
+                                o0[c] += u0 * r0[c] + u1 * r1[c] + u2 * r2[c] + u3 * r3[c]
+                        k += 4
+                    while k < rank:
+                        at = offset + k * total + lo
+                        r0 = buf[at: at + n]
+                        u0 = a[t0, col + k]
+                        for c in range(n):
+                            o0[c] += u0 * r0[c]
                         if pair:
-                            out[t1, c] += q0
-                        c += 1
+                            v0 = a[t1, col + k]
+                            for c in range(n):
+                                o1[c] += v0 * r0[c]
+                        k += 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,15 +164,28 @@ def _flat(weight: torch.Tensor, storage_ptr: int) -> np.ndarray:
     return known[1]
 
 
-def _locate(weight: torch.Tensor) -> Optional[Tuple[Any, int, int, int, int]]:
+def accepts(t: torch.Tensor) -> bool:
+    """Whether the kernels can take ``t`` as an operand (float32, CPU, contiguous)."""
+    return available() and t.dtype == torch.float32 and t.device.type == "cpu" \
+        and t.is_contiguous()
+
+
+def is_transposed_storage(weight: torch.Tensor) -> bool:
+    """``weight`` (2-D) is the transposed view of a contiguous block: strides ``(1, rows)``."""
+    return weight.dim() == 2 and weight.stride() == (1, weight.shape[0])
+
+
+def _locate(weight: torch.Tensor, transposed: bool
+            ) -> Optional[Tuple[Any, int, int, int, int]]:
     """``(weakref to weight, storage address, element offset, rows, columns)``, remembered per
     weight object (the cache hands out the same views while an adapter is resident); None when
-    the kernels cannot read it in place."""
+    the kernels cannot read it in place (``transposed``: B, stored as a ``[r, out]`` block)."""
     known = _LOCATED.get(id(weight))
     if known is not None and known[0]() is weight:
         return known
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" \
-            or not weight.is_contiguous() or weight.dim() != 2:
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+        return None
+    if not (is_transposed_storage(weight) if transposed else weight.is_contiguous()):
         return None
     storage_ptr = weight.untyped_storage().data_ptr()
     if len(_LOCATED) >= _MAX_WEIGHTS:
@@ -187,9 +200,12 @@ def plan_small_groups(x: torch.Tensor, groups: Sequence[Tuple[int, int, int]],
                       rows: np.ndarray, weights_of: WeightsOf, scalings: dict,
                       for_expand: bool = False) -> Optional[SmallGroupPlan]:
     """Locate the weights of ``groups`` (``(start, stop, adapter)`` over ``rows``) in their flat
-    storages. None when the kernels cannot take them (not float32 CPU, not contiguous, more
-    than two storages); groups whose adapter has no weights for the module are dropped.
-    ``for_expand``: the weights are B matrices (``dims`` is then their rank)."""
+    storages. None when the kernels cannot take them (not float32 CPU, not stored as the module
+    docstring says, more than two storages); groups whose adapter has no weights for the module
+    are dropped. ``for_expand``: the weights are B matrices (``dims`` is then their rank).
+
+    Per-group Python work: callers that keep a :class:`~chameleon_kernels.lora_locations.
+    MatrixLocations` table build plans from it instead."""
     if not available() or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     keys: List[int] = []
@@ -200,7 +216,7 @@ def plan_small_groups(x: torch.Tensor, groups: Sequence[Tuple[int, int, int]],
         weight = weights_of(adapter)
         if weight is None:
             continue
-        located = _locate(weight)
+        located = _locate(weight, for_expand)
         if located is None:
             return None
         _, storage_ptr, offset, num_rows, num_cols = located
@@ -235,7 +251,8 @@ def shrink_small(x: torch.Tensor, out: torch.Tensor, plan: SmallGroupPlan) -> No
 
 def expand_small(a: torch.Tensor, out: torch.Tensor, plan: SmallGroupPlan,
                  bounds: np.ndarray) -> None:
-    """``out[t, lo_i:hi_i] += a[t, i*r:(i+1)*r] @ B[lo_i:hi_i].T`` for every slice ``i``."""
+    """``out[t, lo_i:hi_i] += a[t, i*r:(i+1)*r] @ B[lo_i:hi_i].T`` for every slice ``i``
+    (``plan.dims`` are the ranks; every B is stored transposed)."""
     _expand_kernel(a.numpy(), out.numpy(), plan.buffers[0], plan.buffers[1], plan.rows,
                    plan.starts, plan.stops, plan.which, plan.offsets, plan.dims, bounds)
 
@@ -248,7 +265,9 @@ def warm_up() -> None:
     x = torch.zeros((1, 2))
     rows = np.zeros(1, dtype=np.int64)
     plan = plan_small_groups(x, [(0, 1, 1)], rows, lambda _: weights[:4].view(2, 2), {1: 1.0})
-    assert plan is not None
+    b_plan = plan_small_groups(x, [(0, 1, 1)], rows, lambda _: weights[:4].view(2, 2).t(),
+                               {1: 1.0}, for_expand=True)
+    assert plan is not None and b_plan is not None
     out = torch.zeros((1, 2))
     shrink_small(x, out, plan)
-    expand_small(out, torch.zeros((1, 2)), plan, np.array([0, 2], dtype=np.int64))
+    expand_small(out, torch.zeros((1, 2)), b_plan, np.array([0, 2], dtype=np.int64))

@@ -30,11 +30,12 @@ pytestmark = pytest.mark.skipif(not lora_cached_numba.available(), reason="numba
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
-def pack_in_two_storages(mats: Dict[int, torch.Tensor], other: Dict[int, torch.Tensor]
+def pack_in_two_storages(A: Dict[int, torch.Tensor], B: Dict[int, torch.Tensor]
                          ) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
-    """Copies of ``mats`` and ``other`` as contiguous views of two flat buffers, adapters
-    alternating between them (as matrices alternate between a layer's K and V rows)."""
-    items = [(d, i, m) for d, group in enumerate((mats, other)) for i, m in group.items()]
+    """Copies of ``A`` and ``B`` as views of two flat buffers, adapters alternating between them
+    (as matrices alternate between a layer's K and V rows): A contiguous, B stored transposed
+    (a ``[r, out]`` block, viewed as ``[out, r]``), as the cache keeps them on CPU."""
+    items = [(d, i, m) for d, group in enumerate((A, B)) for i, m in group.items()]
     sizes = [0, 0]
     for d, i, m in items:
         sizes[(d + i) % 2] += m.numel() + 3  # gaps: offsets are not multiples of a row
@@ -43,7 +44,8 @@ def pack_in_two_storages(mats: Dict[int, torch.Tensor], other: Dict[int, torch.T
     packed: Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]] = ({}, {})
     for d, i, m in items:
         which = (d + i) % 2
-        view = flats[which][cursor[which]: cursor[which] + m.numel()].view(m.shape)
+        block = flats[which][cursor[which]: cursor[which] + m.numel()]
+        view = block.view(m.shape) if d == 0 else block.view(m.shape[1], m.shape[0]).t()
         view.copy_(m)
         packed[d][i] = view
         cursor[which] += m.numel() + 3
