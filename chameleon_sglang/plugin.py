@@ -181,7 +181,8 @@ def install_scheduler(result: Any, scheduler: Any, *args: Any, **kwargs: Any) ->
     return result
 
 
-def _statuses(scheduler: Any, config: ChameleonConfig, reason: Optional[str]) -> List[ComponentStatus]:
+def _statuses(scheduler: Any, config: ChameleonConfig,
+              reason: Optional[str]) -> List[ComponentStatus]:
     from chameleon_sglang.sglang_scheduler import bridge_of
 
     from chameleon_sglang.sglang_cache import cache_bridge_of

@@ -9,9 +9,9 @@ A "step" is what one decode step does in the linear layers of the ``eval`` prese
 requests (one token each) spread round-robin over N distinct adapters (interleaved, as a decode
 batch is) with ranks cycling 8, 16, 32, 64, 128. Ours reads each adapter's rank-exact matrices
 (views into one flat buffer, laid out and located as the cache does on CPU); ``torch_native``
-reads SGLang's stacked, max-rank-padded slots. Prints one JSON line per point (median seconds per step) and, at the end,
-the ratios the kernels issue sets: ours with 32 adapters over ours with 1, and ours over
-``torch_native`` with 32 adapters.
+reads SGLang's stacked, max-rank-padded slots. Prints one JSON line per point (median seconds
+per step) and, at the end, the ratios the kernels issue sets: ours with 32 adapters over ours
+with 1, and ours over ``torch_native`` with 32 adapters.
 """
 
 from __future__ import annotations
