@@ -46,7 +46,8 @@ def _packed_layer(num_adapters: int, stack: int, hidden: int, out: int, gen: tor
 @pytest.mark.parametrize("kind", ["o_proj", "qkv", "gate_up"])
 def test_table_plans_match_the_reference(monkeypatch, pattern: str, kind: str):
     """Decode batches of 24 requests over 12 adapters of mixed ranks (the table grows past its
-    capacity as they are recorded): the compiled kernels, planned from the table, give the reference."""
+    capacity as they are recorded): the compiled kernels, planned from the table, give the
+    reference."""
     spy = PathSpy(monkeypatch)
     gen = torch.Generator().manual_seed(seed_of("table", pattern, kind))
     offsets = module_offsets(kind, 64)
