@@ -1,7 +1,7 @@
 """End-to-end decode TBT with 1, 8, 32 and 64 distinct adapters in the batch, on real servers.
 
 ``python -m eval.bench_decode_tbt [--batch 64] [--adapters 1,8,32,64] [--new-tokens 48]
-[--rounds 3]``
+[--rounds 5]``
 
 One server per arm (``eval`` preset, fp32, 100 adapters of ranks cycling 8-128):
 
@@ -69,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--adapters", default="1,8,32,64")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--log-dir", type=Path, default=Path("eval/results/decode-tbt"))
     args = p.parse_args(argv)
     assets = build("eval")
@@ -82,7 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cmd = server_command(assets, port, chameleon=False, max_total_tokens=65536,
                              extra_args=ARMS[arm])
         with ServerProcess(cmd, port, log_path=args.log_dir / f"{arm}.log") as srv:
-            _point(srv.url, names, min(args.batch, 8), 1, 8)  # warm up
+            most = max(counts)  # warm up: every adapter a point uses is loaded once
+            _point(srv.url, names, max(most, min(args.batch, 8)), most, 8)
             for round_ in range(args.rounds):
                 for n in counts:
                     point = {"arm": arm, "round": round_,
