@@ -158,8 +158,8 @@ class AdapterCache:
         handle = self._store.alloc(num_slots)
         while handle is None:
             # A store needing contiguous runs may refuse for fragmentation: free one more idle
-            # entry (same tier order) and try again.
-            victim = next(self._victims(now, queued, allow_queued=not prefetch), None)
+            # entry and try again.
+            victim = self._victim_for_run(num_slots, now, queued, allow_queued=not prefetch)
             if victim is None:
                 raise CacheFullError(
                     f"no run of {num_slots} slots for adapter {adapter_id!r} "
@@ -339,6 +339,23 @@ class AdapterCache:
         if allow_queued:
             for entry in self._policy.order([e for e in idle if e.adapter_id in queued], now):
                 yield entry, "queued"
+
+    def _victim_for_run(self, num_slots: int, now: float, queued: AbstractSet[str],
+                        allow_queued: bool) -> Optional[Tuple[CacheEntry, EvictionTier]]:
+        """After a fragmentation refusal: in the first tier holding idle entries, the first in
+        policy order whose eviction would leave a free run of ``num_slots`` (when the store can
+        tell), else the first in order; None when nothing is idle."""
+        victims = list(self._victims(now, queued, allow_queued))
+        if not victims:
+            return None
+        joined = getattr(self._store, "joined_run_lengths", None)
+        if joined is None:
+            return victims[0]
+        tier = [v for v in victims if v[1] == victims[0][1]]
+        for victim, length in zip(tier, joined([entry.handle for entry, _ in tier])):
+            if length >= num_slots:
+                return victim
+        return victims[0]
 
     def _remove(self, entry: CacheEntry, reason: EvictionReason,
                 tier: Optional[EvictionTier]) -> None:

@@ -7,14 +7,15 @@ so adapters and KV meet only when memory is nearly full. Freed runs go back to t
 
 The store never counts memory the cache holds as free: ``num_free_slots`` is what the allocator
 could hand out now. ``alloc`` may refuse a run that fragmentation makes impossible even though
-enough slots are free in total; the cache then evicts further idle adapters and tries again.
+enough slots are free in total; the cache then evicts further idle adapters and tries again,
+first one whose run :meth:`KVSlotStore.joined_run_lengths` says would close the gap.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -51,15 +52,21 @@ def sorted_free_slots(allocator: Any) -> torch.Tensor:
     return merged
 
 
+def free_runs(free: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Positions in the sorted, non-empty tensor ``free`` of the first and the last element of
+    every run of consecutive indices."""
+    breaks = torch.nonzero(free[1:] - free[:-1] != 1).flatten()
+    ends = torch.cat((breaks, free.new_tensor([free.numel() - 1])))
+    starts = torch.cat((free.new_zeros(1), breaks + 1))
+    return starts, ends
+
+
 def highest_run(free: torch.Tensor, length: int) -> Optional[int]:
     """Start of the top ``length`` slots of the highest run of consecutive indices in the sorted
     tensor ``free`` that is at least ``length`` long; None when no run is long enough."""
     if length <= 0 or free.numel() < length:
         return None
-    breaks = torch.nonzero(free[1:] - free[:-1] != 1).flatten()
-    last = free.new_tensor([free.numel() - 1])
-    ends = torch.cat((breaks, last))
-    starts = torch.cat((free.new_zeros(1), breaks + 1))
+    starts, ends = free_runs(free)
     long_enough = torch.nonzero(ends - starts + 1 >= length).flatten()
     if long_enough.numel() == 0:
         return None
@@ -123,6 +130,26 @@ class KVSlotStore:
             allocator.release_pages = torch.cat((allocator.release_pages, slots))
         else:
             allocator.free_pages = torch.cat((allocator.free_pages, slots))
+
+    def joined_run_lengths(self, handles: Sequence[object]) -> List[int]:
+        """For each live run in ``handles``: the length of the free run it would be part of if
+        it alone were freed now (itself plus the free slots right below and above it). Lets the
+        cache pick, among idle adapters, one whose eviction ends a fragmentation refusal."""
+        below: Dict[int, int] = {}  # last free slot of a run -> its length
+        above: Dict[int, int] = {}  # first free slot of a run -> its length
+        free = sorted_free_slots(self.allocator)
+        if free.numel():
+            starts, ends = free_runs(free)
+            lengths = (ends - starts + 1).tolist()
+            below = dict(zip(free[ends].tolist(), lengths))
+            above = dict(zip(free[starts].tolist(), lengths))
+        result = []
+        for handle in handles:
+            if not isinstance(handle, KVRun) or handle.run_id not in self._live:
+                raise ValueError(f"unknown or already freed KV run {handle!r}")
+            result.append(below.get(handle.start - 1, 0) + handle.length
+                          + above.get(handle.stop, 0))
+        return result
 
     @property
     def num_live_runs(self) -> int:

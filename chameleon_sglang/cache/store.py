@@ -14,6 +14,9 @@ class SlotStore(Protocol):
     - ``alloc(k)`` returns None when ``k > num_free_slots()``. A store that needs contiguous
       runs may also return None when free slots are too fragmented; the cache then evicts
       further idle entries and retries (so ``can_admit`` is exact only for fungible stores).
+      Such a store may offer ``joined_run_lengths(handles) -> List[int]`` (the free run each
+      allocation would be part of if it alone were freed): the cache then evicts, within the
+      tier it is at, the first entry in policy order whose eviction makes room, if any.
     - ``free(handle)`` returns exactly the slots of that allocation; each handle is freed once.
     """
 

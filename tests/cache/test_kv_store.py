@@ -232,6 +232,48 @@ def test_alloc_refuses_for_fragmentation_and_counts_it():
     assert run is not None and run.start == reference_highest_run(keep_free, 3)
 
 
+@settings(max_examples=300, deadline=None)
+@given(free=free_sets, picks=st.sets(st.integers(1, 60), max_size=12))
+def test_joined_run_lengths_match_freeing_the_run(free, picks):
+    """For any live run: the reported length is the run of free slots holding it once freed."""
+    allocator = make_allocator(60)
+    fragment(allocator, set(free))
+    store = KVSlotStore(allocator, BYTES_PER_SLOT)
+    taken = sorted(set(range(1, 61)) - set(free))
+    runs = []
+    for start in sorted(picks & set(taken)):  # one-slot runs carved out of KV-held slots
+        allocator.free(torch.tensor([start]))
+        run = store.alloc(1)
+        assert run is not None
+        runs.append(run)
+    free_now = set(free_list(allocator))
+    for run, length in zip(runs, store.joined_run_lengths(runs)):
+        joined = free_now | slots_of(run)
+        lo = hi = run.start
+        while lo - 1 in joined:
+            lo -= 1
+        while hi + 1 in joined:
+            hi += 1
+        assert length == hi - lo + 1
+
+
+def test_fragmentation_refusal_evicts_an_adapter_that_closes_the_gap():
+    """Three idle adapters at the top, KV below, a 5-slot hole at the bottom. Admitting 15
+    slots evicts the least recent adapter (10 slots) and is refused for fragmentation; of the
+    two left, the next in LRU order (c) is walled in by KV and b, so b goes: it joins the hole
+    a left. Two evictions, one refusal; c stays."""
+    allocator, store, cache = make_kv_cache(64)
+    load(cache, "a", 10, now=1.0)  # slots 55-64
+    load(cache, "b", 10, now=3.0)  # 45-54
+    load(cache, "c", 10, now=2.0)  # 35-44, less recent than b
+    kv = allocator.alloc(34)  # 1-34
+    allocator.free(kv[:5])  # the hole: 1-5
+    entry = cache.admit("d", 15 * BYTES_PER_SLOT, 8, now=4.0)
+    assert sorted(cache.resident_ids()) == ["c", "d"]
+    assert slots_of(entry.handle) == set(range(50, 65))
+    assert store.num_refused_for_fragmentation == 1
+
+
 def test_alloc_of_no_slots_is_an_error():
     """Asking for zero or fewer slots raises ValueError."""
     store = KVSlotStore(make_allocator(8), BYTES_PER_SLOT)
