@@ -143,32 +143,23 @@ class AdapterCache:
         """Make ``adapter_id`` resident and return its entry (refcount unchanged: ``acquire`` next).
 
         Already resident: a hit (not counted for a prefetch), nothing else changes. Otherwise a
-        miss (or a prefetch load): evicts what is needed (reason "make_room": in policy order,
-        except that with a store needing contiguous runs one idle entry of the tier being evicted
-        whose eviction alone leaves a long enough run goes instead, the first such in policy
-        order), allocates and counts ``num_bytes`` as loaded; the caller then copies the weights
-        into the handle's memory. Raises ``CacheFullError`` when ``can_admit`` is False, changing nothing;
+        miss (or a prefetch load): evicts what is needed (reason "make_room"), allocates and
+        counts ``num_bytes`` as loaded; the caller then copies the weights into the handle's
+        memory. Raises ``CacheFullError`` when ``can_admit`` is False, changing nothing;
         ``ValueError`` when the adapter is being dropped or is resident with another size.
         """
         entry = self._entries.get(adapter_id)
         if entry is not None:
             return self._hit(entry, num_bytes, prefetch)
         num_slots = self._slots_for(num_bytes)
-        allow_queued = not prefetch
         deficit = num_slots - self._store.num_free_slots()
         if deficit > 0:
-            closer = self._gap_closer(num_slots, now, queued, allow_queued) \
-                if self._evictable_slots(queued, allow_queued) >= deficit else None
-            if closer is not None:  # one eviction that leaves a long enough run
-                self._remove(closer[0], "make_room", closer[1])
-            else:
-                self._evict(deficit, now, queued, "make_room", allow_queued=allow_queued)
+            self._evict(deficit, now, queued, "make_room", allow_queued=not prefetch)
         handle = self._store.alloc(num_slots)
         while handle is None:
             # A store needing contiguous runs may refuse for fragmentation: free one more idle
-            # entry (one that closes the gap if there is one) and try again.
-            victim = self._gap_closer(num_slots, now, queued, allow_queued) \
-                or next(self._victims(now, queued, allow_queued), None)
+            # entry and try again.
+            victim = self._victim_for_run(num_slots, now, queued, allow_queued=not prefetch)
             if victim is None:
                 raise CacheFullError(
                     f"no run of {num_slots} slots for adapter {adapter_id!r} "
@@ -349,20 +340,22 @@ class AdapterCache:
             for entry in self._policy.order([e for e in idle if e.adapter_id in queued], now):
                 yield entry, "queued"
 
-    def _gap_closer(self, num_slots: int, now: float, queued: AbstractSet[str],
-                    allow_queued: bool) -> Optional[Tuple[CacheEntry, EvictionTier]]:
-        """In the first tier holding idle entries, the first in policy order whose eviction alone
-        would leave a free run of ``num_slots``; None when none would, or when the store cannot
-        tell (a store without contiguity limits never needs one)."""
-        joined = getattr(self._store, "joined_run_lengths", None)
+    def _victim_for_run(self, num_slots: int, now: float, queued: AbstractSet[str],
+                        allow_queued: bool) -> Optional[Tuple[CacheEntry, EvictionTier]]:
+        """After a fragmentation refusal: in the first tier holding idle entries, the first in
+        policy order whose eviction would leave a free run of ``num_slots`` (when the store can
+        tell), else the first in order; None when nothing is idle."""
         victims = list(self._victims(now, queued, allow_queued))
-        if joined is None or not victims:
+        if not victims:
             return None
+        joined = getattr(self._store, "joined_run_lengths", None)
+        if joined is None:
+            return victims[0]
         tier = [v for v in victims if v[1] == victims[0][1]]
         for victim, length in zip(tier, joined([entry.handle for entry, _ in tier])):
             if length >= num_slots:
                 return victim
-        return None
+        return victims[0]
 
     def _remove(self, entry: CacheEntry, reason: EvictionReason,
                 tier: Optional[EvictionTier]) -> None:

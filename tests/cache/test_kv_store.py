@@ -274,23 +274,6 @@ def test_fragmentation_refusal_evicts_an_adapter_that_closes_the_gap():
     assert store.num_refused_for_fragmentation == 1
 
 
-def test_a_miss_short_of_slots_evicts_one_adapter_whose_run_closes_the_gap():
-    """Same adapters, but the 5-slot hole lies right below c. Admitting 15 slots needs 10 more:
-    the least recent adapter (a) alone would free 10 slots walled in by b, so c, the first in
-    LRU order whose run joins the hole into 15 slots, is the one eviction; no refusal."""
-    allocator, store, cache = make_kv_cache(64)
-    load(cache, "a", 10, now=1.0)  # slots 55-64
-    load(cache, "b", 10, now=3.0)  # 45-54
-    load(cache, "c", 10, now=2.0)  # 35-44
-    kv = allocator.alloc(34)  # 1-34
-    allocator.free(kv[29:])  # the hole: 30-34
-    entry = cache.admit("d", 15 * BYTES_PER_SLOT, 8, now=4.0)
-    assert sorted(cache.resident_ids()) == ["a", "b", "d"]
-    assert slots_of(entry.handle) == set(range(30, 45))
-    assert store.num_refused_for_fragmentation == 0
-    assert cache.stats()["evictions"] == 1
-
-
 def test_alloc_of_no_slots_is_an_error():
     """Asking for zero or fewer slots raises ValueError."""
     store = KVSlotStore(make_allocator(8), BYTES_PER_SLOT)
