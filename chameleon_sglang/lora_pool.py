@@ -162,10 +162,11 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         bytes_per_slot = sum(b.shape[1] * b.element_size()
                              for b in self._k_buffers + self._v_buffers)
         self.transposed_b = self._k_buffers[0].device.type == "cpu"
-        if self.transposed_b and self.dtype == torch.float32 and lora_cached_numba.available():
+        if self.transposed_b and self.dtype in lora_cached_numba.DTYPES \
+                and lora_cached_numba.available():
             modules = sorted(set(self.target_modules) - EMBEDDING_MODULES)
             self.locations = MatrixLocations(
-                [(k.view(-1).numpy(), v.view(-1).numpy())
+                [(lora_cached_numba.as_array(k.view(-1)), lora_cached_numba.as_array(v.view(-1)))
                  for k, v in zip(self._k_buffers, self._v_buffers)],
                 [(module, kind) for module in modules for kind in ("A", "B")])
         self.store = KVSlotStore(allocator, bytes_per_slot, on_free=self._on_run_freed)

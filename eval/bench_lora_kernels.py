@@ -26,7 +26,11 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 
 from chameleon_kernels.lora_cached import expand, group_tokens, shrink
+from chameleon_kernels.lora_cached_numba import storage_array
 from chameleon_kernels.lora_locations import MatrixLocations
+from eval.summary import machine_info
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 HIDDEN, Q_OUT, KV_OUT, INTER, LAYERS = 512, 512, 256, 1376, 4
 RANK_CYCLE = (8, 16, 32, 64, 128)
@@ -40,7 +44,7 @@ MODULES = {
 }
 
 
-def _adapters(n: int, gen: torch.Generator
+def _adapters(n: int, gen: torch.Generator, dtype: torch.dtype = torch.float32
               ) -> Tuple[List[Dict[int, Dict[str, Dict[str, torch.Tensor]]]], MatrixLocations]:
     """Per layer, per adapter id (1..n), per module: rank-exact A and B as views of one buffer,
     laid out as the adapter cache lays them out on CPU (A ``[stack * r, in]`` rows, B stored as
@@ -51,8 +55,9 @@ def _adapters(n: int, gen: torch.Generator
         for _ in range(LAYERS):
             for module, (din, offs, stack) in MODULES.items():
                 shapes += [(i, module, "A", (stack * r, din)), (i, module, "B", (r, offs[-1]))]
-    flat = torch.randn(sum(a * b for *_, (a, b) in shapes), generator=gen) * 0.02
-    table = MatrixLocations([(flat.numpy(), flat.numpy())] * LAYERS,
+    flat = (torch.randn(sum(a * b for *_, (a, b) in shapes), generator=gen) * 0.02).to(dtype)
+    storage = storage_array(flat)
+    table = MatrixLocations([(storage, storage)] * LAYERS,
                             [(m, kind) for m in MODULES for kind in "AB"], capacity=n + 1)
     views: List[Dict] = [dict() for _ in range(LAYERS)]
     pos = 0
@@ -68,8 +73,9 @@ def _adapters(n: int, gen: torch.Generator
     return views, table
 
 
-def _base_weights(gen: torch.Generator) -> List[Dict[str, torch.Tensor]]:
-    return [{m: torch.randn(offs[-1], din, generator=gen) * 0.02
+def _base_weights(gen: torch.Generator, dtype: torch.dtype = torch.float32
+                  ) -> List[Dict[str, torch.Tensor]]:
+    return [{m: (torch.randn(offs[-1], din, generator=gen) * 0.02).to(dtype)
              for m, (din, offs, _) in MODULES.items()} for _ in range(LAYERS)]
 
 
@@ -101,7 +107,8 @@ def base_step(x: torch.Tensor, xd: torch.Tensor, base) -> None:
             _ = (xd if module == "down_proj" else x) @ base[layer][module].t()
 
 
-def _torch_native(n: int, tokens: int, views, scalings: Dict[int, float]):
+def _torch_native(n: int, tokens: int, views, scalings: Dict[int, float],
+                  dtype: torch.dtype = torch.float32):
     """SGLang's torch_native backend with n+1 padded slots (slot 0 = base) holding the same
     adapters, and a batch of ``tokens`` decode requests mapped round-robin."""
     from sglang.srt.lora.backend.torch_backend import TorchNativeLoRABackend
@@ -111,8 +118,8 @@ def _torch_native(n: int, tokens: int, views, scalings: Dict[int, float]):
     for layer in range(LAYERS):
         per = {}
         for module, (din, offs, stack) in MODULES.items():
-            A = torch.zeros(n + 1, stack * MAX_RANK, din)
-            B = torch.zeros(n + 1, offs[-1], MAX_RANK)
+            A = torch.zeros(n + 1, stack * MAX_RANK, din, dtype=dtype)
+            B = torch.zeros(n + 1, offs[-1], MAX_RANK, dtype=dtype)
             for i in range(1, n + 1):
                 a, b = views[layer][i][module]["A"], views[layer][i][module]["B"]
                 A[i, : a.shape[0]] = a
@@ -150,26 +157,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--adapters", default="1,8,32,64")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    machine = machine_info()
+    print(json.dumps({"dtype": args.dtype, "cpu_model": machine["cpu_model"],
+                      "cpu_flags": machine["cpu_flags"], "threads": torch.get_num_threads()}))
     gen = torch.Generator().manual_seed(0)
-    base = _base_weights(gen)
-    x = torch.randn(args.tokens, HIDDEN, generator=gen)
-    xd = torch.randn(args.tokens, INTER, generator=gen)
+    base = _base_weights(gen, dtype)
+    x = torch.randn(args.tokens, HIDDEN, generator=gen).to(dtype)
+    xd = torch.randn(args.tokens, INTER, generator=gen).to(dtype)
     base_s = _time(lambda: base_step(x, xd, base), args.reps)
     print(json.dumps({"point": "base-only", "tokens": args.tokens, "step_s": base_s}))
     results: Dict[int, Dict[str, float]] = {}
     for n in [int(v) for v in args.adapters.split(",")]:
-        views, table = _adapters(n, gen)
+        views, table = _adapters(n, gen, dtype)
         scalings = {i: 2.0 for i in range(1, n + 1)}
         groups = group_tokens([1 + t % n for t in range(args.tokens)], [1] * args.tokens,
                               scalings)
         ours = _time(lambda: ours_step(x, xd, base, views, table, groups), args.reps)
-        backend, buffers = _torch_native(n, args.tokens, views, scalings)
+        backend, buffers = _torch_native(n, args.tokens, views, scalings, dtype)
         native = _time(lambda: native_step(x, xd, base, backend, buffers), args.reps)
         results[n] = {"ours": ours, "torch_native": native}
-        print(json.dumps({"point": f"adapters-{n}", "tokens": args.tokens, "adapters": n,
+        print(json.dumps({"point": f"adapters-{n}", "dtype": args.dtype, "tokens": args.tokens,
+                          "adapters": n,
                           "ranks": [RANK_CYCLE[i % len(RANK_CYCLE)] for i in range(n)],
                           "layers": LAYERS, "hidden": HIDDEN, "ours_step_s": ours,
                           "torch_native_step_s": native, "base_only_step_s": base_s}))

@@ -47,6 +47,18 @@ def cpu_model() -> Optional[str]:
     return platform.processor() or None
 
 
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> List[str]:
+    """The SIMD flags of this CPU that decide its float speeds (of :data:`SIMD_FLAGS`)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in SIMD_FLAGS if f in flags]
+
+
 def git_commit() -> Optional[str]:
     """``HEAD`` of the repository, with ``+dirty`` when the work tree has changes."""
     try:
@@ -60,7 +72,7 @@ def git_commit() -> Optional[str]:
 
 
 def machine_info() -> Dict[str, Any]:
-    """CPU count and model, memory, python / torch / sglang versions, git commit."""
+    """CPU count, model and SIMD flags, memory, python / torch / sglang versions, git commit."""
     mem = None
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -69,6 +81,7 @@ def machine_info() -> Dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "memory_gib": round(mem, 1) if mem else None,
         "platform": platform.platform(),
         "python": platform.python_version(),

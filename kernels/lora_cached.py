@@ -12,8 +12,8 @@ Contract shared by every implementation of these ops:
   ``[offsets[i], offsets[i+1])``.
 
 This module is the CPU path (also the fallback on any device). Groups of few tokens (decode) go
-to the compiled loop of :mod:`chameleon_kernels.lora_cached_numba` when it can take them (float32
-on CPU): one call for all of them, no per-adapter Python work. The other groups (prefill) are
+to the compiled loop of :mod:`chameleon_kernels.lora_cached_numba` when it can take them (CPU,
+float32, bf16 or fp16): one call for all of them, no per-adapter Python work. The other groups (prefill) are
 brought into adapter order once per call, then one ``addmm`` per adapter (shrink) and per adapter
 and slice (expand) writes straight into the output.
 """

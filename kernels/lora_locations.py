@@ -7,7 +7,9 @@ residency instead (by the adapter cache's pool, when it copies an adapter in) an
 three gathers by adapter id: :meth:`MatrixLocations.plan` over a :class:`SmallBatch`, which holds
 what the batch's small groups share across every call of one forward pass.
 
-Storages are per layer: two flat float32 arrays (a layer's K and V buffers). A matrix's location
+Storages are per layer: two flat arrays (a layer's K and V buffers), all of one element type:
+float32, or ``uint16`` for bf16/fp16 models (see :func:`~chameleon_kernels.lora_cached_numba.
+storage_array`). A matrix's location
 is its part (0: the first storage, 1: the second), element offset and ``dim`` (rows of an A
 matrix, rank of a B matrix, 0: the adapter has no such matrix, and the kernels skip it).
 """
@@ -51,8 +53,10 @@ class MatrixLocations:
 
     def __init__(self, storages: Sequence[Tuple[np.ndarray, np.ndarray]],
                  kinds: Sequence[Hashable], capacity: int = 64) -> None:
-        if any(s.dtype != np.float32 or s.ndim != 1 for pair in storages for s in pair):
-            raise ValueError("storages must be flat float32 arrays")
+        dtypes = {s.dtype for pair in storages for s in pair}
+        if len(dtypes) > 1 or not dtypes <= {np.dtype(np.float32), np.dtype(np.uint16)} \
+                or any(s.ndim != 1 for pair in storages for s in pair):
+            raise ValueError("storages must be flat arrays, all float32 or all uint16")
         self.storages = [tuple(pair) for pair in storages]
         self._kind_index = {kind: i for i, kind in enumerate(kinds)}
         shape = (len(self._kind_index), len(self.storages), max(1, capacity))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from test_lora_cached import module_offsets, reference, seed_of, sharing
-from test_lora_cached_numba import TOL, PathSpy
+from test_lora_cached_numba import DTYPE_TOL, DTYPES, PathSpy, expand_reference
 
 from chameleon_kernels import lora_cached_numba
 from chameleon_kernels.lora_cached import expand, group_tokens, shrink
@@ -20,11 +20,13 @@ pytestmark = pytest.mark.skipif(not lora_cached_numba.available(), reason="numba
 RANKS = (8, 16, 32, 64, 128)
 
 
-def _packed_layer(num_adapters: int, stack: int, hidden: int, out: int, gen: torch.Generator):
+def _packed_layer(num_adapters: int, stack: int, hidden: int, out: int, gen: torch.Generator,
+                  dtype: torch.dtype = torch.float32):
     """Adapters 1..n packed as the cache packs a layer (A rows, then B as an [r, out] block),
     alternating between two storages; the table records where; also the matrices themselves."""
-    storages = (torch.zeros(4_000_000), torch.zeros(4_000_000))
-    table = MatrixLocations([(storages[0].numpy(), storages[1].numpy())],
+    storages = (torch.zeros(4_000_000, dtype=dtype), torch.zeros(4_000_000, dtype=dtype))
+    table = MatrixLocations([(lora_cached_numba.as_array(storages[0]),
+                              lora_cached_numba.as_array(storages[1]))],
                             [("m", "A"), ("m", "B")], capacity=2)
     A: Dict[int, torch.Tensor] = {}
     B: Dict[int, torch.Tensor] = {}
@@ -42,30 +44,34 @@ def _packed_layer(num_adapters: int, stack: int, hidden: int, out: int, gen: tor
     return table, A, B
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("pattern", ["distinct", "zipf", "interleaved", "with_base"])
 @pytest.mark.parametrize("kind", ["o_proj", "qkv", "gate_up"])
-def test_table_plans_match_the_reference(monkeypatch, pattern: str, kind: str):
+def test_table_plans_match_the_reference(monkeypatch, pattern: str, kind: str,
+                                         dtype: torch.dtype):
     """Decode batches of 24 requests over 12 adapters of mixed ranks (the table grows past its
     capacity as they are recorded): the compiled kernels, planned from the table, give the
-    reference."""
+    reference in every dtype."""
     spy = PathSpy(monkeypatch)
     gen = torch.Generator().manual_seed(seed_of("table", pattern, kind))
     offsets = module_offsets(kind, 64)
     stack = len(offsets) - 1
-    table, A, B = _packed_layer(12, stack, 64, offsets[-1], gen)
+    table, A, B = _packed_layer(12, stack, 64, offsets[-1], gen, dtype)
     assert table.capacity >= 13
     scalings = {i: 0.5 + i / 10 for i in A}
     adapters = [None if a is None else a % 12 + 1 for a in sharing(pattern, 24, gen)]
-    x = torch.randn(24, 64, generator=gen)
+    x = torch.randn(24, 64, generator=gen).to(dtype)
     groups = group_tokens(adapters, [1] * 24, scalings)
     plan_a = lambda batch: table.plan(("m", "A"), 0, batch)  # noqa: E731
     plan_b = lambda batch: table.plan(("m", "B"), 0, batch)  # noqa: E731
     a = shrink(x, groups, A.get, stack, 128, small_plan=plan_a)
-    base = torch.randn(24, offsets[-1], generator=gen)
+    a_ref, _, _ = reference(x, adapters, [1] * 24, A, B, scalings, offsets, 128, stack)
+    torch.testing.assert_close(a.float(), a_ref, **DTYPE_TOL[dtype])
+    base = torch.randn(24, offsets[-1], generator=gen).to(dtype)
     out = expand(a, groups, B.get, offsets, base.clone(), small_plan=plan_b)
-    a_ref, out_ref, _ = reference(x, adapters, [1] * 24, A, B, scalings, offsets, 128, stack)
-    torch.testing.assert_close(a, a_ref, **TOL)
-    torch.testing.assert_close(out, base + out_ref, **TOL)
+    # expand checked from the shrink output as computed (one rounding per op)
+    out_ref = expand_reference(a, adapters, [1] * 24, B, scalings, offsets)
+    torch.testing.assert_close(out.float(), base.float() + out_ref, **DTYPE_TOL[dtype])
     assert spy.compiled > 0
 
 
@@ -128,5 +134,5 @@ def test_b_not_stored_transposed_is_served_by_torch(monkeypatch):
     out = expand(a, groups, B_rows.get, [0, 32], None)
     assert spy.compiled == served_by_shrink
     _, out_ref, _ = reference(x, [1, 2, 3, 4], [1] * 4, A, B, scalings, [0, 32], 128, 1)
-    torch.testing.assert_close(out, out_ref, **TOL)
+    torch.testing.assert_close(out, out_ref, **DTYPE_TOL[torch.float32])
 
