@@ -1,9 +1,10 @@
 """End-to-end decode TBT with 1, 8, 32 and 64 distinct adapters in the batch, on real servers.
 
-``python -m eval.bench_decode_tbt [--batch 64] [--adapters 1,8,32,64] [--new-tokens 48]
-[--rounds 5]``
+``python -m eval.bench_decode_tbt [--dtype auto] [--batch 64] [--adapters 1,8,32,64]
+[--new-tokens 48] [--rounds 5]``
 
-One server per arm (``eval`` preset, fp32, 100 adapters of ranks cycling 8-128):
+One server per arm (``eval`` preset, 100 adapters of ranks cycling 8-128; ``--dtype auto`` is
+bf16 where the CPU has AVX512-BF16 or AMX, else fp32, as SGLang's ``auto`` serves there):
 
 - ``chameleon``: ``--chameleon`` (adapter cache + the ``chameleon`` LoRA backend);
 - ``stock-65-slots``: stock SGLang with ``--max-loras-per-batch 65`` so that every adapter of the
@@ -33,6 +34,8 @@ import requests
 
 from chameleon_sglang.assets import build
 from chameleon_sglang.serve import ServerProcess, free_port, server_command
+from eval.arms import auto_dtype
+from eval.summary import machine_info
 
 ARMS = {
     "chameleon": ["--chameleon"],
@@ -71,7 +74,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--log-dir", type=Path, default=Path("eval/results/decode-tbt"))
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
+    dtype = auto_dtype() if args.dtype == "auto" else args.dtype
+    machine = machine_info()
+    print(json.dumps({"dtype": dtype, "cpu_model": machine["cpu_model"],
+                      "cpu_flags": machine["cpu_flags"], "git_commit": machine["git_commit"]}),
+          flush=True)
     assets = build("eval")
     names = [a.name for a in assets.adapters]
     counts = [int(v) for v in args.adapters.split(",")]
@@ -79,9 +88,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results: Dict[str, Dict[int, List[Dict]]] = {}
     for arm in args.arms.split(","):
         port = free_port()
-        cmd = server_command(assets, port, chameleon=False, max_total_tokens=65536,
+        cmd = server_command(assets, port, chameleon=False, dtype=dtype, max_total_tokens=65536,
                              extra_args=ARMS[arm])
-        with ServerProcess(cmd, port, log_path=args.log_dir / f"{arm}.log") as srv:
+        with ServerProcess(cmd, port, log_path=args.log_dir / f"{arm}-{dtype}.log") as srv:
             most = max(counts)  # warm up: every adapter a point uses is loaded once
             _point(srv.url, names, max(most, min(args.batch, 8)), most, 8)
             for round_ in range(args.rounds):
@@ -91,7 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     results.setdefault(arm, {}).setdefault(n, []).append(point)
                     print(json.dumps(point), flush=True)
     for arm, points in results.items():
-        summary: Dict = {"arm": arm, "tbt_p50_s": {
+        summary: Dict = {"arm": arm, "dtype": dtype, "cpu_flags": machine["cpu_flags"],
+                         "tbt_p50_s": {
             n: statistics.median(p["tbt_p50_s"] for p in rounds) for n, rounds in points.items()}}
         if 1 in points and 32 in points:
             ratios = [b["tbt_p50_s"] / a["tbt_p50_s"] for a, b in zip(points[1], points[32])]

@@ -3,8 +3,7 @@
 Same contract as :mod:`chameleon_kernels.lora_cached` for the groups it is given. A decode batch
 spreads its tokens over many adapters, one or two tokens each: there a matrix product per
 adapter is all call overhead and the work is a stream over the adapters' weights. These kernels
-do every small group of a call in one compiled loop, parallel over groups, reading each
-adapter's rows once, in place: a weight matrix is located by its offset in the flat storage it
+do every small group of a call in one compiled loop, reading each adapter's rows once, in place: a weight matrix is located by its offset in the flat storage it
 lives in (a layer's K or V buffer of the KV cache, at most two storages per call), tokens by
 their row in the batch (no gather or scatter).
 
@@ -22,6 +21,12 @@ contiguous ``[r, out]`` block, as the adapter cache keeps them on CPU: expand th
 rows). :func:`plan_small_groups` returns None otherwise, and the callers check the operands;
 everything else, and groups of many tokens (prefill), stays with the torch path. Compiled on
 first use and cached on disk (``cache=True``); :func:`warm_up` compiles ahead.
+
+The loops are serial on purpose. numba's parallel runtimes (its OpenMP pool, or its workqueue)
+are a second thread pool beside torch's: with numba's OpenMP pool started, torch's own kernels
+slowed down here however idle numba's threads were (bf16 attention 50x, GEMMs ~40%), and the
+workqueue costs ~100 us a call; a helper thread of ours lost to torch's spinning OpenMP workers.
+One core streaming the weights costs less than any of those.
 """
 
 from __future__ import annotations
@@ -35,11 +40,10 @@ import torch
 
 try:  # numba ships with SGLang's CPU requirements; without it the torch path serves
     from llvmlite import ir
-    from numba import njit, prange, types
+    from numba import njit, types
     from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - exercised only on installs without numba
     njit = None
-    prange = range
 
 SMALL_GROUP_TOKENS = 16
 """Groups with fewer tokens than this go through the compiled loop; larger ones use BLAS."""
@@ -145,11 +149,11 @@ if njit is not None:
     # pair, with independent accumulators per token. A lone last token is computed as a pair
     # with itself in shrink; expand adds it once.
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @njit(fastmath=True, cache=True, nogil=True)
     def _shrink_kernel(x, out, buf0, buf1, rows, starts, stops, which, offsets, num_rows,
                        scalings):  # pragma: no cover - compiled
         width = x.shape[1]
-        for g in prange(starts.shape[0]):
+        for g in range(starts.shape[0]):
             buf = buf0 if which[g] == 0 else buf1
             offset = offsets[g]
             scale = scalings[g]
@@ -169,13 +173,13 @@ if njit is not None:
                     out[t0, j] = s0 * scale
                     out[t1, j] = s1 * scale
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @njit(fastmath=True, cache=True, nogil=True)
     def _shrink16_kernel(x, out, buf0, buf1, rows, starts, stops, which, offsets, num_rows,
                          scalings, code):  # pragma: no cover - compiled
         # As _shrink_kernel, over 16-bit words: a pair's activations are widened once into
         # float32 rows, weights as they stream, each output row narrowed once at the end.
         width = x.shape[1]
-        for g in prange(starts.shape[0]):
+        for g in range(starts.shape[0]):
             buf = buf0 if which[g] == 0 else buf1
             offset = offsets[g]
             scale = scalings[g]
@@ -208,7 +212,7 @@ if njit is not None:
                 _narrow_row(acc0, out[t0, :n], code)
                 _narrow_row(acc1, out[t1, :n], code)
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @njit(fastmath=True, cache=True, nogil=True)
     def _expand_kernel(a, out, buf0, buf1, rows, starts, stops, which, offsets, ranks,
                        bounds):  # pragma: no cover - compiled
         # B is stored transposed (``[rank, out]`` rows): each of its rows is one contiguous
@@ -216,7 +220,7 @@ if njit is not None:
         # rank rows per pass over the output slice.
         num_slices = bounds.shape[0] - 1
         total = bounds[num_slices]
-        for g in prange(starts.shape[0]):
+        for g in range(starts.shape[0]):
             buf = buf0 if which[g] == 0 else buf1
             offset = offsets[g]
             rank = ranks[g]
@@ -286,7 +290,7 @@ if njit is not None:
             o0[c] += u0 * w0 + u1 * w1 + u2 * w2 + u3 * w3
             o1[c] += v0 * w0 + v1 * w1 + v2 * w2 + v3 * w3
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @njit(fastmath=True, cache=True, nogil=True)
     def _expand16_kernel(a, out, buf0, buf1, rows, starts, stops, which, offsets, ranks,
                          bounds, code):  # pragma: no cover - compiled
         # As _expand_kernel, over 16-bit words: a token's output slice is widened into a
@@ -296,7 +300,7 @@ if njit is not None:
         widest = 0
         for s in range(num_slices):
             widest = max(widest, bounds[s + 1] - bounds[s])
-        for g in prange(starts.shape[0]):
+        for g in range(starts.shape[0]):
             buf = buf0 if which[g] == 0 else buf1
             offset = offsets[g]
             rank = ranks[g]
