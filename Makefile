@@ -8,7 +8,7 @@ PRESET ?= tiny
 PORT   ?= 30000
 PYTEST_ARGS ?=
 
-.PHONY: setup apply-patches revert-patches check-patches assets serve test clean
+.PHONY: setup apply-patches revert-patches check-patches assets serve test gpu-check clean
 
 ## setup: build .venv (CPU torch, sglang==$(SGLANG_VERSION) --no-deps, pinned deps; GPU deps on NVIDIA machines)
 setup: $(STAMP)
@@ -34,6 +34,11 @@ assets: setup
 ## serve: everything needed, then the server with --chameleon on 127.0.0.1:$(PORT)
 serve: apply-patches assets
 	$(PY) -m chameleon_sglang.serve --preset $(PRESET) --port $(PORT)
+
+## gpu-check: the GPU LoRA path on one NVIDIA GPU with torch + triton only (no SGLang, no .venv)
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) kernels/gpu_check.py --out gpu-check.json
 
 ## test: everything needed, then the whole test suite (slow tests included)
 test: apply-patches assets

@@ -34,10 +34,17 @@ from sglang.srt.lora.utils import get_target_module_name
 
 from chameleon_kernels import lora_cached_numba
 from chameleon_kernels.lora_locations import MatrixLocations
+from chameleon_kernels.lora_table import DeviceLocationTable, alignment_for
 from chameleon_sglang.cache import AdapterCache, CacheFullError
 from chameleon_sglang.cache.kv_layout import K_PART, AdapterLayout, plan_layout
 from chameleon_sglang.cache.kv_store import KVRun, KVSlotStore
 from chameleon_sglang.config import ChameleonConfig
+from chameleon_sglang.device_residency import (
+    AdapterCopier,
+    device_table_capacity,
+    pinned,
+    table_entries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +64,13 @@ class ResidentAdapter:
     rank: int
     scaling: float
     views: List[Dict[str, Tuple[torch.Tensor, torch.Tensor]]]
+
+
+def table_kernels_available() -> bool:
+    """Whether the GPU table kernels can run here (Triton importable)."""
+    from chameleon_kernels import lora_table_triton
+
+    return lora_table_triton.HAS_TRITON
 
 
 class UnsupportedModelError(ValueError):
@@ -84,7 +98,11 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         self._k_buffers: List[torch.Tensor] = []
         self._v_buffers: List[torch.Tensor] = []
         self.transposed_b = False  # B matrices stored as [r, out] blocks (on CPU)
-        self.locations: Optional[MatrixLocations] = None
+        self.locations: Optional[MatrixLocations] = None  # CPU: the compiled kernels' table
+        self.device_table: Optional[DeviceLocationTable] = None  # GPU: the table kernels'
+        self._k_flat: List[torch.Tensor] = []  # per layer: the device table's base buffer
+        self._copier: Optional[AdapterCopier] = None
+        self._pinned: Dict[str, List[List[Tuple[Hashable, torch.Tensor]]]] = {}
         self.host_link_bytes_per_s = config.host_link_gbps * 1e9
         self.num_loads = 0
         self._last_now = 0.0  # the scheduler clock's latest value seen
@@ -141,16 +159,21 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         if self.cache is not None:
             self.cache.drop(uid)
         self._layouts.pop(uid, None)
+        self._pinned.pop(uid, None)
         return None
 
     def get_buffer_id(self, lora_uid: Optional[str]) -> int:
         return self.uid_to_buffer_id[lora_uid]
 
     # -- binding to the KV cache -------------------------------------------------------------
-    def bind_kv_cache(self, allocator: Any, kv_pool: Any) -> None:
-        """Store adapters in ``kv_pool``'s free token slots, taken through ``allocator``."""
-        if getattr(kv_pool, "kv_cache_layout", "nhd") != "nhd" or allocator.page_size != 1:
-            raise UnsupportedModelError("the adapter cache needs an NHD KV layout with page size 1")
+    def bind_kv_buffers(self, kv_pool: Any, device_table: Optional[bool] = None) -> None:
+        """Read and write adapters in ``kv_pool``'s K/V buffers (before CUDA graphs are
+        captured: the GPU kernels read the device table and these buffers in place).
+        ``device_table``: keep the GPU location table (None: on CUDA with Triton). Idempotent."""
+        if self._k_buffers:
+            return
+        if getattr(kv_pool, "kv_cache_layout", "nhd") != "nhd":
+            raise UnsupportedModelError("the adapter cache needs an NHD KV layout")
         k_buffers, v_buffers = list(kv_pool.k_buffer), list(kv_pool.v_buffer)
         if len(k_buffers) != self.num_layer:
             raise UnsupportedModelError("the adapter cache needs one KV buffer per model layer")
@@ -159,18 +182,50 @@ class ChameleonLoRAPool(LoRAMemoryPool):
                 f"the adapter cache needs KV cache dtype {self.dtype} (the LoRA dtype)")
         self._k_buffers = [b.view(b.shape[0], -1) for b in k_buffers]
         self._v_buffers = [b.view(b.shape[0], -1) for b in v_buffers]
-        bytes_per_slot = sum(b.shape[1] * b.element_size()
-                             for b in self._k_buffers + self._v_buffers)
-        self.transposed_b = self._k_buffers[0].device.type == "cpu"
+        device = self._k_buffers[0].device
+        self.transposed_b = device.type == "cpu"
+        modules = sorted(set(self.target_modules) - EMBEDDING_MODULES)
+        kinds = [(module, kind) for module in modules for kind in ("A", "B")]
         if self.transposed_b and self.dtype in lora_cached_numba.DTYPES \
                 and lora_cached_numba.available():
-            modules = sorted(set(self.target_modules) - EMBEDDING_MODULES)
             self.locations = MatrixLocations(
                 [(lora_cached_numba.as_array(k.view(-1)), lora_cached_numba.as_array(v.view(-1)))
-                 for k, v in zip(self._k_buffers, self._v_buffers)],
-                [(module, kind) for module in modules for kind in ("A", "B")])
+                 for k, v in zip(self._k_buffers, self._v_buffers)], kinds)
+        if device_table is None:
+            device_table = device.type == "cuda" and table_kernels_available()
+        if device_table:
+            self._make_device_table(kinds, device)
+        self._copier = AdapterCopier(device)
+
+    def _make_device_table(self, kinds: List[Tuple[str, str]], device: torch.device) -> None:
+        rows = {b.shape[1] for b in self._k_buffers + self._v_buffers}
+        align = min(alignment_for(self.dtype, row) for row in rows)
+        capacity = device_table_capacity(len(self.manager.loras),
+                                         getattr(self.manager, "max_loaded_loras", None))
+        self.device_table = DeviceLocationTable(kinds, self.num_layer, capacity, device, align)
+        self._k_flat = [k.view(-1) for k in self._k_buffers]
+        logger.info("Chameleon adapter cache: device location table for %d adapter ids "
+                    "(%d kinds x %d layers, %d-element alignment)", capacity - 1, len(kinds),
+                    self.num_layer, align)
+
+    def bind_kv_cache(self, allocator: Any, kv_pool: Any) -> None:
+        """Store adapters in ``kv_pool``'s free token slots, taken through ``allocator``."""
+        if allocator.page_size != 1:
+            raise UnsupportedModelError("the adapter cache needs page size 1")
+        self.bind_kv_buffers(kv_pool)
+        bytes_per_slot = sum(b.shape[1] * b.element_size()
+                             for b in self._k_buffers + self._v_buffers)
         self.store = KVSlotStore(allocator, bytes_per_slot, on_free=self._on_run_freed)
         self.cache = AdapterCache.from_config(self.store, self.config)
+
+    def layer_base(self, layer_id: int) -> torch.Tensor:
+        """Layer ``layer_id``'s flat K buffer: the device table's offsets count from it."""
+        return self._k_flat[layer_id]
+
+    def wait_ready(self, buffer_ids: Iterable[int]) -> None:
+        """The current stream waits for the copies of these adapters (device-side, GPU)."""
+        if self._copier is not None:
+            self._copier.wait_for(buffer_ids)
 
     @property
     def is_bound(self) -> bool:
@@ -203,6 +258,8 @@ class ChameleonLoRAPool(LoRAMemoryPool):
                 cache.admit(uid, num_bytes, self._rank(uid), now)
             return True
         queued_set = frozenset(queued)
+        if not self._id_available():
+            return False
         if not cache.can_admit(uid, num_bytes, now, queued_set, prefetch=prefetch):
             return False
         try:
@@ -217,23 +274,28 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         started = time.perf_counter()
         layout = self._layout(uid)
         views: List[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = []
+        copies: List[Tuple[torch.Tensor, torch.Tensor]] = []
         weight_bytes = 0
-        for layer_id, (matrices, placement) in enumerate(zip(self._host_matrices(uid),
+        for layer_id, (matrices, placement) in enumerate(zip(self._copy_sources(uid),
                                                               layout.layers)):
             layer_views: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
             placed = {key: self._view(layer_id, run, placement[key], key[1] == "B")
                       for key, _ in matrices}
             for key, weight in matrices:
-                placed[key].copy_(weight)
+                copies.append((placed[key], weight))
                 weight_bytes += weight.numel() * weight.element_size()
             for module in sorted({module for module, _ in placed}):
                 layer_views[module] = (placed[(module, "A")], placed[(module, "B")])
             views.append(layer_views)
         buffer_id = self._take_id()
+        assert self._copier is not None
+        self._copier.copy(buffer_id, copies)
+        scaling = float(self.manager.loras[uid].scaling)
         if self.locations is not None:
             self._record_locations(buffer_id, run, layout)
-        adapter = ResidentAdapter(uid, buffer_id, run, self._rank(uid),
-                                  float(self.manager.loras[uid].scaling), views)
+        if self.device_table is not None:
+            self._record_device_table(buffer_id, run, layout, scaling)
+        adapter = ResidentAdapter(uid, buffer_id, run, self._rank(uid), scaling, views)
         self.resident[uid] = adapter
         self.by_id[buffer_id] = adapter
         self.uid_to_buffer_id[uid] = buffer_id
@@ -242,6 +304,28 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         self.num_loads += 1
         self.weight_bytes_loaded += weight_bytes
         self.load_seconds += time.perf_counter() - started
+
+    def _copy_sources(self, uid: str) -> List[List[Tuple[Hashable, torch.Tensor]]]:
+        """The host matrices a load copies from: pinned copies kept per adapter where the copy
+        is asynchronous (GPU), else the adapter's host weights as they are."""
+        assert self._copier is not None
+        if not self._copier.asynchronous:
+            return self._host_matrices(uid)
+        sources = self._pinned.get(uid)
+        if sources is None:
+            sources = self._pinned[uid] = [pinned(layer, True)
+                                           for layer in self._host_matrices(uid)]
+        return sources
+
+    def _record_device_table(self, buffer_id: int, run: KVRun, layout: AdapterLayout,
+                             scaling: float) -> None:
+        assert self.device_table is not None
+        element = self._k_buffers[0].element_size()
+        v_minus_k = [(v.data_ptr() - k.data_ptr()) // element
+                     for k, v in zip(self._k_buffers, self._v_buffers)]
+        entries = table_entries(layout, run.start, [k.shape[1] for k in self._k_buffers],
+                                [v.shape[1] for v in self._v_buffers], v_minus_k)
+        self.device_table.set_adapter(buffer_id, entries, scaling)
 
     def _record_locations(self, buffer_id: int, run: KVRun, layout: AdapterLayout) -> None:
         assert self.locations is not None
@@ -270,13 +354,25 @@ class ChameleonLoRAPool(LoRAMemoryPool):
                 self._free_ids.append(adapter.buffer_id)
                 if self.locations is not None:
                     self.locations.clear(adapter.buffer_id)
+                if self.device_table is not None:
+                    self.device_table.clear(adapter.buffer_id)
+                if self._copier is not None:
+                    self._copier.forget(adapter.buffer_id)
                 return
+
+    def _id_available(self) -> bool:
+        """An id is free or can be made (the device table's capacity is fixed)."""
+        if self._free_ids or self.device_table is None:
+            return True
+        return self.max_loras_per_batch < self.device_table.capacity
 
     def _take_id(self) -> int:
         if not self._free_ids:
             old = self.max_loras_per_batch
-            self.max_loras_per_batch = 2 * old
-            self._free_ids = list(range(2 * old - 1, old - 1, -1))
+            new = 2 * old if self.device_table is None else min(2 * old,
+                                                                 self.device_table.capacity)
+            self.max_loras_per_batch = new
+            self._free_ids = list(range(new - 1, old - 1, -1))
             self.manager.max_loras_per_batch = self.max_loras_per_batch
         buffer_id = self._free_ids.pop()
         while len(self.buffer_id_to_uid) <= buffer_id:

@@ -37,6 +37,7 @@ def register() -> None:
     from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    register_resolution_hook("handle_cuda_graph_config")(cuda_graph_safety)
     register_resolution_hook("handle_cpu_backends")(cpu_backend_defaults)
     register_resolution_hook("handle_other_validations")(validate_chameleon_args)
     hooks = [
@@ -50,6 +51,7 @@ def register() -> None:
         ("_get_new_batch_prefill_raw", on_prefill_pass_end, HookType.AFTER),
         ("process_batch_result", on_batch_result, HookType.AFTER),
         ("update_running_batch", squash_before_decode, HookType.BEFORE),
+        ("init_memory_pools", bind_pool_to_kv_buffers, HookType.AFTER),
     ]
     for method, hook, kind in hooks:
         HookRegistry.register(f"{SCHEDULER_CLASS}.{method}", hook, kind)
@@ -97,6 +99,36 @@ def cpu_backend_defaults(server_args: Any, previous: Callable[[Any], None]) -> N
     if picks:
         declare_resolution(server_args, "chameleon_sglang.cpu_backend_defaults", **picks)
     previous(server_args)
+
+
+def cuda_graph_safety(server_args: Any, previous: Callable[[Any], None]) -> None:
+    """With the adapter cache on a CUDA device, the ``chameleon`` LoRA backend captures decode
+    graphs through its device location table, which needs Triton; without Triton it runs the
+    host path, which cannot be captured: CUDA graphs are turned off (with a log line) instead of
+    failing at capture. Anything else is left to SGLang."""
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+
+    cfg = resolving_view(server_args)
+    if cfg.device in (None, "cuda") and adapter_cache_unsupported_reason(cfg) is None \
+            and not cfg.disable_cuda_graph and _cuda_available():
+        from chameleon_sglang.lora_pool import table_kernels_available
+
+        if not table_kernels_available():
+            logger.warning("Chameleon adapter cache: Triton is not installed, so the LoRA "
+                           "kernels run on the host path, which CUDA graphs cannot capture: "
+                           "CUDA graphs disabled")
+            declare_resolution(server_args, "chameleon_sglang.cuda_graph_safety",
+                               disable_cuda_graph=True)
+    previous(server_args)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - a broken torch install
+        return False
 
 
 def adapter_cache_unsupported_reason(cfg: Any) -> Optional[str]:
@@ -154,6 +186,18 @@ def _scheduler_unsupported_reason(scheduler: Any) -> Optional[str]:
     if getattr(scheduler.server_args, "enable_dp_attention", False):
         return "not supported with DP attention: SGLang's scheduling in use"
     return None
+
+
+def bind_pool_to_kv_buffers(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+    """After the KV pools exist and before CUDA graphs are captured: the Chameleon LoRA pool
+    reads and writes adapters in the KV buffers (its device table and base buffers must exist
+    when the decode graphs are captured)."""
+    from chameleon_sglang.sglang_cache import chameleon_pool_of
+
+    pool = chameleon_pool_of(scheduler)
+    if pool is not None:
+        pool.bind_kv_buffers(scheduler.tp_worker.model_runner.token_to_kv_pool)
+    return result
 
 
 def install_scheduler(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
