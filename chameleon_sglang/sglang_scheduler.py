@@ -88,8 +88,8 @@ class SchedulerBridge:
         self.config = config
         self.lora_manager = _lora_manager(scheduler)
         context_len = int(scheduler.model_config.context_len)
-        max_rank = int(getattr(scheduler.server_args, "max_lora_rank", None) or 1)
         ranks = self._loaded_ranks()
+        max_rank = self._max_rank(ranks)
         self.limits = SizeLimits(
             max_input=context_len,
             max_output=context_len,
@@ -404,6 +404,13 @@ class SchedulerBridge:
         configs = getattr(self.lora_manager, "configs", {}) if self.lora_manager else {}
         config = configs.get(adapter)
         return int(config.r) if config is not None else self.limits.max_rank
+
+    def _max_rank(self, ranks: List[int]) -> int:
+        """The WRS rank normaliser: ``--max-lora-rank``, else what SGLang inferred from the
+        adapters it loaded (its LoRA manager's ``max_lora_rank``), never below a loaded rank."""
+        candidates = [getattr(self.scheduler.server_args, "max_lora_rank", None),
+                      getattr(self.lora_manager, "max_lora_rank", None), *ranks]
+        return max([int(c) for c in candidates if c] or [1])
 
     def _loaded_ranks(self) -> List[int]:
         configs = getattr(self.lora_manager, "configs", {}) if self.lora_manager else {}
