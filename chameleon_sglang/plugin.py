@@ -18,6 +18,7 @@ from chameleon_sglang.components import (
     status_report,
 )
 from chameleon_sglang.config import ChameleonConfig
+from chameleon_sglang.request_checks import TOKENIZER_MANAGER_CLASS, refuse_token_ids_outside_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ def register() -> None:
                           refuse_uncacheable_adapter, HookType.AFTER)
     HookRegistry.register(f"{LORA_POOL_CLASS}.load_lora_weight_to_buffer",
                           load_into_slot_with_host_link, HookType.AROUND)
+    HookRegistry.register(f"{TOKENIZER_MANAGER_CLASS}._validate_one_request",
+                          refuse_token_ids_outside_vocab, HookType.BEFORE)
     register_lora_backend()
     HookRegistry.register(
         "sglang.srt.entrypoints.http_server.launch_server", add_http_routes, HookType.BEFORE

@@ -93,3 +93,28 @@ def test_client_disconnect_mid_stream(server):
     assert_still_serving(server.url)
     chunks = generate_stream(server.url, PROMPT, "a002r32", 8)
     assert len(chunks[-1]["output_ids"]) == 8
+
+
+@pytest.mark.parametrize("bad_id", [-1, "vocab"])
+@pytest.mark.parametrize("api", ["native", "openai"])
+def test_token_id_outside_the_vocabulary_is_refused(server, tiny_assets, bad_id, api):
+    """A prompt of token ids with one outside [0, vocab): HTTP 400 naming it (on a GPU such an
+    id would be a device-side assert in the embedding), and the server serves on."""
+    token = _vocab_of(tiny_assets) if bad_id == "vocab" else bad_id
+    if api == "native":
+        resp = requests.post(server.url + "/generate", timeout=60, json={
+            "input_ids": [*PROMPT, token], "sampling_params": {"max_new_tokens": 4},
+            "lora_path": "a000r8"})
+    else:
+        resp = requests.post(server.url + "/v1/completions", timeout=60, json={
+            "model": f"{served_model_name(tiny_assets)}:a000r8", "prompt": [*PROMPT, token],
+            "max_tokens": 4})
+    assert resp.status_code == 400, resp.text
+    assert str(token) in resp.text and "vocabulary" in resp.text
+    assert_still_serving(server.url)
+
+
+def _vocab_of(assets: Assets) -> int:
+    import json
+
+    return int(json.loads((Path(assets.model_path) / "config.json").read_text())["vocab_size"])
