@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import List, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TRACE = (REPO_ROOT.parent / "shared" / "traces" / "azure_llm_2023"
-                 / "AzureLLMInferenceTrace_conv.csv")
+TRACES = REPO_ROOT / "eval" / "traces" / "azure_llm_2023"
+DEFAULT_TRACE = TRACES / "AzureLLMInferenceTrace_conv.csv"
+"""The Azure LLM inference trace 2023 (conversation), kept in the repository (CC-BY-4.0)."""
+CODE_TRACE = TRACES / "AzureLLMInferenceTrace_code.csv"
 
 REQUIRED_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 ADAPTER_COLUMN = "AdapterId"
