@@ -440,8 +440,8 @@ class ChameleonLoRAPool(LoRAMemoryPool):
             weight_bytes_loaded=self.weight_bytes_loaded,
             load_seconds=round(self.load_seconds, 6),
             host_link_gbps=self.config.host_link_gbps,
-            refused_for_fragmentation=(self.store.num_refused_for_fragmentation
-                                       if self.store is not None else 0),
+            store_refused_runs=(self.store.num_refused_for_fragmentation
+                                if self.store is not None else 0),
             kv_bytes_per_slot=self.store.bytes_per_slot if self.store is not None else 0,
         )
         return stats

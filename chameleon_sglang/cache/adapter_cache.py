@@ -5,9 +5,12 @@ and gives memory back when an admission or the KV cache needs it, evicting in ti
 (1) never an adapter with refcount > 0; (2) first idle adapters no queued request uses, in the
 policy's order; (3) idle adapters of queued requests, only when memory forces it.
 
-Check-then-act: ask ``can_admit`` before ``admit`` and ``reclaimable_slots`` before
-``evict_for``; the acts raise ``CacheFullError`` (changing nothing) when the check would have said
-no. Time comes only from the ``now`` arguments (non-decreasing); nothing is random, and every
+Check-then-act, exact: ``can_admit`` is True exactly when ``admit`` succeeds, also over a store
+that needs contiguous runs (the victims are planned against the store's free runs before any is
+evicted: an admission that cannot succeed evicts nothing), and ``reclaimable_slots`` before
+``evict_for``; the acts raise ``CacheFullError`` (changing nothing) when the check said no.
+:attr:`AdapterCache.version` changes whenever an answer of ``can_admit`` may have changed
+(entries loaded, removed, becoming idle or busy), apart from the store's own free slots. Time comes only from the ``now`` arguments (non-decreasing); nothing is random, and every
 decision iterates adapter ids in sorted order.
 """
 
@@ -55,6 +58,8 @@ class AdapterCache:
         self._bytes_loaded = 0
         self._evictions_by_tier: Dict[str, int] = {t: 0 for t in EVICTION_TIERS}
         self._evictions_by_reason: Dict[str, int] = {r: 0 for r in EVICTION_REASONS}
+        self._refused_for_fragmentation = 0
+        self._version = 0
 
     @classmethod
     def from_config(cls, store: SlotStore, config: ChameleonConfig) -> "AdapterCache":
@@ -69,6 +74,11 @@ class AdapterCache:
     @property
     def policy(self) -> EvictionPolicy:
         return self._policy
+
+    @property
+    def version(self) -> int:
+        """Changes whenever entries are loaded or removed or turn idle or busy."""
+        return self._version
 
     @property
     def num_resident(self) -> int:
@@ -133,40 +143,34 @@ class AdapterCache:
             _check_size(entry, num_bytes)
             return not entry.is_dropping
         num_slots = self._slots_for(num_bytes)
-        free = self._store.num_free_slots()
-        if num_slots <= free:
-            return True
-        return num_slots - free <= self._evictable_slots(queued, allow_queued=not prefetch)
+        return self._plan(num_slots, now, queued, allow_queued=not prefetch) is not None
 
     def admit(self, adapter_id: str, num_bytes: int, rank: int, now: float,
               queued: AbstractSet[str] = _NO_QUEUE, *, prefetch: bool = False) -> CacheEntry:
         """Make ``adapter_id`` resident and return its entry (refcount unchanged: ``acquire`` next).
 
         Already resident: a hit (not counted for a prefetch), nothing else changes. Otherwise a
-        miss (or a prefetch load): evicts what is needed (reason "make_room"), allocates and
-        counts ``num_bytes`` as loaded; the caller then copies the weights into the handle's
-        memory. Raises ``CacheFullError`` when ``can_admit`` is False, changing nothing;
-        ``ValueError`` when the adapter is being dropped or is resident with another size.
+        miss (or a prefetch load): evicts the planned victims (reason "make_room"), allocates
+        and counts ``num_bytes`` as loaded; the caller then copies the weights into the
+        handle's memory. Raises ``CacheFullError`` when ``can_admit`` is False, changing
+        nothing (no eviction); ``ValueError`` when the adapter is being dropped or is resident
+        with another size.
         """
         entry = self._entries.get(adapter_id)
         if entry is not None:
             return self._hit(entry, num_bytes, prefetch)
         num_slots = self._slots_for(num_bytes)
-        deficit = num_slots - self._store.num_free_slots()
-        if deficit > 0:
-            self._evict(deficit, now, queued, "make_room", allow_queued=not prefetch)
+        plan = self._plan(num_slots, now, queued, allow_queued=not prefetch)
+        if plan is None:
+            raise CacheFullError(
+                f"no room for adapter {adapter_id!r} ({num_slots} slots): "
+                f"{self._store.num_free_slots()} free, idle adapters cannot make a run of it")
+        for victim, tier in plan:
+            self._remove(victim, "make_room", tier)
         handle = self._store.alloc(num_slots)
-        while handle is None:
-            # A store needing contiguous runs may refuse for fragmentation: free one more idle
-            # entry and try again.
-            victim = self._victim_for_run(num_slots, now, queued, allow_queued=not prefetch)
-            if victim is None:
-                raise CacheFullError(
-                    f"no run of {num_slots} slots for adapter {adapter_id!r} "
-                    f"({self._store.num_free_slots()} slots free, fragmented)"
-                )
-            self._remove(victim[0], "make_room", victim[1])
-            handle = self._store.alloc(num_slots)
+        if handle is None:  # the plan said it fits: a store breaking its contract
+            raise RuntimeError(f"the slot store refused {num_slots} slots after a plan that "
+                               f"fits (adapter {adapter_id!r})")
         return self._insert(adapter_id, num_bytes, rank, num_slots, handle, now, prefetch)
 
     # References
@@ -182,6 +186,7 @@ class AdapterCache:
         if entry.refcount == 0:
             self._num_in_use += 1
             self._max_in_use = max(self._max_in_use, self._num_in_use)
+            self._version += 1
         entry.refcount += 1
         entry.record_use(now, self._window_s)
         self._policy.on_use(entry, now)
@@ -200,6 +205,7 @@ class AdapterCache:
         entry.last_use = max(entry.last_use, now)
         if entry.refcount == 0:
             self._num_in_use -= 1
+            self._version += 1
             if entry.is_dropping:
                 self._remove(entry, "unload", None)
 
@@ -239,6 +245,7 @@ class AdapterCache:
             return False
         if entry.refcount > 0:
             entry.is_dropping = True
+            self._version += 1
             return False
         self._remove(entry, "unload", None)
         return True
@@ -267,6 +274,7 @@ class AdapterCache:
             "resident_slots": self._num_slots_held,
             "num_in_use": self._num_in_use,
             "max_distinct_in_use": self._max_in_use,
+            "refused_for_fragmentation": self._refused_for_fragmentation,
         }
 
     # Internals
@@ -290,6 +298,7 @@ class AdapterCache:
         entry = CacheEntry(adapter_id, num_bytes, rank, num_slots, handle, last_use=now)
         self._entries[adapter_id] = entry
         self._num_slots_held += num_slots
+        self._version += 1
         self._bytes_loaded += num_bytes
         if prefetch:
             self._prefetch_loads += 1
@@ -340,28 +349,62 @@ class AdapterCache:
             for entry in self._policy.order([e for e in idle if e.adapter_id in queued], now):
                 yield entry, "queued"
 
-    def _victim_for_run(self, num_slots: int, now: float, queued: AbstractSet[str],
-                        allow_queued: bool) -> Optional[Tuple[CacheEntry, EvictionTier]]:
-        """After a fragmentation refusal: in the first tier holding idle entries, the first in
-        policy order whose eviction would leave a free run of ``num_slots`` (when the store can
-        tell), else the first in order; None when nothing is idle."""
+    def _plan(self, num_slots: int, now: float, queued: AbstractSet[str],
+              allow_queued: bool) -> Optional[List[Tuple[CacheEntry, EvictionTier]]]:
+        """The idle entries to evict so that the store can allocate ``num_slots``, or None when
+        no choice of them can (nothing is changed either way).
+
+        Victims come in policy order, tier by tier, until enough slots are free in total. On a
+        store that needs contiguous runs (one offering ``free_runs_after``) that may not make a
+        run: then, within the tier at hand, the first remaining entry whose eviction closes the
+        gap is added, else the next in order, until a run exists; finally victims the run does
+        not need are dropped from the plan again (latest first).
+        """
+        free = self._store.num_free_slots()
+        runs_after = getattr(self._store, "free_runs_after", None)
+
+        def fits(chosen: List[Tuple[CacheEntry, EvictionTier]]) -> bool:
+            if free + sum(e.num_slots for e, _ in chosen) < num_slots:
+                return False
+            return runs_after is None or runs_after([e.handle for e, _ in chosen]).longest \
+                >= num_slots
+
+        if fits([]):
+            return []
         victims = list(self._victims(now, queued, allow_queued))
-        if not victims:
+        chosen: List[Tuple[CacheEntry, EvictionTier]] = []
+        total = free
+        while victims and total < num_slots:
+            chosen.append(victims.pop(0))
+            total += chosen[-1][0].num_slots
+        if total < num_slots:
             return None
-        joined = getattr(self._store, "joined_run_lengths", None)
-        if joined is None:
-            return victims[0]
-        tier = [v for v in victims if v[1] == victims[0][1]]
-        for victim, length in zip(tier, joined([entry.handle for entry, _ in tier])):
-            if length >= num_slots:
-                return victim
-        return victims[0]
+        while not fits(chosen):
+            if not victims:
+                if allow_queued:  # an admission, not a prefetch
+                    self._refused_for_fragmentation += 1
+                return None
+            runs = runs_after([e.handle for e, _ in chosen])
+            tier = victims[0][1]
+            closer = next((v for v in victims
+                           if v[1] == tier and runs.joined(v[0].handle) >= num_slots), None)
+            if closer is not None:
+                victims.remove(closer)
+                chosen.append(closer)
+                break
+            chosen.append(victims.pop(0))
+        for victim in list(reversed(chosen)):
+            rest = [v for v in chosen if v is not victim]
+            if fits(rest):
+                chosen = rest
+        return chosen
 
     def _remove(self, entry: CacheEntry, reason: EvictionReason,
                 tier: Optional[EvictionTier]) -> None:
         self._store.free(entry.handle)
         del self._entries[entry.adapter_id]
         self._num_slots_held -= entry.num_slots
+        self._version += 1
         self._evictions_by_reason[reason] += 1
         if tier is not None:
             self._evictions_by_tier[tier] += 1

@@ -6,9 +6,10 @@ top of the highest free run, while SGLang allocates KV from the bottom of its so
 so adapters and KV meet only when memory is nearly full. Freed runs go back to the allocator.
 
 The store never counts memory the cache holds as free: ``num_free_slots`` is what the allocator
-could hand out now. ``alloc`` may refuse a run that fragmentation makes impossible even though
-enough slots are free in total; the cache then evicts further idle adapters and tries again,
-first one whose run :meth:`KVSlotStore.joined_run_lengths` says would close the gap.
+could hand out now. ``alloc`` refuses a run that fragmentation makes impossible even though
+enough slots are free in total; the cache never asks for one: it plans its evictions with
+:meth:`KVSlotStore.free_runs_after` (the free runs there would be if some adapters were freed)
+and evicts only when the plan makes a run.
 """
 
 from __future__ import annotations
@@ -131,6 +132,20 @@ class KVSlotStore:
         else:
             allocator.free_pages = torch.cat((allocator.free_pages, slots))
 
+    def free_runs_after(self, handles: Sequence[object]) -> "FreeRuns":
+        """The free runs there would be if the live runs ``handles`` were freed too (nothing
+        is freed)."""
+        intervals: List[Tuple[int, int]] = []
+        free = sorted_free_slots(self.allocator)
+        if free.numel():
+            starts, ends = free_runs(free)
+            intervals = list(zip(free[starts].tolist(), (free[ends] + 1).tolist()))
+        for handle in handles:
+            if not isinstance(handle, KVRun) or handle.run_id not in self._live:
+                raise ValueError(f"unknown or already freed KV run {handle!r}")
+            intervals.append((handle.start, handle.stop))
+        return FreeRuns(intervals)
+
     def joined_run_lengths(self, handles: Sequence[object]) -> List[int]:
         """For each live run in ``handles``: the length of the free run it would be part of if
         it alone were freed now (itself plus the free slots right below and above it). Lets the
@@ -154,3 +169,27 @@ class KVSlotStore:
     @property
     def num_live_runs(self) -> int:
         return len(self._live)
+
+
+class FreeRuns:
+    """Disjoint free intervals ``[start, stop)``, adjacent ones merged into runs."""
+
+    def __init__(self, intervals: Sequence[Tuple[int, int]]) -> None:
+        merged: List[List[int]] = []
+        for start, stop in sorted(intervals):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], stop)
+            else:
+                merged.append([start, stop])
+        self.runs: List[Tuple[int, int]] = [(a, b) for a, b in merged]
+        self._by_stop = {b: b - a for a, b in self.runs}
+        self._by_start = {a: b - a for a, b in self.runs}
+
+    @property
+    def longest(self) -> int:
+        return max((b - a for a, b in self.runs), default=0)
+
+    def joined(self, handle: KVRun) -> int:
+        """The run ``handle`` (not in these runs) would be part of if it were freed too."""
+        return (self._by_stop.get(handle.start, 0) + handle.length
+                + self._by_start.get(handle.stop, 0))

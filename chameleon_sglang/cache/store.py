@@ -12,11 +12,11 @@ class SlotStore(Protocol):
     - ``slots_for_bytes(n)`` is the number of slots an adapter of ``n`` bytes occupies (> 0 for
       ``n > 0``) and does not change over the store's life.
     - ``alloc(k)`` returns None when ``k > num_free_slots()``. A store that needs contiguous
-      runs may also return None when free slots are too fragmented; the cache then evicts
-      further idle entries and retries (so ``can_admit`` is exact only for fungible stores).
-      Such a store may offer ``joined_run_lengths(handles) -> List[int]`` (the free run each
-      allocation would be part of if it alone were freed): the cache then evicts, within the
-      tier it is at, the first entry in policy order whose eviction makes room, if any.
+      runs may also return None when free slots are too fragmented; such a store offers
+      ``free_runs_after(handles)`` (an object with ``longest`` and ``joined(handle)``: the free
+      runs there would be if ``handles`` were freed too), and then ``alloc(k)`` succeeds whenever
+      ``free_runs_after(()).longest >= k``. The cache plans its evictions with it, so
+      ``can_admit`` is exact for both kinds of store.
     - ``free(handle)`` returns exactly the slots of that allocation; each handle is freed once.
     """
 

@@ -257,11 +257,11 @@ def test_joined_run_lengths_match_freeing_the_run(free, picks):
         assert length == hi - lo + 1
 
 
-def test_fragmentation_refusal_evicts_an_adapter_that_closes_the_gap():
+def test_fragmented_admission_plans_an_eviction_that_closes_the_gap():
     """Three idle adapters at the top, KV below, a 5-slot hole at the bottom. Admitting 15
-    slots evicts the least recent adapter (10 slots) and is refused for fragmentation; of the
-    two left, the next in LRU order (c) is walled in by KV and b, so b goes: it joins the hole
-    a left. Two evictions, one refusal; c stays."""
+    slots: the least recent adapter (a, 10 slots) makes enough slots in total but no run; of the
+    two left, the next in LRU order (c) is walled in by KV and b, so b is planned: it joins a's
+    run. Two evictions, planned before any, so the store never refuses; c stays."""
     allocator, store, cache = make_kv_cache(64)
     load(cache, "a", 10, now=1.0)  # slots 55-64
     load(cache, "b", 10, now=3.0)  # 45-54
@@ -271,7 +271,8 @@ def test_fragmentation_refusal_evicts_an_adapter_that_closes_the_gap():
     entry = cache.admit("d", 15 * BYTES_PER_SLOT, 8, now=4.0)
     assert sorted(cache.resident_ids()) == ["c", "d"]
     assert slots_of(entry.handle) == set(range(50, 65))
-    assert store.num_refused_for_fragmentation == 1
+    assert store.num_refused_for_fragmentation == 0
+    assert cache.stats()["evictions_by_reason"]["make_room"] == 2
 
 
 def test_alloc_of_no_slots_is_an_error():
@@ -582,9 +583,10 @@ def test_cache_aware_alloc_succeeds_exactly_when_available(adapters, kv_first, n
     assert free_set(allocator) | owned == set(range(1, size + 1))
 
 
-def test_cache_evicts_more_idle_adapters_when_the_store_refuses_for_fragmentation():
-    """A refused run (free slots split by an in-use adapter) makes the cache evict the next
-    idle adapter and retry; the in-use adapter stays."""
+def test_fragmented_admission_evicts_only_the_adapters_its_run_needs():
+    """LRU's first two victims (a, c) free enough slots but are split by an in-use adapter; the
+    plan adds d, which joins c's run, and then leaves a out again: it is not part of the run.
+    The in-use adapter stays; the store is never asked for a run it cannot give."""
     allocator, store, cache = make_kv_cache(16, policy="lru")
     load(cache, "d", 4, now=3.0)   # admitted first: the top run
     load(cache, "c", 4, now=1.0)
@@ -592,26 +594,30 @@ def test_cache_evicts_more_idle_adapters_when_the_store_refuses_for_fragmentatio
     load(cache, "a", 4, now=0.0)   # the bottom run
     assert store.num_free_slots() == 0
     busy_run = cache.lookup("busy").handle
+    assert cache.can_admit("e", 6 * BYTES_PER_SLOT, now=5.0)
     entry = cache.admit("e", 6 * BYTES_PER_SLOT, 8, now=5.0)
-    # LRU frees a and c (8 slots, enough in total) but they are split by busy; d must go too
-    assert store.num_refused_for_fragmentation == 1
-    assert cache.resident_ids() == ["busy", "e"]
+    assert store.num_refused_for_fragmentation == 0
+    assert cache.resident_ids() == ["a", "busy", "e"]
     assert cache.lookup("busy").handle is busy_run and entry.handle.length == 6
-    assert cache.stats()["evictions_by_reason"]["make_room"] == 3
+    assert cache.stats()["evictions_by_reason"]["make_room"] == 2
     held = held_slots(cache)
     assert not free_set(allocator) & held
     assert free_set(allocator) | held == set(range(1, 17))
 
 
-def test_cache_full_when_fragmentation_leaves_no_idle_victim():
-    """Refused for fragmentation with no idle adapter left: CacheFullError, in-use kept."""
+def test_fragmentation_no_eviction_can_cure_is_refused_without_evicting():
+    """An in-use adapter splits memory so that no run of 6 can exist: can_admit says no and
+    admit raises CacheFullError having evicted nothing (the idle adapters stay)."""
     allocator, store, cache = make_kv_cache(12, policy="lru")
     load(cache, "top", 4, now=0.0)
     load(cache, "busy", 4, now=1.0, in_use=True)
     load(cache, "bottom", 4, now=2.0)
+    assert not cache.can_admit("big", 6 * BYTES_PER_SLOT, now=3.0)
     with pytest.raises(CacheFullError):
         cache.admit("big", 6 * BYTES_PER_SLOT, 8, now=3.0)
-    assert cache.is_resident("busy") and store.num_refused_for_fragmentation >= 1
+    assert sorted(cache.resident_ids()) == ["bottom", "busy", "top"]
+    assert store.num_refused_for_fragmentation == 0
+    assert cache.stats()["evictions"] == 0 and cache.stats()["refused_for_fragmentation"] == 2
     assert free_set(allocator) | held_slots(cache) == set(range(1, 13))
 
 
