@@ -5,7 +5,8 @@ Under ``--chameleon`` (cache on) :class:`CacheBridge` replaces SGLang's per-batc
 - ``can_schedule_lora_req`` (AROUND hook) asks the cache instead of counting slots: a request is
   schedulable when its adapter is resident or can be made resident now (loading it into free KV
   memory, evicting idle adapters). The adapter is then referenced for the request, so KV
-  allocation for this very batch cannot evict it;
+  allocation for this very batch cannot evict it. A refused adapter is not asked about again
+  until the cache changed or more KV memory is free or evictable;
 - after each prefill pass (AFTER ``_get_new_batch_prefill_raw``) references of requests that were
   not admitted are dropped again, and missing adapters of queued requests are prefetched into
   free memory (never evicting a queued request's adapter);
@@ -54,6 +55,11 @@ class CacheBridge:
         self._pins: Dict[str, Tuple[Any, str]] = {}  # rid -> (Req, adapter) this pass only
         self._looked_up: Set[str] = set()  # rids whose hit/miss was counted
         self.num_refused = 0
+        # adapter -> (cache version, room) at its last refusal: not asked again until either
+        # changes for the better (no refusal loop while nothing it needs has changed)
+        self._refusals: Dict[str, Tuple[int, int]] = {}
+        self.num_refusals_repeated = 0
+        self.num_prefix_evictions_for_runs = 0
         self._metrics: Any = False  # not looked up yet
         make_cache_aware(scheduler.token_to_kv_pool_allocator, self)
 
@@ -74,11 +80,22 @@ class CacheBridge:
         first = req.rid not in self._looked_up
         queued: Iterable[str] = ()
         if not self.cache.is_resident(adapter):
+            refused = self._refusals.get(adapter)
+            if refused is not None and refused[0] == self.cache.version \
+                    and self._room() <= refused[1]:
+                self.num_refusals_repeated += 1
+                return False
             queued = self._queued_adapters()
             self._evict_prefix_cache_for(adapter)
         if not self.pool.make_resident(adapter, now, queued, count_lookup=first):
-            self.num_refused += 1
-            return False
+            # Enough memory in total but no run of it: SGLang's prefix cache may be what splits
+            # it (with nothing running, nothing else can). Its tokens give way, then one retry.
+            if not (self._evict_prefix_cache() and
+                    self.pool.make_resident(adapter, now, queued, count_lookup=False)):
+                self.num_refused += 1
+                self._refusals[adapter] = (self.cache.version, self._room())
+                return False
+        self._refusals.pop(adapter, None)
         self._looked_up.add(req.rid)
         self.cache.acquire(adapter, now)
         self._pins[req.rid] = (req, adapter)
@@ -161,6 +178,23 @@ class CacheBridge:
 
             tree.evict(EvictParams(num_tokens=deficit))
 
+    def _evict_prefix_cache(self) -> bool:
+        """Evict SGLang's whole evictable prefix cache; False when it held nothing."""
+        tree = self.scheduler.tree_cache
+        if tree is None or tree.evictable_size() <= 0:
+            return False
+        from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+        tree.evict(EvictParams(num_tokens=int(tree.evictable_size())))
+        self.num_prefix_evictions_for_runs += 1
+        return True
+
+    def _room(self) -> int:
+        """KV slots free now or held by SGLang's evictable prefix cache."""
+        tree = self.scheduler.tree_cache
+        evictable = int(tree.evictable_size()) if tree is not None else 0
+        return free_slot_count(self.scheduler.token_to_kv_pool_allocator) + evictable
+
     def _queued_adapters(self) -> Set[str]:
         return {req.lora_id for req in self.scheduler.waiting_queue if req.lora_id is not None}
 
@@ -190,6 +224,8 @@ class CacheBridge:
         per_slot = self.pool.store.bytes_per_slot
         stats.update(
             num_refused_requests=self.num_refused,
+            num_refusals_repeated=self.num_refusals_repeated,
+            num_prefix_evictions_for_runs=self.num_prefix_evictions_for_runs,
             num_holding_requests=len(self._holds),
             kv_free_slots=free,
             kv_total_slots=total,

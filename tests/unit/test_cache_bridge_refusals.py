@@ -1,0 +1,103 @@
+"""A refused adapter is not asked about again until something it needs changed (no refusal
+loop): CacheBridge over a real KV allocator, slot store and adapter cache; the pool is a thin
+double that admits through the cache as ChameleonLoRAPool does."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+
+from chameleon_sglang.cache import create_eviction_policy
+from chameleon_sglang.cache.adapter_cache import AdapterCache
+from chameleon_sglang.cache.kv_store import KVSlotStore
+from chameleon_sglang.clock import SchedulerClock
+from chameleon_sglang.sglang_cache import CacheBridge
+
+BYTES_PER_SLOT = 8
+SLOTS = {"big": 30, "small": 4}
+
+
+class Pool:
+    def __init__(self, cache: AdapterCache, store: KVSlotStore) -> None:
+        self.cache, self.store = cache, store
+        self.manager = types.SimpleNamespace(loras=dict.fromkeys(SLOTS), lora_refs={})
+        self.asked = 0
+
+    def footprint_bytes(self, uid: str) -> int:
+        return SLOTS[uid] * BYTES_PER_SLOT
+
+    def make_resident(self, uid, now, queued, prefetch=False, count_lookup=True) -> bool:
+        self.asked += 1
+        if not self.cache.can_admit(uid, self.footprint_bytes(uid), now, frozenset(queued)):
+            return False
+        self.cache.admit(uid, self.footprint_bytes(uid), 8, now, frozenset(queued))
+        return True
+
+
+def make_bridge(size: int = 40):
+    allocator = TokenToKVPoolAllocator(size, torch.float32, "cpu", None, False)
+    store = KVSlotStore(allocator, BYTES_PER_SLOT)
+    cache = AdapterCache(store, create_eviction_policy("chameleon"))
+    scheduler = types.SimpleNamespace(token_to_kv_pool_allocator=allocator, tree_cache=None,
+                                      waiting_queue=[], max_total_num_tokens=size)
+    pool = Pool(cache, store)
+    bridge = CacheBridge(scheduler, pool, SchedulerClock(), prefetch=False, owns_clock=False)
+    return bridge, pool, allocator
+
+
+def req(rid: str, adapter: str):
+    return types.SimpleNamespace(rid=rid, lora_id=adapter)
+
+
+def test_a_refused_adapter_is_not_asked_again_until_memory_frees():
+    bridge, pool, allocator = make_bridge()
+    kv = allocator.alloc(20)  # 20 of 40 slots held by KV: no room for 30
+    waiting = [req(f"r{i}", "big") for i in range(5)]
+    for _ in range(3):  # three scheduling passes over five waiting requests
+        assert not any(bridge.can_schedule(r) for r in waiting)
+    assert pool.asked == 1 and bridge.num_refused == 1
+    assert bridge.num_refusals_repeated == 14
+    more = allocator.alloc(2)  # less room: still not asked
+    assert not bridge.can_schedule(waiting[0]) and pool.asked == 1
+    allocator.free(more)
+    allocator.free(kv)  # room: asked again, admitted
+    assert bridge.can_schedule(waiting[0]) and pool.asked == 2
+
+
+def test_a_change_in_the_cache_lets_a_refused_adapter_be_asked_again():
+    bridge, pool, allocator = make_bridge()
+    allocator.alloc(8)
+    small = req("s", "small")
+    assert bridge.can_schedule(small)  # admitted and referenced: 4 slots in use
+    allocator.alloc(26)  # 2 slots free, the small adapter busy
+    assert not bridge.can_schedule(req("b", "big")) and pool.asked == 2
+    assert not bridge.can_schedule(req("b", "big")) and pool.asked == 2
+    bridge.cache.release("small", 0.0)  # the small adapter turns idle: the cache changed
+    assert not bridge.can_schedule(req("b", "big")) and pool.asked == 3  # asked (still no room)
+
+
+class PrefixCache:
+    """SGLang's radix cache as the bridge sees it: evictable tokens holding KV slots."""
+
+    def __init__(self, allocator, slots: torch.Tensor) -> None:
+        self.allocator, self.slots = allocator, slots
+
+    def evictable_size(self) -> int:
+        return int(self.slots.numel())
+
+    def evict(self, params) -> None:
+        self.allocator.free(self.slots)
+        self.slots = self.slots[:0]
+
+
+def test_prefix_cache_tokens_splitting_free_memory_give_way_to_an_adapter():
+    """Nothing runs; enough slots are free in total, but prefix-cache tokens in the middle
+    split them: the prefix cache is evicted and the adapter admitted (no livelock)."""
+    bridge, pool, allocator = make_bridge()
+    kv = allocator.alloc(40)
+    allocator.free(torch.cat((kv[:18], kv[22:])))  # slots 19-22 stay with the prefix cache
+    bridge.scheduler.tree_cache = PrefixCache(allocator, kv[18:22])
+    assert bridge.can_schedule(req("r", "big"))
+    assert bridge.num_prefix_evictions_for_runs == 1 and bridge.cache.is_resident("big")
