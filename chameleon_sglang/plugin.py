@@ -8,7 +8,7 @@ except the CPU defaults, which only act on a machine where SGLang's CPU engine i
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from chameleon_sglang.components import (
     ComponentStatus,
@@ -29,19 +29,20 @@ CHAMELEON_LORA_BACKEND = "chameleon"
 _registered = False
 
 
-def register() -> None:
-    global _registered
-    if _registered:
-        return
-    _registered = True
+RESOLUTION_HOOKS: List[Tuple[str, str]] = [
+    ("handle_cuda_graph_config", "cuda_graph_safety"),
+    ("handle_cpu_backends", "cpu_backend_defaults"),
+    ("handle_other_validations", "validate_chameleon_args"),
+]
+"""(SGLang resolution step, our function in this module), registered in this order."""
 
-    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    register_resolution_hook("handle_cuda_graph_config")(cuda_graph_safety)
-    register_resolution_hook("handle_cpu_backends")(cpu_backend_defaults)
-    register_resolution_hook("handle_other_validations")(validate_chameleon_args)
-    hooks = [
+def method_hooks() -> List[Tuple[str, Callable[..., Any], str]]:
+    """Every ``HookRegistry`` registration: ``(qualified target, hook, kind)``. The seams we rely
+    on in SGLang; ``tests/patches/test_seams.py`` pins each target's signature at the pin."""
+    from sglang.srt.plugins.hook_registry import HookType
+
+    scheduler = [
         ("init_schedule_policy", install_scheduler, HookType.AFTER),
         ("_add_request_to_queue", refuse_request_beyond_memory, HookType.BEFORE),
         ("_add_request_to_queue", on_request_enqueued, HookType.AFTER),
@@ -54,20 +55,32 @@ def register() -> None:
         ("update_running_batch", squash_before_decode, HookType.BEFORE),
         ("init_memory_pools", bind_pool_to_kv_buffers, HookType.AFTER),
     ]
-    for method, hook, kind in hooks:
-        HookRegistry.register(f"{SCHEDULER_CLASS}.{method}", hook, kind)
-    HookRegistry.register(f"{LORA_MANAGER_CLASS}.init_memory_pool", init_lora_pool,
-                          HookType.AROUND)
-    HookRegistry.register(f"{LORA_MANAGER_CLASS}.validate_new_adapter",
-                          refuse_uncacheable_adapter, HookType.AFTER)
-    HookRegistry.register(f"{LORA_POOL_CLASS}.load_lora_weight_to_buffer",
-                          load_into_slot_with_host_link, HookType.AROUND)
-    HookRegistry.register(f"{TOKENIZER_MANAGER_CLASS}._validate_one_request",
-                          refuse_token_ids_outside_vocab, HookType.BEFORE)
+    return [(f"{SCHEDULER_CLASS}.{method}", hook, kind) for method, hook, kind in scheduler] + [
+        (f"{LORA_MANAGER_CLASS}.init_memory_pool", init_lora_pool, HookType.AROUND),
+        (f"{LORA_MANAGER_CLASS}.validate_new_adapter", refuse_uncacheable_adapter,
+         HookType.AFTER),
+        (f"{LORA_POOL_CLASS}.load_lora_weight_to_buffer", load_into_slot_with_host_link,
+         HookType.AROUND),
+        (f"{TOKENIZER_MANAGER_CLASS}._validate_one_request", refuse_token_ids_outside_vocab,
+         HookType.BEFORE),
+        ("sglang.srt.entrypoints.http_server.launch_server", add_http_routes, HookType.BEFORE),
+    ]
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    for step, name in RESOLUTION_HOOKS:
+        register_resolution_hook(step)(globals()[name])
+    for target, hook, kind in method_hooks():
+        HookRegistry.register(target, hook, kind)
     register_lora_backend()
-    HookRegistry.register(
-        "sglang.srt.entrypoints.http_server.launch_server", add_http_routes, HookType.BEFORE
-    )
 
 
 # -- server arguments --------------------------------------------------------------------------
@@ -423,6 +436,10 @@ def add_chameleon_internal_state(result: Any, scheduler: Any, *args: Any, **kwar
             "scheduler": bridge.stats() if bridge is not None else None,
             "adapter_cache": cache.stats() if cache is not None else None,
         }
+        from chameleon_sglang import integrity
+
+        if integrity.enabled():
+            state["chameleon"]["integrity"] = integrity.check_integrity(scheduler)
     return result
 
 

@@ -293,6 +293,16 @@ class SchedulerBridge:
         self._sync_waiting()
         return self._snapshot()
 
+    def integrity_problems(self) -> List[str]:
+        """The policy's bookkeeping problems (see ``chameleon_sglang.integrity``)."""
+        self._settle_running()
+        queue = self.policy.queue
+        problems = queue.integrity_problems()
+        for rid in sorted(self._running):
+            if rid not in queue or not queue.get(rid).is_running:
+                problems.append(f"request {rid!r} tracked as running but not running")
+        return problems
+
     def _snapshot(self) -> Dict[str, Any]:
         stats = self.policy.stats()
         stats.update(

@@ -6,16 +6,20 @@ fails); at most two run at once on our 2-core machines.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
 
+from chameleon_sglang import integrity
 from chameleon_sglang.assets import Assets, build
 from chameleon_sglang.serve import ServerProcess, free_port, server_command
 
 MAX_SERVERS = 2
+# every server the suite starts publishes the invariant checker's findings (/chameleon/stats)
+os.environ[integrity.ENV_FLAG] = "1"
 _servers_alive = threading.BoundedSemaphore(MAX_SERVERS)
 
 

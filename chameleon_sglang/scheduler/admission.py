@@ -192,6 +192,29 @@ class MultiLevelQueue:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._entries
 
+    def integrity_problems(self) -> List[str]:
+        """What breaks the bookkeeping (empty: nothing): each queue's usage is the sum of its
+        running requests' charges; waiting requests are not running and each waits in its own
+        queue once; running bypass requests are running."""
+        problems = []
+        usage = [0] * self.num_queues
+        for entry in self._entries.values():
+            if entry.is_running:
+                usage[entry.queue] += entry.charge
+        if usage != list(self._usage):
+            problems.append(f"queue usage {list(self._usage)} != running charges {usage}")
+        waiting = [e.request_id for w in self._waiting for e in w]
+        if len(waiting) != len(set(waiting)):
+            problems.append("a request waits twice")
+        for q, queue in enumerate(self._waiting):
+            for entry in queue:
+                if entry.is_running or entry.queue != q or \
+                        self._entries.get(entry.request_id) is not entry:
+                    problems.append(f"request {entry.request_id!r} misfiled in queue {q}")
+        if any(not e.is_running for e in self._bypassed.values()):
+            problems.append("a bypass request that is not running")
+        return problems
+
     def __len__(self) -> int:
         """Number of waiting requests."""
         return sum(len(w) for w in self._waiting)

@@ -49,3 +49,18 @@ def healthy(url: str) -> bool:
         return requests.get(url + "/health", timeout=10).status_code == 200
     except requests.RequestException:
         return False
+
+
+def integrity_problems(url: str, settle_s: float = 5.0) -> List[str]:
+    """The Chameleon invariant checker's findings on every scheduler of the server (servers of
+    the test suite run with ``CHAMELEON_CHECK_INTEGRITY=1``); [] for a stock server. Waits up
+    to ``settle_s`` for a clean result: a request that just ended may still be settling."""
+    import time
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        ranks = requests.get(url + "/chameleon/stats", timeout=30).json().get("ranks", [])
+        problems = [p for rank in ranks for p in (rank or {}).get("integrity", [])]
+        if not problems or time.monotonic() > deadline:
+            return problems
+        time.sleep(0.25)

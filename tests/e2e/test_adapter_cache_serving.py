@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 import requests
-from client import generate, healthy
+from client import generate, healthy, integrity_problems
 from conftest import start_server, stop_server
 from reference import reference_outputs
 
@@ -67,6 +67,7 @@ def mixed_traffic(assets40, tmp_path_factory):
             if arm == "chameleon":
                 results["stats"] = _cache_stats(srv.url)
             assert healthy(srv.url)
+            assert integrity_problems(srv.url) == []
         finally:
             stop_server(srv)
     return results
@@ -144,6 +145,7 @@ def test_cache_gives_memory_back_under_kv_pressure_and_grows_again(cache_server,
     assert after["num_in_use"] == 0
     time.sleep(1.5)  # let the scheduler go idle: its strict leak check runs then
     assert healthy(url)
+    assert integrity_problems(url) == []
 
 
 def test_unload_of_a_cached_idle_adapter_drops_it(cache_server, assets40):
@@ -190,3 +192,4 @@ def test_unload_while_in_use_loses_nothing(cache_server, assets40):
     assert stats["num_in_use"] == 0
     assert stats["evictions_by_reason"]["unload"] == unloads + 1
     assert healthy(url)
+    assert integrity_problems(url) == []

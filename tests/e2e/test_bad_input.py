@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from client import generate, generate_stream, healthy
+from client import generate, generate_stream, healthy, integrity_problems
 
 from chameleon_sglang.assets import Assets, write_adapter
 from chameleon_sglang.serve import served_model_name
@@ -25,6 +25,7 @@ def rank_256_adapter(tiny_assets: Assets, tmp_path_factory) -> Path:
 
 def assert_still_serving(url: str) -> None:
     assert healthy(url)
+    assert integrity_problems(url) == []
     first = generate(url, PROMPT, "a000r8", 4)["output_ids"]
     assert len(first) == 4
     assert generate(url, PROMPT, "a000r8", 4)["output_ids"] == first

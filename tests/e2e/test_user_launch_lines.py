@@ -13,7 +13,7 @@ from typing import List
 
 import pytest
 import requests
-from client import generate
+from client import generate, integrity_problems
 
 from chameleon_sglang.assets import Assets
 from chameleon_sglang.serve import ServerProcess, free_port
@@ -60,5 +60,6 @@ def test_user_launch_line_serves_every_adapter(name, tiny_assets, tmp_path):
                 "model": f"{model}:{adapter.name}", "prompt": PROMPT, "max_tokens": 6,
                 "temperature": 0})
             assert resp.status_code == 200, resp.text
+        assert integrity_problems(server.url) == []
         log = (tmp_path / f"{name}.log").read_text(errors="replace")
         assert "Traceback" not in log

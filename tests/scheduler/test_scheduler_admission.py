@@ -254,3 +254,18 @@ def test_quotas_must_match_the_layout():
         make_queue([100, 100], cutoffs=())
     with pytest.raises(ValueError):
         make_queue([-1])
+
+
+def test_integrity_holds_through_admissions_finishes_and_retractions_and_catches_corruption():
+    """The queue's own invariant check is clean over a pass, a finish and a retraction, and
+    names a usage that no longer matches the running charges."""
+    mlq = make_queue([100, 100, 100, 100])
+    fill(mlq, [(0, 30), (1, 20), (2, 10), (0, 5)])
+    assert mlq.integrity_problems() == []
+    mlq.schedule_pass(admit_all)
+    assert mlq.integrity_problems() == []
+    mlq.remove("r1")
+    mlq.requeue_front("r0")
+    assert mlq.integrity_problems() == []
+    mlq._usage[2] += 7  # a charge returned twice / never returned
+    assert any("usage" in p for p in mlq.integrity_problems())

@@ -1,0 +1,103 @@
+"""Seam guard: every SGLang function, method and resolution step we hook or override exists at
+the pin with the parameters we were written against. A new SGLang release that moves or changes
+one fails here, in one place, naming it (rather than deep inside a server).
+
+Targets come from the plugin's own tables (``method_hooks``, ``RESOLUTION_HOOKS``), so a new
+hook cannot be added without being pinned; the rest are classes we subclass or drive directly
+(the LoRA backend and pool base classes, the KV allocator whose free lists the slot store
+reads).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+import pytest
+
+from chameleon_sglang import plugin
+
+PINNED = {
+    "sglang.srt.entrypoints.http_server.launch_server": "server_args init_tokenizer_manager_func run_scheduler_process_func run_detokenizer_process_func execute_warmup_func launch_callback",
+    "sglang.srt.lora.lora_manager.LoRAManager.init_memory_pool": "self",
+    "sglang.srt.lora.lora_manager.LoRAManager.validate_new_adapter": "self lora_config lora_ref",
+    "sglang.srt.lora.mem_pool.LoRAMemoryPool.load_lora_weight_to_buffer": "self uid buffer_id lora_adapter lora_modules lora_embed_tokens_module lora_lm_head_module",
+    "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue": "self req is_retracted",
+    "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw": "self prefill_delayer_single_pass running_batch",
+    "sglang.srt.managers.scheduler.Scheduler._release_aborted_request": "self req",
+    "sglang.srt.managers.scheduler.Scheduler.can_schedule_lora_req": "self req running_loras",
+    "sglang.srt.managers.scheduler.Scheduler.get_init_info": "self",
+    "sglang.srt.managers.scheduler.Scheduler.get_internal_state": "self recv_req",
+    "sglang.srt.managers.scheduler.Scheduler.init_memory_pools": "self",
+    "sglang.srt.managers.scheduler.Scheduler.init_schedule_policy": "self",
+    "sglang.srt.managers.scheduler.Scheduler.process_batch_result": "self batch result",
+    "sglang.srt.managers.scheduler.Scheduler.update_running_batch": "self batch",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request": "self obj input_ids",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.__init__": "self max_loras_per_batch device",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.prepare_lora_batch": "self forward_batch weight_indices lora_ranks scalings use_decode_cuda_graph use_prefill_cuda_graph",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.init_decode_cuda_graph_batch_info": "self max_bs_in_cuda_graph num_tokens_per_req",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.forward_with_base": "self layer x base_fn lora_a lora_b output_offset offsets all_reduce kind pruned_batch_info",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.run_lora_a_sgemm": "self x weights *args **kwargs",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.run_lora_b_sgemm": "self x weights *args **kwargs",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.run_qkv_lora": "self x qkv_lora_a qkv_lora_b *args **kwargs",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.run_gate_up_lora": "self x gate_up_lora_a gate_up_lora_b *args **kwargs",
+    "sglang.srt.lora.mem_pool.LoRAMemoryPool.__init__": "self base_hf_config max_loras_per_batch dtype max_lora_rank target_modules base_model eviction_policy lora_added_tokens_size experts_shared_outer_loras strict_loading enable_lora_overlap_loading",
+    "sglang.srt.lora.mem_pool.LoRAMemoryPool.prepare_lora_batch": "self cur_uids lora_adapters lora_modules lora_refs lora_embed_tokens_module lora_lm_head_module",
+    "sglang.srt.lora.mem_pool.LoRAMemoryPool.get_buffer_id": "self lora_uid",
+    "sglang.srt.lora.mem_pool.LoRAMemoryPool.get_tensor": "self target_module layer_id lora_type",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.__init__": "self size dtype device kvcache need_sort",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.alloc": "self need_size",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free": "self free_index",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.available_size": "self",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.merge_and_sort_free": "self",
+}
+
+
+def resolve(target: str) -> Any:
+    parts = target.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attr in parts[split:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(target)
+
+
+def parameters(fn: Any) -> str:
+    prefix = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    return " ".join(prefix.get(p.kind, "") + name
+                    for name, p in inspect.signature(fn).parameters.items())
+
+
+def test_every_hook_target_is_pinned():
+    targets = {target for target, _, _ in plugin.method_hooks()}
+    assert targets <= set(PINNED), sorted(targets - set(PINNED))
+
+
+@pytest.mark.parametrize("target", sorted(PINNED))
+def test_seam_exists_with_the_pinned_parameters(target):
+    fn = resolve(target)
+    assert callable(fn), target
+    assert parameters(fn) == PINNED[target], f"{target} changed its parameters"
+
+
+@pytest.mark.parametrize("step, name", plugin.RESOLUTION_HOOKS)
+def test_resolution_steps_exist(step, name):
+    from sglang.srt.arg_groups import resolution_hooks
+
+    assert step in resolution_hooks._OVERRIDABLE_HOOKS
+    assert callable(getattr(plugin, name))
+
+
+def test_the_kv_allocator_keeps_the_free_lists_the_slot_store_reads():
+    import torch
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+
+    allocator = TokenToKVPoolAllocator(8, torch.float32, "cpu", None, True)
+    for attr in ("free_pages", "release_pages", "need_sort", "page_size"):
+        assert hasattr(allocator, attr), attr
+    assert isinstance(allocator.free_pages, torch.Tensor) and allocator.page_size == 1
