@@ -1,0 +1,311 @@
+"""Overload soak: does a ``--chameleon`` server lose anything when driven past its capacity?
+
+``python -m eval.soak [--preset eval] [--dtype auto] [--overload 2] [--duration 600]
+[--hangup 0.1] [--reload-every 20] [--out DIR]``
+
+1. starts one ``--chameleon`` server (integrity checks on) and takes a probe: a greedy request's
+   output before any load;
+2. measures capacity: completed requests per second of a closed loop of concurrent clients
+   over the soak's own request mix (``--capacity-rps`` skips this);
+3. sends Poisson arrivals at ``overload x capacity`` for ``duration`` seconds; a share
+   ``--hangup`` of clients stream and hang up after the first tokens; every ``--reload-every``
+   seconds an adapter is unloaded and loaded again under the traffic: one of the spare
+   adapters no request names (default), or with ``--reload-in-use`` one the requests use;
+4. waits for the backlog to drain, then asserts: every request either completed with all its
+   tokens or received an explicit error (HTTP error with a message, an error in the stream);
+   none was lost (no response, a broken stream, a timeout); the invariant checker finds nothing;
+   quota usage and adapter references are back to zero; the probe's greedy output is
+   unchanged; the server's memory (RSS of its process group) grew by less than 5%.
+
+Prints a verdict and writes ``soak.json``; exit status 0 only when every check holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import aiohttp
+import requests
+
+from chameleon_sglang import integrity
+from chameleon_sglang.assets import Assets, build
+from chameleon_sglang.serve import ServerProcess, free_port, server_command
+from eval.arms import auto_dtype
+from eval.summary import cpu_flags
+
+PROBE_IDS = [3, 14, 15, 92, 65, 35, 89, 79]
+RSS_GROWTH_LIMIT = 0.05
+OUTCOMES = ("completed", "error", "hung_up", "lost")
+
+
+@dataclasses.dataclass
+class Outcome:
+    index: int
+    adapter: str
+    kind: str  # one of OUTCOMES
+    detail: str = ""
+    latency_s: float = 0.0
+
+
+SPARE_ADAPTERS = 2
+"""The preset's last adapters: reloaded under traffic, named by no request (by default)."""
+
+
+def request_mix(assets: Assets, n: int, seed: int, max_input: int, max_output: int
+                ) -> List[Dict[str, Any]]:
+    """``n`` requests over the adapters but the spare ones, with a skewed popularity; prompt
+    and output lengths uniform."""
+    rng = random.Random(seed)
+    names = [a.name for a in assets.adapters[:-SPARE_ADAPTERS]]
+    weights = [1.0 / (i + 1) for i in range(len(names))]
+    out = []
+    for _ in range(n):
+        length = rng.randint(8, max_input)
+        out.append({"adapter": rng.choices(names, weights)[0],
+                    "input_ids": [rng.randint(5, 1000) for _ in range(length)],
+                    "max_new_tokens": rng.randint(4, max_output)})
+    return out
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, index: int,
+                      spec: Dict[str, Any], hang_up: bool, timeout_s: float) -> Outcome:
+    body = {"input_ids": spec["input_ids"], "lora_path": spec["adapter"], "stream": True,
+            "sampling_params": {"max_new_tokens": spec["max_new_tokens"], "temperature": 0,
+                                "ignore_eos": True}}
+    started = time.perf_counter()
+
+    def done(kind: str, detail: str = "") -> Outcome:
+        return Outcome(index, spec["adapter"], kind, detail, time.perf_counter() - started)
+
+    try:
+        async with session.post(url + "/generate", json=body,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status != 200:
+                text = (await resp.text())[:200]
+                return done("error" if text.strip() else "lost", f"HTTP {resp.status} {text}")
+            tokens = 0
+            async for raw in resp.content:
+                line = raw.decode(errors="replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    return done("error", str(chunk["error"])[:200])
+                tokens = len(chunk.get("output_ids") or []) or tokens + 1
+                if hang_up and tokens >= 2:
+                    return done("hung_up")
+            if tokens >= spec["max_new_tokens"]:
+                return done("completed")
+            return done("lost", f"stream ended after {tokens} of {spec['max_new_tokens']}")
+    except asyncio.TimeoutError:
+        return done("lost", "timeout")
+    except aiohttp.ClientError as exc:
+        return done("lost", f"{type(exc).__name__}: {exc}")
+
+
+async def closed_loop(url: str, mix: Sequence[Dict[str, Any]], clients: int,
+                      duration_s: float) -> float:
+    """Completed requests per second of ``clients`` back-to-back clients."""
+    completed = 0
+    deadline = time.perf_counter() + duration_s
+    async with aiohttp.ClientSession() as session:
+        async def client(c: int) -> None:
+            nonlocal completed
+            i = c
+            while time.perf_counter() < deadline:
+                out = await one_request(session, url, i, mix[i % len(mix)], False, 300)
+                completed += out.kind == "completed"
+                i += clients
+        started = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        return completed / (time.perf_counter() - started)
+
+
+async def reloader(url: str, assets: Assets, every_s: float, stop: asyncio.Event,
+                   log: List[Dict[str, Any]], in_use: bool) -> None:
+    """Unload and reload an adapter every ``every_s``: the spare ones, or (``in_use``) the
+    most popular ones, which requests are using."""
+    popular = assets.adapters[:4] if in_use else assets.adapters[-SPARE_ADAPTERS:]
+    i = 0
+    async with aiohttp.ClientSession() as session:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), every_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            adapter = popular[i % len(popular)]
+            i += 1
+            entry: Dict[str, Any] = {"adapter": adapter.name, "t": time.time()}
+            for op, body in (("unload", {"lora_name": adapter.name}),
+                             ("load", {"lora_name": adapter.name,
+                                       "lora_path": str(adapter.path)})):
+                async with session.post(f"{url}/{op}_lora_adapter", json=body,
+                                        timeout=aiohttp.ClientTimeout(total=300)) as resp:
+                    payload = await resp.json(content_type=None)
+                    entry[op] = bool(resp.status == 200 and payload.get("success"))
+            log.append(entry)
+
+
+async def open_loop(url: str, assets: Assets, mix: Sequence[Dict[str, Any]], rps: float,
+                    duration_s: float, hangup: float, reload_every_s: float, seed: int,
+                    timeout_s: float, reload_in_use: bool) -> Dict[str, Any]:
+    rng = random.Random(seed + 1)
+    tasks: List[asyncio.Task] = []
+    reloads: List[Dict[str, Any]] = []
+    stop = asyncio.Event()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        reload_task = asyncio.create_task(
+            reloader(url, assets, reload_every_s, stop, reloads, reload_in_use)) \
+            if reload_every_s > 0 else None
+        started = time.perf_counter()
+        t, i = 0.0, 0
+        while t < duration_s:
+            delay = started + t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one_request(
+                session, url, i, mix[i % len(mix)], rng.random() < hangup, timeout_s)))
+            i += 1
+            t += rng.expovariate(rps)
+        stop.set()
+        if reload_task is not None:
+            await reload_task
+        outcomes = await asyncio.gather(*tasks)
+        drained_s = time.perf_counter() - started - duration_s
+    return {"outcomes": outcomes, "reloads": reloads, "drain_s": drained_s}
+
+
+def group_rss_kb(pid: int) -> int:
+    """Resident memory of the process group led by ``pid`` (the server and its children)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) != pid:
+                continue
+            for line in open(f"/proc/{entry}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except (OSError, ProcessLookupError):
+            continue
+    return total
+
+
+def probe(url: str, adapter: str) -> List[int]:
+    body = {"input_ids": PROBE_IDS, "lora_path": adapter,
+            "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}
+    resp = requests.post(url + "/generate", json=body, timeout=300)
+    resp.raise_for_status()
+    return resp.json()["output_ids"]
+
+
+def settle(url: str, timeout_s: float) -> Dict[str, Any]:
+    """Wait until nothing runs or waits (quota usage and references zero); the last stats."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rank = requests.get(url + "/chameleon/stats", timeout=60).json()["ranks"][0]
+        sched, cache = rank.get("scheduler") or {}, rank.get("adapter_cache") or {}
+        quiet = (not any(sched.get("usage", [])) and not any(sched.get("num_waiting", []))
+                 and cache.get("num_in_use", 0) == 0 and cache.get("num_holding_requests", 0) == 0)
+        if quiet or time.monotonic() > deadline:
+            return rank
+        time.sleep(1.0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="eval")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16",
+                                                            "float16"])
+    parser.add_argument("--overload", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=600.0)
+    parser.add_argument("--capacity-rps", type=float, default=0.0)
+    parser.add_argument("--capacity-seconds", type=float, default=30.0)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--hangup", type=float, default=0.1)
+    parser.add_argument("--reload-every", type=float, default=20.0)
+    parser.add_argument("--reload-in-use", action="store_true",
+                        help="reload adapters the requests use (see the README: SGLang's "
+                             "unload waits for them and its registry races with reloads)")
+    parser.add_argument("--max-input", type=int, default=256)
+    parser.add_argument("--max-output", type=int, default=48)
+    parser.add_argument("--request-timeout", type=float, default=1800.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    dtype = auto_dtype() if args.dtype == "auto" else args.dtype
+    out_dir = args.out or Path("eval/results") / time.strftime("soak-%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    assets = build(args.preset)
+    os.environ[integrity.ENV_FLAG] = "1"
+    port = free_port()
+    cmd = server_command(assets, port, chameleon=True, dtype=dtype)
+    report: Dict[str, Any] = {"preset": args.preset, "dtype": dtype, "cpu_flags": cpu_flags(),
+                              "command": cmd, "args": {k: str(v) for k, v in vars(args).items()}}
+    mix = request_mix(assets, 4096, args.seed, args.max_input, args.max_output)
+    with ServerProcess(cmd, port, log_path=out_dir / "server.log") as server:
+        url = server.url
+        probe_adapter = assets.adapters[0].name
+        before_probe = probe(url, probe_adapter)
+        capacity = args.capacity_rps or asyncio.run(
+            closed_loop(url, mix, args.clients, args.capacity_seconds))
+        rss_before = group_rss_kb(server.proc.pid)
+        rate = args.overload * capacity
+        print(f"capacity {capacity:.2f} req/s; soak at {rate:.2f} req/s for {args.duration:.0f} s",
+              flush=True)
+        run = asyncio.run(open_loop(url, assets, mix, rate, args.duration, args.hangup,
+                                    args.reload_every, args.seed, args.request_timeout,
+                                    args.reload_in_use))
+        final = settle(url, timeout_s=300)
+        after_probe = probe(url, probe_adapter)
+        rss_after = group_rss_kb(server.proc.pid)
+    outcomes: List[Outcome] = run["outcomes"]
+    counts = {k: sum(o.kind == k for o in outcomes) for k in OUTCOMES}
+    sched, cache = final.get("scheduler") or {}, final.get("adapter_cache") or {}
+    checks = {
+        "nothing_lost": counts["lost"] == 0,
+        "integrity": final.get("integrity", ["not reported"]) == [],
+        "quota_usage_zero": not any(sched.get("usage", [1])),
+        "references_zero": cache.get("num_in_use", 1) == 0
+                           and cache.get("num_holding_requests", 1) == 0,
+        "probe_unchanged": before_probe == after_probe,
+        "rss_growth_below_5pct": rss_after <= rss_before * (1 + RSS_GROWTH_LIMIT),
+        "reloads_succeeded": all(r.get("unload") and r.get("load") for r in run["reloads"]),
+    }
+    report.update(
+        capacity_rps=capacity, offered_rps=rate, duration_s=args.duration,
+        arrivals=len(outcomes), outcomes=counts, drain_s=round(run["drain_s"], 1),
+        reloads=len(run["reloads"]), rss_kb={"before": rss_before, "after": rss_after},
+        integrity=final.get("integrity"), refused_requests=cache.get("num_refused_requests"),
+        refusals_repeated=cache.get("num_refusals_repeated"),
+        refused_for_fragmentation=cache.get("refused_for_fragmentation"),
+        lost=[dataclasses.asdict(o) for o in outcomes if o.kind == "lost"][:20],
+        errors=[dataclasses.asdict(o) for o in outcomes if o.kind == "error"][:20],
+        checks=checks, passed=all(checks.values()))
+    (out_dir / "soak.json").write_text(json.dumps(report, indent=1, default=str))
+    print(json.dumps({k: report[k] for k in ("dtype", "capacity_rps", "offered_rps", "arrivals",
+                                              "outcomes", "drain_s", "reloads", "rss_kb",
+                                              "refused_requests", "refusals_repeated",
+                                              "checks")}, indent=1))
+    print(("PASSED" if report["passed"] else "FAILED") + f" -> {out_dir / 'soak.json'}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

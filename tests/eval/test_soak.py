@@ -1,0 +1,33 @@
+"""The overload soak, short: a tiny-preset server at twice its measured capacity for 20 s with
+clients hanging up and adapters unloaded and reloaded under traffic; the soak's own verdict
+(nothing lost, invariants clean, quotas and references back to zero, probe output unchanged,
+memory flat) must be PASSED."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_short_soak_loses_nothing(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "eval.soak", "--preset", "tiny", "--dtype", "float32",
+         "--duration", "20", "--capacity-seconds", "8", "--clients", "8", "--hangup", "0.2",
+         "--reload-every", "4", "--max-input", "128", "--max-output", "24",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    report = json.loads((tmp_path / "soak.json").read_text())
+    assert proc.returncode == 0 and report["passed"], (report["checks"], report["lost"],
+                                                       proc.stdout[-3000:])
+    outcomes = report["outcomes"]
+    assert outcomes["completed"] > 0 and outcomes["hung_up"] > 0 and outcomes["lost"] == 0
+    assert report["reloads"] >= 2
+    assert report["offered_rps"] >= 1.9 * report["capacity_rps"]
