@@ -32,7 +32,9 @@ tensors (or on CPU tensors under ``TRITON_INTERPRET=1`` when asked with ``use_tr
 torch reference otherwise. Without a ``base`` they derive one: a flat view of the storage all
 matrices share, or, when they sit in different allocations (a layer's K and V buffers), the
 first matrix as the anchor of address-difference offsets. Not CUDA-graph safe (the table is
-built on the host per call).
+built on the host per call): the serving GPU path is :mod:`chameleon_kernels.lora_table_triton`
+(same arithmetic, metadata in device buffers of fixed address); this per-call path serves only
+where the adapter cache keeps no device table.
 """
 
 from __future__ import annotations
