@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 RECIPE_VERSION = 1
 ADAPTER_RANKS: Tuple[int, ...] = (8, 16, 32, 64, 128)
@@ -294,16 +294,18 @@ def _make_model(recipe: Recipe, tokenizer):
     return model
 
 
-def write_adapter(model_path: Path, out: Path, rank: int, seed: int, lora_b_std: float = 0.05):
+def write_adapter(model_path: Path, out: Path, rank: int, seed: int, lora_b_std: float = 0.05,
+                  target_modules: Sequence[str] = TARGET_MODULES):
     """Write one extra peft adapter of ``rank`` for the model at ``model_path`` (tests, tools)."""
     from transformers import LlamaForCausalLM
 
     base = LlamaForCausalLM.from_pretrained(model_path)
     recipe = dataclasses.replace(PRESETS["tiny"], seed=seed, lora_b_std=lora_b_std)
-    _write_adapter(base, recipe, index=0, rank=rank, out=out)
+    _write_adapter(base, recipe, index=0, rank=rank, out=out, target_modules=target_modules)
 
 
-def _write_adapter(base_model, recipe: Recipe, index: int, rank: int, out: Path) -> None:
+def _write_adapter(base_model, recipe: Recipe, index: int, rank: int, out: Path,
+                   target_modules: Sequence[str] = TARGET_MODULES) -> None:
     import copy
 
     import torch
@@ -313,7 +315,7 @@ def _write_adapter(base_model, recipe: Recipe, index: int, rank: int, out: Path)
         r=rank,
         lora_alpha=rank,
         lora_dropout=0.0,
-        target_modules=list(TARGET_MODULES),
+        target_modules=list(target_modules),
         init_lora_weights=False,
         bias="none",
         task_type="CAUSAL_LM",
@@ -322,10 +324,10 @@ def _write_adapter(base_model, recipe: Recipe, index: int, rank: int, out: Path)
     gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + index + 1)
     with torch.no_grad():
         for name, param in sorted(peft_model.named_parameters()):
-            if ".lora_A." in name:
+            if ".lora_A." in name or ".lora_embedding_A." in name:
                 fan_in = param.shape[1]
                 param.copy_(torch.randn(param.shape, generator=gen) / fan_in**0.5)
-            elif ".lora_B." in name:
+            elif ".lora_B." in name or ".lora_embedding_B." in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * recipe.lora_b_std)
     peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
     # peft records the absolute base-model path it was given; keep the build relocatable.

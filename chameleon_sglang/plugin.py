@@ -23,6 +23,7 @@ from chameleon_sglang.request_checks import TOKENIZER_MANAGER_CLASS, refuse_toke
 logger = logging.getLogger(__name__)
 
 SCHEDULER_CLASS = "sglang.srt.managers.scheduler.Scheduler"
+MODEL_RUNNER_CLASS = "sglang.srt.model_executor.model_runner.ModelRunner"
 LORA_MANAGER_CLASS = "sglang.srt.lora.lora_manager.LoRAManager"
 LORA_POOL_CLASS = "sglang.srt.lora.mem_pool.LoRAMemoryPool"
 CHAMELEON_LORA_BACKEND = "chameleon"
@@ -56,6 +57,7 @@ def method_hooks() -> List[Tuple[str, Callable[..., Any], str]]:
         ("init_memory_pools", bind_pool_to_kv_buffers, HookType.AFTER),
     ]
     return [(f"{SCHEDULER_CLASS}.{method}", hook, kind) for method, hook, kind in scheduler] + [
+        (f"{MODEL_RUNNER_CLASS}.init_lora_manager", decide_adapter_cache, HookType.AROUND),
         (f"{LORA_MANAGER_CLASS}.init_memory_pool", init_lora_pool, HookType.AROUND),
         (f"{LORA_MANAGER_CLASS}.validate_new_adapter", refuse_uncacheable_adapter,
          HookType.AFTER),
@@ -148,23 +150,11 @@ def _cuda_available() -> bool:
 
 
 def adapter_cache_unsupported_reason(cfg: Any) -> Optional[str]:
-    """Why the adapter cache cannot replace SGLang's LoRA pool here (None: it can)."""
-    config = ChameleonConfig.from_server_args(cfg)
-    if not config.enabled:
-        return "--chameleon not set: SGLang's LoRA pool"
-    if not config.cache:
-        return "disabled by --no-chameleon-cache: SGLang's LoRA pool"
-    if not (cfg.enable_lora or cfg.lora_paths):
-        return "LoRA is not enabled"
-    if (cfg.page_size or 1) != 1:
-        return "needs --page-size 1: SGLang's LoRA pool in use"
-    if getattr(cfg, "enable_dp_attention", False):
-        return "not supported with DP attention: SGLang's LoRA pool in use"
-    if getattr(cfg, "enable_lora_overlap_loading", False):
-        return "not combined with --enable-lora-overlap-loading: SGLang's LoRA pool in use"
-    if int(getattr(cfg, "pp_size", 1) or 1) > 1:
-        return "not supported with pipeline parallelism: SGLang's LoRA pool in use"
-    return None
+    """Why the flags rule the adapter cache out (None: they allow it; the loaded model still
+    has its say in each model runner, :func:`decide_adapter_cache`)."""
+    from chameleon_sglang.capability import flags_unsupported_reason
+
+    return flags_unsupported_reason(cfg)
 
 
 def register_lora_backend() -> None:
@@ -172,6 +162,13 @@ def register_lora_backend() -> None:
     from sglang.srt.lora.backend.lora_registry import LORA_SUPPORTED_BACKENDS
 
     def create() -> Any:
+        from chameleon_sglang.capability import runner_decision
+
+        fallback = runner_decision().fallback_backend
+        if fallback is not None:  # the model rules the cache out: SGLang's pool and kernels
+            from sglang.srt.lora.backend.lora_registry import get_backend_from_name
+
+            return get_backend_from_name(fallback)
         from chameleon_sglang.lora_backend import ChameleonLoRABackend
 
         return ChameleonLoRABackend
@@ -247,9 +244,12 @@ def _statuses(scheduler: Any, config: ChameleonConfig,
 
     from chameleon_sglang.sglang_cache import cache_bridge_of
 
+    from chameleon_sglang.capability import runner_decision
+
     installed = None if bridge_of(scheduler) is not None else (reason or "not installed")
     cache_reason = None if cache_bridge_of(scheduler) is not None else (
-        adapter_cache_unsupported_reason(scheduler.server_args) or "not installed")
+        runner_decision().reason or adapter_cache_unsupported_reason(scheduler.server_args)
+        or "not installed")
     return [scheduler_status(config, installed), cache_status(config, cache_reason)]
 
 
@@ -345,6 +345,18 @@ def on_batch_result(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> A
 
 
 # -- model runner (scheduler process) ----------------------------------------------------------
+def decide_adapter_cache(original: Callable, runner: Any, *args: Any, **kwargs: Any) -> Any:
+    """``ModelRunner.init_lora_manager``: first decide, from the flags and the loaded model,
+    whether the adapter cache can be the LoRA pool; where it cannot, the ``chameleon`` backend
+    name resolves to SGLang's own backend, so SGLang's pool serves (logged once)."""
+    from sglang.srt.runtime_context import get_lora
+
+    from chameleon_sglang.capability import decide_for_runner
+
+    decide_for_runner(runner, runner.server_args, get_lora().lora_backend)
+    return original(runner, *args, **kwargs)
+
+
 def init_lora_pool(original: Callable, manager: Any, *args: Any, **kwargs: Any) -> Any:
     """``LoRAManager.init_memory_pool``: with the ``chameleon`` backend, the adapter cache
     becomes the LoRA pool; otherwise SGLang's pool (with the host-link model, if set)."""

@@ -23,6 +23,14 @@ def rank_256_adapter(tiny_assets: Assets, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def embedding_lora_adapter(tiny_assets: Assets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("embedding-lora") / "emb-r8"
+    write_adapter(tiny_assets.model_path, out, rank=8, seed=11,
+                  target_modules=("q_proj", "v_proj", "embed_tokens"))
+    return out
+
+
 def assert_still_serving(url: str) -> None:
     assert healthy(url)
     assert integrity_problems(url) == []
@@ -62,6 +70,37 @@ def test_adapter_rank_above_max_is_refused(server, rank_256_adapter):
     assert "rank" in body["error_message"].lower()
     after = requests.get(server.url + "/v1/models", timeout=30).json()
     assert before == after
+    assert_still_serving(server.url)
+
+
+def test_adapter_with_embedding_lora_is_refused_alone(server, embedding_lora_adapter):
+    """An adapter with LoRA on the embedding: with the adapter cache its load fails naming why
+    and the others serve on; stock SGLang's pool serves it (and unloads it again)."""
+    def model_ids() -> list:
+        return sorted(m["id"] for m in requests.get(server.url + "/v1/models",
+                                                    timeout=30).json()["data"])
+
+    before = model_ids()
+    resp = requests.post(
+        server.url + "/load_lora_adapter",
+        json={"lora_name": "with-embedding", "lora_path": str(embedding_lora_adapter)},
+        timeout=120,
+    )
+    body = resp.json()
+    use = requests.post(server.url + "/generate", timeout=60, json={
+        "input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2},
+        "lora_path": "with-embedding"})
+    if server.arm == "stock":  # (at --max-loaded-loras SGLang may drop an idle adapter)
+        assert body["success"] is True and use.status_code == 200, (body, use.text)
+        assert "with-embedding" in model_ids()
+        assert requests.post(server.url + "/unload_lora_adapter", timeout=120,
+                             json={"lora_name": "with-embedding"}).json()["success"]
+        assert "with-embedding" not in model_ids()
+    else:
+        assert body["success"] is False
+        assert "embed_tokens" in body["error_message"], body
+        assert use.status_code == 400
+        assert model_ids() == before
     assert_still_serving(server.url)
 
 

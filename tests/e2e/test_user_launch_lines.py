@@ -42,17 +42,46 @@ LINES = {
 }
 
 
+# Settings the adapter cache does not serve: SGLang's LoRA pool serves instead, the scheduler
+# stays, /server_info says why (the README's capability table). (flags, words of the reason,
+# whether the model runner decided it: then the log says so once.)
+FALLBACK_LINES = {
+    "page-size-16": (["--page-size", "16"], "--page-size 1", False),
+    "kv-dtype-differs-from-lora-dtype": (["--dtype", "float32", "--kv-cache-dtype", "bf16"],
+                                         "KV cache in the LoRA dtype", True),
+    "no-chameleon-cache": (["--no-chameleon-cache"], "--no-chameleon-cache", False),
+}
+
+
 @pytest.mark.parametrize("name", sorted(LINES))
 def test_user_launch_line_serves_every_adapter(name, tiny_assets, tmp_path):
+    assert_serves(tiny_assets, tmp_path, name, LINES[name](tiny_assets),
+                  {"scheduler", "adapter_cache"})
+
+
+@pytest.mark.parametrize("name", sorted(FALLBACK_LINES))
+def test_unsupported_setting_falls_back_to_sglangs_pool_and_serves(name, tiny_assets, tmp_path):
+    flags, words, by_runner = FALLBACK_LINES[name]
+    status = assert_serves(tiny_assets, tmp_path, name,
+                           ["--chameleon", "--enable-lora", "--lora-paths",
+                            *_adapters(tiny_assets), *flags], {"scheduler"})
+    assert words in status["components"]["adapter_cache"]["detail"], status
+    log = (tmp_path / f"{name}.log").read_text(errors="replace")
+    assert ("Chameleon adapter cache off" in log) == by_runner
+
+
+def assert_serves(assets: Assets, tmp_path, name: str, flags: List[str], active: set) -> dict:
+    """Start the line, check the active components, serve every adapter on both APIs
+    (greedy outputs reproducible), check integrity and a clean log; the chameleon status."""
     port = free_port()
-    server = ServerProcess(user_line(tiny_assets, port, LINES[name](tiny_assets)), port,
+    server = ServerProcess(user_line(assets, port, flags), port,
                            log_path=tmp_path / f"{name}.log")
     with server:  # started here, always stopped
         info = requests.get(server.url + "/server_info", timeout=30).json()
         status = info["chameleon_status"]
-        assert set(status["active_components"]) == {"scheduler", "adapter_cache"}, status
-        model = info.get("served_model_name") or str(tiny_assets.model_path)
-        for adapter in tiny_assets.adapters[:3]:
+        assert set(status["active_components"]) == active, status
+        model = info.get("served_model_name") or str(assets.model_path)
+        for adapter in assets.adapters[:3]:
             first = generate(server.url, PROMPT, adapter.name, 6)["output_ids"]
             assert len(first) == 6
             assert generate(server.url, PROMPT, adapter.name, 6)["output_ids"] == first
@@ -61,5 +90,6 @@ def test_user_launch_line_serves_every_adapter(name, tiny_assets, tmp_path):
                 "temperature": 0})
             assert resp.status_code == 200, resp.text
         assert integrity_problems(server.url) == []
-        log = (tmp_path / f"{name}.log").read_text(errors="replace")
-        assert "Traceback" not in log
+    log = (tmp_path / f"{name}.log").read_text(errors="replace")
+    assert "Traceback" not in log
+    return status

@@ -21,6 +21,11 @@ from chameleon_sglang import plugin
 PINNED = {
     "sglang.srt.entrypoints.http_server.launch_server": "server_args init_tokenizer_manager_func run_scheduler_process_func run_detokenizer_process_func execute_warmup_func launch_callback",
     "sglang.srt.lora.lora_manager.LoRAManager.init_memory_pool": "self",
+    "sglang.srt.model_executor.model_runner.ModelRunner.init_lora_manager": "self",
+    "sglang.srt.model_executor.model_runner.ModelRunner.configure_kv_cache_dtype": "self",
+    "sglang.srt.lora.mem_pool.LoRAMemoryPool._has_moe_module": "base_model",
+    "sglang.srt.mem_cache.kv_cache_builder.uses_ssm_state": "model_config",
+    "sglang.srt.lora.backend.lora_registry.get_backend_from_name": "name",
     "sglang.srt.lora.lora_manager.LoRAManager.validate_new_adapter": "self lora_config lora_ref",
     "sglang.srt.lora.mem_pool.LoRAMemoryPool.load_lora_weight_to_buffer": "self uid buffer_id lora_adapter lora_modules lora_embed_tokens_module lora_lm_head_module",
     "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue": "self req is_retracted",
