@@ -32,6 +32,7 @@ class ModelFacts:
     hybrid_swa: bool = False  # sliding-window layers beside full ones (two KV pools)
     recurrent_state: bool = False  # mamba / linear attention state beside the KV cache
     moe_lora: bool = False  # the model has fused-MoE layers
+    padded_for_tp: str = ""  # what SGLang padded so CPU tensor parallelism divides ("": nothing)
 
 
 def flags_unsupported_reason(cfg: Any) -> Optional[str]:
@@ -72,6 +73,10 @@ def model_unsupported_reason(facts: ModelFacts) -> Optional[str]:
     if facts.hybrid_swa or facts.recurrent_state:
         kind = "sliding-window" if facts.hybrid_swa else "recurrent-state"
         return f"needs one full-attention KV pool (the model has {kind} layers): {STOCK_POOL}"
+    if facts.padded_for_tp:
+        return (f"needs layers that tensor parallelism divides unpadded (SGLang padded "
+                f"{facts.padded_for_tp} for CPU tensor parallelism; the adapters' slices would "
+                f"not match): {STOCK_POOL}")
     if facts.kv_cache_dtype != facts.lora_dtype:
         return (f"needs the KV cache in the LoRA dtype ({_name(facts.lora_dtype)}; the KV cache "
                 f"is {_name(facts.kv_cache_dtype)}): {STOCK_POOL}")
@@ -119,7 +124,24 @@ def model_facts(runner: Any) -> ModelFacts:
         hybrid_swa=bool(getattr(config, "is_hybrid_swa", False)),
         recurrent_state=bool(uses_ssm_state(config)),
         moe_lora=LoRAMemoryPool._has_moe_module(runner.model),
+        padded_for_tp=_padded_for_tp(getattr(config, "hf_config", None)),
     )
+
+
+# (attribute SGLang keeps the original value in, attribute it pads) for CPU tensor parallelism
+_TP_PADDED = (("original_intermediate_size", "intermediate_size"),
+              ("original_num_attention_heads", "num_attention_heads"),
+              ("original_total_num_kv_heads", "num_key_value_heads"))
+
+
+def _padded_for_tp(hf_config: Any) -> str:
+    """What ``adjust_config_with_unaligned_cpu_tp`` padded, e.g. ``intermediate_size 352->384``."""
+    padded = []
+    for original, current in _TP_PADDED:
+        before, after = getattr(hf_config, original, None), getattr(hf_config, current, None)
+        if before is not None and after is not None and before != after:
+            padded.append(f"{current} {before}->{after}")
+    return ", ".join(padded)
 
 
 def stock_backend_for(device: str) -> str:

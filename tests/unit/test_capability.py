@@ -61,6 +61,8 @@ MODEL_ROWS = {
     "MLA": (dict(attention_arch="MLA"), "MLA"),
     "hybrid sliding window": (dict(hybrid_swa=True), "sliding-window"),
     "mamba / linear attention": (dict(recurrent_state=True), "recurrent-state"),
+    "--tp-size 2 on a CPU that pads the model": (
+        dict(padded_for_tp="intermediate_size 352->384"), "352->384"),
     "--kv-cache-dtype fp8_e4m3": (dict(kv_cache_dtype=torch.float8_e4m3fn), "float8_e4m3fn"),
     "--dtype float32 --kv-cache-dtype bf16": (
         dict(lora_dtype=torch.float32, kv_cache_dtype=torch.bfloat16), "bfloat16"),
@@ -89,6 +91,13 @@ class FakeRunner:
 
     def configure_kv_cache_dtype(self) -> None:
         self.kv_cache_dtype = self._kv_dtype
+
+
+def test_tp_padding_is_read_from_what_sglang_records():
+    padded = types.SimpleNamespace(original_intermediate_size=352, intermediate_size=384,
+                                   original_num_attention_heads=4, num_attention_heads=4)
+    assert capability._padded_for_tp(padded) == "intermediate_size 352->384"
+    assert capability._padded_for_tp(types.SimpleNamespace(intermediate_size=352)) == ""
 
 
 @pytest.fixture
