@@ -101,8 +101,13 @@ class RunnerDecision:
     reason: Optional[str] = None
     fallback_backend: Optional[str] = None  # the LoRA backend SGLang's pool runs with
 
+    @property
+    def cache_serves(self) -> bool:
+        """The adapter cache is this process's LoRA pool."""
+        return self.reason is None
 
-_decision = RunnerDecision()
+
+_decision = RunnerDecision(reason="no LoRA manager built in this process")
 
 
 def runner_decision() -> RunnerDecision:
@@ -156,7 +161,8 @@ def decide_for_runner(runner: Any, cfg: Any, chosen_backend: Optional[str]) -> R
     from chameleon_sglang.plugin import CHAMELEON_LORA_BACKEND
 
     if chosen_backend != CHAMELEON_LORA_BACKEND:
-        _decision = RunnerDecision(reason=flags_unsupported_reason(cfg))
+        _decision = RunnerDecision(reason=flags_unsupported_reason(cfg)
+                                   or f"LoRA backend {chosen_backend!r}: {STOCK_POOL}")
         return _decision
     reason = unsupported_reason(cfg, model_facts(runner))
     fallback = None

@@ -232,6 +232,10 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         return self.cache is not None
 
     # -- residency ---------------------------------------------------------------------------
+    def footprint_slots(self, uid: str) -> int:
+        """KV slots the adapter occupies when resident."""
+        return self._layout(uid).num_slots
+
     def footprint_bytes(self, uid: str) -> int:
         """KV memory the adapter occupies when resident: its run of slots, in bytes."""
         assert self.store is not None

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 SCHEDULER_CLASS = "sglang.srt.managers.scheduler.Scheduler"
 MODEL_RUNNER_CLASS = "sglang.srt.model_executor.model_runner.ModelRunner"
+KV_CONFIGURATOR_CLASS = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 LORA_MANAGER_CLASS = "sglang.srt.lora.lora_manager.LoRAManager"
 LORA_POOL_CLASS = "sglang.srt.lora.mem_pool.LoRAMemoryPool"
 CHAMELEON_LORA_BACKEND = "chameleon"
@@ -58,6 +59,8 @@ def method_hooks() -> List[Tuple[str, Callable[..., Any], str]]:
     ]
     return [(f"{SCHEDULER_CLASS}.{method}", hook, kind) for method, hook, kind in scheduler] + [
         (f"{MODEL_RUNNER_CLASS}.init_lora_manager", decide_adapter_cache, HookType.AROUND),
+        (f"{KV_CONFIGURATOR_CLASS}._build_token_to_kv_pool_allocator",
+         build_cache_aware_allocator, HookType.AROUND),
         (f"{LORA_MANAGER_CLASS}.init_memory_pool", init_lora_pool, HookType.AROUND),
         (f"{LORA_MANAGER_CLASS}.validate_new_adapter", refuse_uncacheable_adapter,
          HookType.AFTER),
@@ -355,6 +358,21 @@ def decide_adapter_cache(original: Callable, runner: Any, *args: Any, **kwargs: 
 
     decide_for_runner(runner, runner.server_args, get_lora().lora_backend)
     return original(runner, *args, **kwargs)
+
+
+def build_cache_aware_allocator(original: Callable, configurator: Any, *args: Any,
+                                **kwargs: Any) -> Any:
+    """SGLang's KV allocator construction: where the adapter cache is this process's LoRA pool,
+    the page-size-1 allocator is built as ``CacheAwareTokenAllocator`` (inert until the cache
+    binds to it); anything else exactly as SGLang builds it."""
+    from chameleon_sglang.capability import runner_decision
+
+    allocator = original(configurator, *args, **kwargs)
+    if not runner_decision().cache_serves:
+        return allocator
+    from chameleon_sglang.cache.kv_allocator import cache_aware_copy
+
+    return cache_aware_copy(allocator)
 
 
 def init_lora_pool(original: Callable, manager: Any, *args: Any, **kwargs: Any) -> Any:

@@ -60,6 +60,8 @@ class CacheBridge:
         self._refusals: Dict[str, Tuple[int, int]] = {}
         self.num_refusals_repeated = 0
         self.num_prefix_evictions_for_runs = 0
+        self.num_refused_for_pass_budget = 0
+        self._adder: Any = None  # SGLang's PrefillAdder of the pass under way
         self._metrics: Any = False  # not looked up yet
         make_cache_aware(scheduler.token_to_kv_pool_allocator, self)
 
@@ -71,6 +73,18 @@ class CacheBridge:
         self.cache.shrink_to_free(num_slots, self.clock.last, self._queued_adapters())
 
     # -- admission ------------------------------------------------------------------------
+    def begin_pass(self, adder: Any) -> None:
+        """A prefill pass starts; ``adder`` is SGLang's budget for it."""
+        self._adder = adder
+
+    def _fits_pass_budget(self, adapter: str) -> bool:
+        """An adapter loaded during a pass takes KV slots SGLang's budget may already have
+        promised to requests admitted earlier in the pass (their prompts are allocated only at
+        the pass's end): a load must fit what the budget has left."""
+        if self._adder is None:
+            return True
+        return self.pool.footprint_slots(adapter) <= int(self._adder.rem_total_tokens)
+
     def can_schedule(self, req: Any) -> bool:
         """May ``req`` join the batch as far as its adapter goes? References it if so."""
         adapter = req.lora_id
@@ -84,6 +98,9 @@ class CacheBridge:
             if refused is not None and refused[0] == self.cache.version \
                     and self._room() <= refused[1]:
                 self.num_refusals_repeated += 1
+                return False
+            if not self._fits_pass_budget(adapter):
+                self.num_refused_for_pass_budget += 1
                 return False
             queued = self._queued_adapters()
             self._evict_prefix_cache_for(adapter)
@@ -104,6 +121,7 @@ class CacheBridge:
     def end_pass(self) -> None:
         """After a prefill pass: keep references of admitted requests, drop the others',
         then prefetch adapters of queued requests."""
+        self._adder = None
         if self.owns_clock:
             self.clock.now()
         self._publish_metrics()
@@ -226,6 +244,7 @@ class CacheBridge:
             num_refused_requests=self.num_refused,
             num_refusals_repeated=self.num_refusals_repeated,
             num_prefix_evictions_for_runs=self.num_prefix_evictions_for_runs,
+            num_refused_for_pass_budget=self.num_refused_for_pass_budget,
             num_holding_requests=len(self._holds),
             kv_free_slots=free,
             kv_total_slots=total,

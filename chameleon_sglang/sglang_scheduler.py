@@ -58,6 +58,11 @@ def bridge_of(scheduler: Any) -> Optional["SchedulerBridge"]:
 # -- the two calls patch 0006 inserts into Scheduler._get_new_batch_prefill_raw --------------
 def prefill_candidates(scheduler: Any, adder: Any, running_batch: Any) -> Iterable[Any]:
     """The requests the prefill loop should consider, in order (SGLang's queue when inactive)."""
+    from chameleon_sglang.sglang_cache import cache_bridge_of
+
+    cache = cache_bridge_of(scheduler)
+    if cache is not None:
+        cache.begin_pass(adder)
     bridge = bridge_of(scheduler)
     if bridge is None:
         return scheduler.waiting_queue

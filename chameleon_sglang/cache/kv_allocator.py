@@ -3,13 +3,16 @@
 Cached adapters hold KV token slots. For SGLang's budgets, its decode check and its idle leak
 check, slots held by *idle* cached adapters count as available (like a radix cache's evictable
 tokens), and an allocation that would otherwise fail first evicts idle adapters. Slots of adapters
-in use by running requests count as used. :func:`make_cache_aware` switches an existing
-allocator instance to this behaviour; nothing else about it changes.
+in use by running requests count as used.
+
+The allocator is built as :class:`CacheAwareTokenAllocator` from the start where the adapter
+cache serves (:func:`cache_aware_copy`, called from the hook on SGLang's allocator construction);
+until :func:`make_cache_aware` binds the cache to it, it behaves exactly as SGLang's own.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
@@ -29,25 +32,39 @@ class BorrowedSlots(Protocol):
 
 
 class CacheAwareTokenAllocator(TokenToKVPoolAllocator):
-    """``TokenToKVPoolAllocator`` whose idle-adapter slots are available on demand."""
+    """``TokenToKVPoolAllocator`` whose idle-adapter slots are available on demand (once bound)."""
 
-    chameleon_slots: BorrowedSlots
+    chameleon_slots: Optional[BorrowedSlots] = None
 
     def available_size(self) -> int:
+        if self.chameleon_slots is None:
+            return super().available_size()
         return free_slot_count(self) + self.chameleon_slots.reclaimable_slots()
 
     def alloc(self, need_size: int) -> Any:
-        if need_size > free_slot_count(self):
-            self.chameleon_slots.free_slots_for(need_size)
-        if need_size > len(self.free_pages) and len(self.release_pages):
-            self.merge_and_sort_free()
+        if self.chameleon_slots is not None:
+            if need_size > free_slot_count(self):
+                self.chameleon_slots.free_slots_for(need_size)
+            if need_size > len(self.free_pages) and len(self.release_pages):
+                self.merge_and_sort_free()
         return super().alloc(need_size)
 
 
-def make_cache_aware(allocator: Any, slots: BorrowedSlots) -> None:
-    """Switch ``allocator`` (exactly a ``TokenToKVPoolAllocator``) to the cache-aware class."""
+def cache_aware_copy(allocator: Any) -> Any:
+    """A fresh, unused ``CacheAwareTokenAllocator`` with ``allocator``'s parameters when
+    ``allocator`` is exactly SGLang's page-size-1 ``TokenToKVPoolAllocator``; else ``allocator``
+    itself (the binding then refuses it, naming its type)."""
     if type(allocator) is not TokenToKVPoolAllocator:
-        raise TypeError(f"the adapter cache supports SGLang's page-size-1 TokenToKVPoolAllocator,"
-                        f" not {type(allocator).__name__}")
+        return allocator
+    return CacheAwareTokenAllocator(allocator.size, allocator.dtype, allocator.device,
+                                    allocator._kvcache, allocator.need_sort)
+
+
+def make_cache_aware(allocator: Any, slots: BorrowedSlots) -> None:
+    """Bind the adapter cache's ``slots`` to ``allocator`` (built as the cache-aware class)."""
+    if not isinstance(allocator, CacheAwareTokenAllocator):
+        raise TypeError(f"the adapter cache needs the page-size-1 KV allocator built as "
+                        f"CacheAwareTokenAllocator, not {type(allocator).__name__}")
+    if allocator.chameleon_slots is not None:
+        raise TypeError("this KV allocator already lends its slots to an adapter cache")
     allocator.chameleon_slots = slots
-    allocator.__class__ = CacheAwareTokenAllocator

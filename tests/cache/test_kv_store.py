@@ -11,7 +11,11 @@ from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
 from chameleon_sglang.cache import AdapterCache, CacheFullError, create_eviction_policy
-from chameleon_sglang.cache.kv_allocator import CacheAwareTokenAllocator, make_cache_aware
+from chameleon_sglang.cache.kv_allocator import (
+    CacheAwareTokenAllocator,
+    cache_aware_copy,
+    make_cache_aware,
+)
 from chameleon_sglang.cache.kv_store import (
     KVRun,
     KVSlotStore,
@@ -28,7 +32,8 @@ NEED_SORT = pytest.mark.parametrize("need_sort", [False, True], ids=["nosort", "
 # -- helpers ------------------------------------------------------------------------------------
 
 def make_allocator(size: int, need_sort: bool = False) -> TokenToKVPoolAllocator:
-    return TokenToKVPoolAllocator(size, torch.float32, "cpu", None, need_sort)
+    """SGLang's allocator as the construction hook builds it where the cache serves."""
+    return cache_aware_copy(TokenToKVPoolAllocator(size, torch.float32, "cpu", None, need_sort))
 
 
 def free_list(allocator) -> list:
@@ -478,16 +483,21 @@ def test_admission_with_partial_slot_rounds_up():
     assert allocator.available_size() == 12
 
 
-def test_make_cache_aware_keeps_the_allocator_state():
-    """The switch changes the class only: same free slots, still a TokenToKVPoolAllocator."""
-    allocator, _, cache = make_kv_cache(32)
-    kv = allocator.alloc(5)
-    allocator.free(kv[:2])
-    before = free_list(allocator)
-    make_cache_aware(allocator, CacheSlots(cache))
-    assert type(allocator) is CacheAwareTokenAllocator
-    assert isinstance(allocator, TokenToKVPoolAllocator)
-    assert free_list(allocator) == before
+def test_cache_aware_copy_is_sglangs_allocator_until_bound():
+    """Built with the stock allocator's parameters, unused; until the cache binds to it, it
+    allocates, frees and reports exactly as SGLang's own allocator."""
+    stock = TokenToKVPoolAllocator(32, torch.float32, "cpu", None, True)
+    ours = cache_aware_copy(TokenToKVPoolAllocator(32, torch.float32, "cpu", None, True))
+    assert type(ours) is CacheAwareTokenAllocator and isinstance(ours, TokenToKVPoolAllocator)
+    assert (ours.size, ours.dtype, ours.device, ours.need_sort) == (32, torch.float32, "cpu", True)
+    for allocator in (stock, ours):
+        allocator.record = [allocator.available_size()]
+        first = allocator.alloc(5)
+        allocator.free(first[1:3])
+        allocator.record += [allocator.alloc(30), allocator.available_size(),
+                             allocator.alloc(4).tolist(), allocator.available_size()]
+    assert ours.record == stock.record
+    assert free_list(ours) == free_list(stock)
 
 
 @NEED_SORT
@@ -627,19 +637,22 @@ class _SubclassedAllocator(TokenToKVPoolAllocator):
 
 @pytest.mark.parametrize("make", [
     lambda: object(),
+    lambda: TokenToKVPoolAllocator(8, torch.float32, "cpu", None, False),
     lambda: _SubclassedAllocator(8, torch.float32, "cpu", None, False),
     lambda: PagedTokenToKVPoolAllocator(64, 16, torch.float32, "cpu", None, False),
-], ids=["object", "subclass", "paged"])
-def test_make_cache_aware_refuses_anything_but_the_exact_allocator(make):
-    """Only an exact TokenToKVPoolAllocator may be switched; anything else is a TypeError."""
+], ids=["object", "stock-built", "subclass", "paged"])
+def test_make_cache_aware_refuses_anything_not_built_cache_aware(make):
+    """Only an allocator built as CacheAwareTokenAllocator binds; anything else is a TypeError,
+    and the construction hook builds only SGLang's exact page-size-1 allocator as ours."""
     target = make()
     with pytest.raises(TypeError):
         make_cache_aware(target, CacheSlots(make_kv_cache(8)[2]))
-    assert type(target) is not CacheAwareTokenAllocator
+    if type(target) is not TokenToKVPoolAllocator:
+        assert cache_aware_copy(target) is target
 
 
 def test_make_cache_aware_twice_is_refused():
-    """An allocator already switched is no longer exactly a TokenToKVPoolAllocator."""
+    """An allocator lends its slots to one adapter cache."""
     allocator, _, cache = make_kv_cache(8)
     make_cache_aware(allocator, CacheSlots(cache))
     with pytest.raises(TypeError):

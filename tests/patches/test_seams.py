@@ -22,6 +22,7 @@ PINNED = {
     "sglang.srt.entrypoints.http_server.launch_server": "server_args init_tokenizer_manager_func run_scheduler_process_func run_detokenizer_process_func execute_warmup_func launch_callback",
     "sglang.srt.lora.lora_manager.LoRAManager.init_memory_pool": "self",
     "sglang.srt.model_executor.model_runner.ModelRunner.init_lora_manager": "self",
+    "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool_allocator": "self sizes token_to_kv_pool is_dsv4_model req_to_token_pool token_to_kv_pool_allocator",
     "sglang.srt.model_executor.model_runner.ModelRunner.configure_kv_cache_dtype": "self",
     "sglang.srt.lora.mem_pool.LoRAMemoryPool._has_moe_module": "base_model",
     "sglang.srt.mem_cache.kv_cache_builder.uses_ssm_state": "model_config",

@@ -1,6 +1,8 @@
 """A refused adapter is not asked about again until something it needs changed (no refusal
-loop): CacheBridge over a real KV allocator, slot store and adapter cache; the pool is a thin
-double that admits through the cache as ChameleonLoRAPool does."""
+loop), and an adapter loaded during a prefill pass never takes KV slots the pass's budget has
+promised to requests admitted before it: CacheBridge over a real KV allocator, slot store and
+adapter cache; the pool is a thin double that admits through the cache as ChameleonLoRAPool
+does."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
 
 from chameleon_sglang.cache import create_eviction_policy
+from chameleon_sglang.cache.kv_allocator import cache_aware_copy
 from chameleon_sglang.cache.adapter_cache import AdapterCache
 from chameleon_sglang.cache.kv_store import KVSlotStore
 from chameleon_sglang.clock import SchedulerClock
@@ -25,6 +28,9 @@ class Pool:
         self.manager = types.SimpleNamespace(loras=dict.fromkeys(SLOTS), lora_refs={})
         self.asked = 0
 
+    def footprint_slots(self, uid: str) -> int:
+        return SLOTS[uid]
+
     def footprint_bytes(self, uid: str) -> int:
         return SLOTS[uid] * BYTES_PER_SLOT
 
@@ -37,7 +43,7 @@ class Pool:
 
 
 def make_bridge(size: int = 40):
-    allocator = TokenToKVPoolAllocator(size, torch.float32, "cpu", None, False)
+    allocator = cache_aware_copy(TokenToKVPoolAllocator(size, torch.float32, "cpu", None, False))
     store = KVSlotStore(allocator, BYTES_PER_SLOT)
     cache = AdapterCache(store, create_eviction_policy("chameleon"))
     scheduler = types.SimpleNamespace(token_to_kv_pool_allocator=allocator, tree_cache=None,
@@ -101,3 +107,35 @@ def test_prefix_cache_tokens_splitting_free_memory_give_way_to_an_adapter():
     bridge.scheduler.tree_cache = PrefixCache(allocator, kv[18:22])
     assert bridge.can_schedule(req("r", "big"))
     assert bridge.num_prefix_evictions_for_runs == 1 and bridge.cache.is_resident("big")
+
+
+class Budget:
+    """What the bridge reads of SGLang's PrefillAdder: the live remaining total budget
+    (available KV, idle adapters included, minus what the pass has promised so far)."""
+
+    def __init__(self, allocator, promised: int) -> None:
+        self.allocator, self.promised = allocator, promised
+
+    @property
+    def rem_total_tokens(self) -> int:
+        return self.allocator.available_size() - self.promised
+
+
+def test_a_load_during_a_pass_never_takes_slots_promised_to_admitted_requests():
+    bridge, pool, allocator = make_bridge(40)
+    adder = Budget(allocator, promised=15)  # earlier requests of this pass: 15 prompt tokens
+    bridge.begin_pass(adder)
+    assert not bridge.can_schedule(req("b", "big"))  # 30 slots > 40 - 15 left
+    assert pool.asked == 0 and bridge.num_refused_for_pass_budget == 1
+    assert bridge.can_schedule(req("s", "small"))  # 4 slots fit: loaded
+    assert adder.rem_total_tokens >= 0  # every promise still covered
+    assert allocator.alloc(15) is not None  # the pass's prompts get their slots
+    bridge.end_pass()
+    bridge.begin_pass(Budget(allocator, promised=0))  # next pass, nothing promised yet
+    assert not bridge.can_schedule(req("b2", "big"))  # 30 > 40 - 15 - 4 still
+    bridge.end_pass()
+
+
+def test_outside_a_pass_the_budget_does_not_apply():
+    bridge, pool, allocator = make_bridge(40)
+    assert bridge.can_schedule(req("b", "big")) and pool.asked == 1
