@@ -78,18 +78,6 @@ PRESETS: Dict[str, Recipe] = {
         max_position_embeddings=2048,
         num_adapters=8,
     ),
-    # Tensor parallelism on the CPU: tiny with an intermediate size TP=2 divides without the
-    # padding SGLang's CPU engine adds otherwise (a padded model runs on SGLang's LoRA pool).
-    "tiny-tp": Recipe(
-        hidden_size=128,
-        intermediate_size=384,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        vocab_size=2048,
-        max_position_embeddings=2048,
-        num_adapters=4,
-    ),
     # Evaluation: the shape of the measured baseline (13.7 M parameters, 100 adapters of
     # 1.2-19 MB each), so that loading an adapter is not free.
     "eval": Recipe(
@@ -103,6 +91,11 @@ PRESETS: Dict[str, Recipe] = {
         num_adapters=100,
     ),
 }
+
+
+# Tensor parallelism on the CPU: tiny with an intermediate size TP=2 divides without the padding
+# SGLang's CPU engine adds otherwise (a padded model runs on SGLang's LoRA pool).
+PRESETS["tiny-tp"] = dataclasses.replace(PRESETS["tiny"], intermediate_size=384, num_adapters=4)
 
 
 @dataclasses.dataclass(frozen=True)
