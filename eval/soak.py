@@ -1,17 +1,21 @@
 """Overload soak: does a ``--chameleon`` server lose anything when driven past its capacity?
 
 ``python -m eval.soak [--preset eval] [--dtype auto] [--overload 2] [--duration 600]
-[--hangup 0.1] [--reload-every 20] [--out DIR]``
+[--warmup 600] [--hangup 0.1] [--reload-every 20] [--out DIR]``
 
 1. starts one ``--chameleon`` server (integrity checks on) and takes a probe: a greedy request's
    output before any load;
 2. measures capacity: completed requests per second of a closed loop of concurrent clients
    over the soak's own request mix (``--capacity-rps`` skips this);
-3. sends Poisson arrivals at ``overload x capacity`` for ``duration`` seconds; a share
+3. warm-up (``--warmup`` seconds, default: the soak's duration): the same overload, drained;
+   the server's memory is read after it, so that the RSS check measures growth over a second
+   backlog as deep as the first (a leak), not the high-water mark of the first (a backlog of
+   thousands of requests legitimately holds memory that the allocator keeps);
+4. sends Poisson arrivals at ``overload x capacity`` for ``duration`` seconds; a share
    ``--hangup`` of clients stream and hang up after the first tokens; every ``--reload-every``
    seconds an adapter is unloaded and loaded again under the traffic: one of the spare
    adapters no request names (default), or with ``--reload-in-use`` one the requests use;
-4. waits for the backlog to drain, then asserts: every request either completed with all its
+5. waits for the backlog to drain, then asserts: every request either completed with all its
    tokens or received an explicit error (HTTP error with a message, an error in the stream);
    none was lost (no response, a broken stream, a timeout); the invariant checker finds nothing;
    quota usage and adapter references are back to zero; the probe's greedy output is
@@ -237,6 +241,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                             "float16"])
     parser.add_argument("--overload", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=600.0)
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="seconds of overload before the RSS baseline (default: --duration)")
     parser.add_argument("--capacity-rps", type=float, default=0.0)
     parser.add_argument("--capacity-seconds", type=float, default=30.0)
     parser.add_argument("--clients", type=int, default=16)
@@ -270,8 +276,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         before_probe = probe(url, probe_adapter)
         capacity = args.capacity_rps or asyncio.run(
             closed_loop(url, mix, args.clients, args.capacity_seconds))
-        rss_before = group_rss_kb(server.proc.pid)
+        rss_start = group_rss_kb(server.proc.pid)
         rate = args.overload * capacity
+        warmup = args.duration if args.warmup is None else args.warmup
+        warm: Dict[str, Any] = {"outcomes": [], "reloads": [], "drain_s": 0.0}
+        if warmup > 0:
+            print(f"capacity {capacity:.2f} req/s; warm-up at {rate:.2f} req/s for "
+                  f"{warmup:.0f} s", flush=True)
+            warm = asyncio.run(open_loop(url, assets, mix, rate, warmup, args.hangup,
+                                         args.reload_every, args.seed + 7, args.request_timeout,
+                                         args.reload_in_use))
+            settle(url, timeout_s=300)
+        rss_before = group_rss_kb(server.proc.pid)
         print(f"capacity {capacity:.2f} req/s; soak at {rate:.2f} req/s for {args.duration:.0f} s",
               flush=True)
         run = asyncio.run(open_loop(url, assets, mix, rate, args.duration, args.hangup,
@@ -280,14 +296,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         final = settle(url, timeout_s=300)
         after_probe = probe(url, probe_adapter)
         rss_after = group_rss_kb(server.proc.pid)
-    outcomes: List[Outcome] = run["outcomes"]
+    outcomes: List[Outcome] = list(warm["outcomes"]) + list(run["outcomes"])
+    reloads = list(warm["reloads"]) + list(run["reloads"])
     counts = {k: sum(o.kind == k for o in outcomes) for k in OUTCOMES}
     sched, cache = final.get("scheduler") or {}, final.get("adapter_cache") or {}
     checks = {
         "nothing_lost": counts["lost"] == 0,
         "probe_unchanged": before_probe == after_probe,
         "rss_growth_below_5pct": rss_after <= rss_before * (1 + RSS_GROWTH_LIMIT),
-        "reloads_succeeded": all(r.get("unload") and r.get("load") for r in run["reloads"]),
+        "reloads_succeeded": all(r.get("unload") and r.get("load") for r in reloads),
     }
     if chameleon:
         checks.update(
@@ -296,9 +313,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             references_zero=cache.get("num_in_use", 1) == 0
             and cache.get("num_holding_requests", 1) == 0)
     report.update(
-        capacity_rps=capacity, offered_rps=rate, duration_s=args.duration,
+        capacity_rps=capacity, offered_rps=rate, duration_s=args.duration, warmup_s=warmup,
         arrivals=len(outcomes), outcomes=counts, drain_s=round(run["drain_s"], 1),
-        reloads=len(run["reloads"]), rss_kb={"before": rss_before, "after": rss_after},
+        warmup_drain_s=round(warm["drain_s"], 1), reloads=len(reloads),
+        rss_kb={"start": rss_start, "before": rss_before, "after": rss_after},
         integrity=final.get("integrity"), refused_requests=cache.get("num_refused_requests"),
         refusals_repeated=cache.get("num_refusals_repeated"),
         refused_for_fragmentation=cache.get("refused_for_fragmentation"),
