@@ -28,10 +28,10 @@ from chameleon_sglang.cache.kv_layout import K_PART, AdapterLayout
 TableEntries = Dict[Tuple[Hashable, int], Tuple[int, int]]
 
 
-def table_entries(layout: AdapterLayout, run_start: int, k_rows: Sequence[int],
+def table_entries(layout: AdapterLayout, piece_starts: Sequence[int], k_rows: Sequence[int],
                   v_rows: Sequence[int], v_minus_k: Sequence[int]) -> TableEntries:
-    """``{((module, "A"|"B"), layer): (offset, rank)}`` of an adapter placed by ``layout`` at
-    slot ``run_start``: offsets in elements from layer ``l``'s K buffer start (``k_rows[l]``/
+    """``{((module, "A"|"B"), layer): (offset, rank)}`` of an adapter placed by ``layout`` with
+    its pieces' runs starting at slots ``piece_starts``: offsets in elements from layer ``l``'s K buffer start (``k_rows[l]``/
     ``v_rows[l]`` elements a slot; the V buffer starts ``v_minus_k[l]`` elements after the K
     buffer, possibly negative). Keys are ``(module, kind)``; A is ``[stack * r, in]``, B
     ``[out, r]`` (stored untransposed): a module's rank is its B's column count."""
@@ -43,6 +43,7 @@ def table_entries(layout: AdapterLayout, run_start: int, k_rows: Sequence[int],
             module = key[0]
             if module not in ranks:
                 continue
+            run_start = piece_starts[where.piece]
             if where.part == K_PART:
                 offset = run_start * k_rows[layer] + where.offset
             else:

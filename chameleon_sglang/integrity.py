@@ -77,10 +77,12 @@ def memory_problems(cache_bridge: Any, idle: bool) -> List[str]:
         problems.append(f"{len(free_list) - len(free)} slots twice on the free lists")
     held: set = set()
     for uid in cache.resident_ids():
-        run = cache.lookup(uid).handle
-        slots = set(range(run.start, run.stop))
-        if run.start < 1 or run.stop > total + 1:
-            problems.append(f"adapter {uid}: run {run.start}..{run.stop} outside the KV pool")
+        allocation = cache.lookup(uid).handle
+        slots = set(allocation.slots())
+        if len(slots) != allocation.num_slots:
+            problems.append(f"adapter {uid}: its runs overlap each other")
+        if slots and (min(slots) < 1 or max(slots) > total):
+            problems.append(f"adapter {uid}: runs {allocation.runs} outside the KV pool")
         if slots & held:
             problems.append(f"adapter {uid}: run overlaps another adapter's")
         if slots & free:

@@ -5,8 +5,9 @@ of them, each padded to ``--max-lora-rank``). It allocates no adapter buffers of
 
 - an adapter is made resident by the :class:`~chameleon_sglang.cache.AdapterCache`, which takes
   a run of free KV-cache token slots from SGLang's allocator (:class:`~chameleon_sglang.cache.
-  kv_store.KVSlotStore`); its weights are copied there once per residency, rank-exact, laid out
-  by :func:`~chameleon_sglang.cache.kv_layout.plan_layout`, and read in place by the
+  kv_store.KVSlotStore`), or, where free memory is fragmented, one run per piece of its split
+  layout; its weights are copied there once per residency, rank-exact, laid out by
+  :mod:`~chameleon_sglang.cache.kv_layout` (every matrix whole in one run), and read in place by the
   ``chameleon`` LoRA backend (:mod:`chameleon_sglang.lora_backend`). On CPU each B matrix is
   stored transposed (a contiguous ``[r, out]`` block; the view handed out is still ``[out, r]``)
   so that the decode kernels stream whole rows, and every matrix's place is recorded in a
@@ -36,8 +37,8 @@ from chameleon_kernels import lora_cached_numba
 from chameleon_kernels.lora_locations import MatrixLocations
 from chameleon_kernels.lora_table import DeviceLocationTable, alignment_for
 from chameleon_sglang.cache import AdapterCache, CacheFullError
-from chameleon_sglang.cache.kv_layout import K_PART, AdapterLayout, plan_layout
-from chameleon_sglang.cache.kv_store import KVRun, KVSlotStore
+from chameleon_sglang.cache.kv_layout import K_PART, AdapterLayout, plan_layout, plan_split_layout
+from chameleon_sglang.cache.kv_store import KVAllocation, KVSlotStore
 from chameleon_sglang.config import ChameleonConfig
 from chameleon_sglang.device_residency import (
     AdapterCopier,
@@ -56,11 +57,11 @@ INITIAL_ID_CAPACITY = 64
 
 @dataclasses.dataclass
 class ResidentAdapter:
-    """An adapter held in KV memory: its id, run and per-layer ``{module: (A, B)}`` views."""
+    """An adapter held in KV memory: its id, slots and per-layer ``{module: (A, B)}`` views."""
 
     uid: str
     buffer_id: int
-    run: KVRun
+    allocation: KVAllocation
     rank: int
     scaling: float
     views: List[Dict[str, Tuple[torch.Tensor, torch.Tensor]]]
@@ -92,7 +93,8 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         self._free_ids: List[int] = list(range(INITIAL_ID_CAPACITY - 1, 0, -1))
         self.resident: Dict[str, ResidentAdapter] = {}
         self.by_id: Dict[int, ResidentAdapter] = {}
-        self._layouts: Dict[str, AdapterLayout] = {}
+        self._layouts: Dict[str, AdapterLayout] = {}  # one piece
+        self._split_layouts: Dict[str, Optional[AdapterLayout]] = {}  # None: no second way
         self.cache: Optional[AdapterCache] = None
         self.store: Optional[KVSlotStore] = None
         self._k_buffers: List[torch.Tensor] = []
@@ -159,6 +161,7 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         if self.cache is not None:
             self.cache.drop(uid)
         self._layouts.pop(uid, None)
+        self._split_layouts.pop(uid, None)
         self._pinned.pop(uid, None)
         return None
 
@@ -233,11 +236,14 @@ class ChameleonLoRAPool(LoRAMemoryPool):
 
     # -- residency ---------------------------------------------------------------------------
     def footprint_slots(self, uid: str) -> int:
-        """KV slots the adapter occupies when resident."""
-        return self._layout(uid).num_slots
+        """The most KV slots a load of the adapter may take (its split layout, where memory is
+        fragmented, may take a few more than its one run)."""
+        split = self._split_layout(uid)
+        return max(self._layout(uid).num_slots, split.num_slots if split else 0)
 
     def footprint_bytes(self, uid: str) -> int:
-        """KV memory the adapter occupies when resident: its run of slots, in bytes."""
+        """KV memory the adapter occupies in one run of slots, in bytes (the cache's size of
+        it; a split residency holds the pieces' slots)."""
         assert self.store is not None
         return self._layout(uid).num_slots * self.store.bytes_per_slot
 
@@ -264,26 +270,30 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         queued_set = frozenset(queued)
         if not self._id_available():
             return False
-        if not cache.can_admit(uid, num_bytes, now, queued_set, prefetch=prefetch):
+        split = self._split_layout(uid)
+        pieces = split.pieces if split is not None else ()
+        if not cache.can_admit(uid, num_bytes, now, queued_set, prefetch=prefetch,
+                               pieces=pieces):
             return False
         try:
             entry = cache.admit(uid, num_bytes, self._rank(uid), now, queued_set,
-                                prefetch=prefetch)
+                                prefetch=prefetch, pieces=pieces)
         except CacheFullError:
             return False
         self._load(uid, entry.handle)
         return True
 
-    def _load(self, uid: str, run: KVRun) -> None:
+    def _load(self, uid: str, allocation: KVAllocation) -> None:
         started = time.perf_counter()
-        layout = self._layout(uid)
+        layout = self._split_layout(uid) if allocation.split else self._layout(uid)
+        assert layout is not None and layout.pieces == tuple(r.length for r in allocation.runs)
         views: List[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = []
         copies: List[Tuple[torch.Tensor, torch.Tensor]] = []
         weight_bytes = 0
         for layer_id, (matrices, placement) in enumerate(zip(self._copy_sources(uid),
                                                               layout.layers)):
             layer_views: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-            placed = {key: self._view(layer_id, run, placement[key], key[1] == "B")
+            placed = {key: self._view(layer_id, allocation, placement[key], key[1] == "B")
                       for key, _ in matrices}
             for key, weight in matrices:
                 copies.append((placed[key], weight))
@@ -296,10 +306,10 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         self._copier.copy(buffer_id, copies)
         scaling = float(self.manager.loras[uid].scaling)
         if self.locations is not None:
-            self._record_locations(buffer_id, run, layout)
+            self._record_locations(buffer_id, allocation, layout)
         if self.device_table is not None:
-            self._record_device_table(buffer_id, run, layout, scaling)
-        adapter = ResidentAdapter(uid, buffer_id, run, self._rank(uid), scaling, views)
+            self._record_device_table(buffer_id, allocation, layout, scaling)
+        adapter = ResidentAdapter(uid, buffer_id, allocation, self._rank(uid), scaling, views)
         self.resident[uid] = adapter
         self.by_id[buffer_id] = adapter
         self.uid_to_buffer_id[uid] = buffer_id
@@ -321,24 +331,27 @@ class ChameleonLoRAPool(LoRAMemoryPool):
                                            for layer in self._host_matrices(uid)]
         return sources
 
-    def _record_device_table(self, buffer_id: int, run: KVRun, layout: AdapterLayout,
-                             scaling: float) -> None:
+    def _record_device_table(self, buffer_id: int, allocation: KVAllocation,
+                             layout: AdapterLayout, scaling: float) -> None:
         assert self.device_table is not None
         element = self._k_buffers[0].element_size()
         v_minus_k = [(v.data_ptr() - k.data_ptr()) // element
                      for k, v in zip(self._k_buffers, self._v_buffers)]
-        entries = table_entries(layout, run.start, [k.shape[1] for k in self._k_buffers],
+        entries = table_entries(layout, [r.start for r in allocation.runs],
+                                [k.shape[1] for k in self._k_buffers],
                                 [v.shape[1] for v in self._v_buffers], v_minus_k)
         self.device_table.set_adapter(buffer_id, entries, scaling)
 
-    def _record_locations(self, buffer_id: int, run: KVRun, layout: AdapterLayout) -> None:
+    def _record_locations(self, buffer_id: int, allocation: KVAllocation,
+                          layout: AdapterLayout) -> None:
         assert self.locations is not None
         for layer_id, placement in enumerate(layout.layers):
             for (module, kind), where in placement.items():
                 row = (self._k_buffers if where.part == K_PART else self._v_buffers)[layer_id]
                 # A: [stack * r, in] -> its rows; B stored as [r, out] -> its rank
+                start = allocation.runs[where.piece].start
                 self.locations.set(buffer_id, (module, kind), layer_id, where.part,
-                                   run.start * row.shape[1] + where.offset, where.shape[0])
+                                   start * row.shape[1] + where.offset, where.shape[0])
 
     def _model_host_link(self, num_bytes: int, started: float) -> None:
         """With a host-link bandwidth set, a copy takes at least ``bytes / bandwidth``."""
@@ -347,10 +360,10 @@ class ChameleonLoRAPool(LoRAMemoryPool):
             if remaining > 0:
                 time.sleep(remaining)
 
-    def _on_run_freed(self, run: KVRun) -> None:
-        """The cache gave a run back to the KV allocator: forget the adapter's views and id."""
+    def _on_run_freed(self, allocation: KVAllocation) -> None:
+        """The cache gave slots back to the KV allocator: forget the adapter's views and id."""
         for uid, adapter in list(self.resident.items()):
-            if adapter.run is run:
+            if adapter.allocation is allocation:
                 del self.resident[uid]
                 del self.by_id[adapter.buffer_id]
                 del self.uid_to_buffer_id[uid]
@@ -388,14 +401,25 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         return int(self.manager.configs[uid].r)
 
     def _layout(self, uid: str) -> AdapterLayout:
+        """The adapter in one run."""
         layout = self._layouts.get(uid)
         if layout is None:
-            shapes = [[(key, self._stored_shape(key, w)) for key, w in layer]
-                      for layer in self._host_matrices(uid)]
-            layout = plan_layout(shapes, self._k_buffers[0].shape[1],
+            layout = plan_layout(self._stored_shapes(uid), self._k_buffers[0].shape[1],
                                  self._v_buffers[0].shape[1])
             self._layouts[uid] = layout
         return layout
+
+    def _split_layout(self, uid: str) -> Optional[AdapterLayout]:
+        """The adapter in several runs (for fragmented memory); None when it is one piece."""
+        if uid not in self._split_layouts:
+            layout = plan_split_layout(self._stored_shapes(uid), self._k_buffers[0].shape[1],
+                                       self._v_buffers[0].shape[1])
+            self._split_layouts[uid] = layout if len(layout.pieces) > 1 else None
+        return self._split_layouts[uid]
+
+    def _stored_shapes(self, uid: str) -> List[List[Tuple[Hashable, Tuple[int, ...]]]]:
+        return [[(key, self._stored_shape(key, w)) for key, w in layer]
+                for layer in self._host_matrices(uid)]
 
     def _stored_shape(self, key: Tuple[str, str], weight: torch.Tensor) -> Tuple[int, ...]:
         """The block a matrix takes: B as ``[r, out]`` when stored transposed."""
@@ -403,9 +427,11 @@ class ChameleonLoRAPool(LoRAMemoryPool):
             return tuple(reversed(weight.shape))
         return tuple(weight.shape)
 
-    def _view(self, layer_id: int, run: KVRun, placement: Any, is_b: bool) -> torch.Tensor:
+    def _view(self, layer_id: int, allocation: KVAllocation, placement: Any,
+              is_b: bool) -> torch.Tensor:
         """The matrix as SGLang's shape (A ``[stack * r, in]``, B ``[out, r]``), in place."""
         buffer = (self._k_buffers if placement.part == K_PART else self._v_buffers)[layer_id]
+        run = allocation.runs[placement.piece]
         flat = buffer[run.start:run.stop].view(-1)
         block = flat[placement.offset:placement.offset + placement.numel].view(placement.shape)
         return block.t() if is_b and self.transposed_b else block
@@ -446,6 +472,7 @@ class ChameleonLoRAPool(LoRAMemoryPool):
             host_link_gbps=self.config.host_link_gbps,
             store_refused_runs=(self.store.num_refused_for_fragmentation
                                 if self.store is not None else 0),
+            split_loads=self.store.num_split_allocations if self.store is not None else 0,
             kv_bytes_per_slot=self.store.bytes_per_slot if self.store is not None else 0,
         )
         return stats

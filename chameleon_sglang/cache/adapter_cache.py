@@ -6,8 +6,9 @@ and gives memory back when an admission or the KV cache needs it, evicting in ti
 policy's order; (3) idle adapters of queued requests, only when memory forces it.
 
 Check-then-act, exact: ``can_admit`` is True exactly when ``admit`` succeeds, also over a store
-that needs contiguous runs (the victims are planned against the store's free runs before any is
-evicted: an admission that cannot succeed evicts nothing), and ``reclaimable_slots`` before
+that needs contiguous runs (the victims are planned against the store's own placement of the
+adapter, in one run or in its ``pieces``, before any is evicted: an admission that cannot
+succeed evicts nothing), and ``reclaimable_slots`` before
 ``evict_for``; the acts raise ``CacheFullError`` (changing nothing) when the check said no.
 :attr:`AdapterCache.version` changes whenever an answer of ``can_admit`` may have changed
 (entries loaded, removed, becoming idle or busy), apart from the store's own free slots. Time comes only from the ``now`` arguments (non-decreasing); nothing is random, and every
@@ -17,7 +18,7 @@ decision iterates adapter ids in sorted order.
 from __future__ import annotations
 
 from collections.abc import Set as AbstractSet
-from typing import Dict, Iterable, Iterator, List, Literal, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple
 
 from chameleon_sglang.cache.entry import CacheEntry
 from chameleon_sglang.cache.eviction import EvictionPolicy, create_eviction_policy
@@ -129,12 +130,15 @@ class AdapterCache:
     # Admission
 
     def can_admit(self, adapter_id: str, num_bytes: int, now: float,
-                  queued: AbstractSet[str] = _NO_QUEUE, *, prefetch: bool = False) -> bool:
+                  queued: AbstractSet[str] = _NO_QUEUE, *, prefetch: bool = False,
+                  pieces: Sequence[int] = ()) -> bool:
         """True when ``admit`` with the same arguments would succeed.
 
         That is: the adapter is resident, or the store has room for it, or evicting idle entries
         can make room. A prefetch (``prefetch=True``) may evict tier-2 entries only: nothing
         forces it to take a queued request's adapter. False for an adapter being dropped.
+        ``pieces``: slot counts of separate runs the store may hold the adapter in instead of
+        one run (its split layout), where free memory is fragmented.
         ``now`` does not change the answer; it is taken so that check and act share arguments.
         Raises ``ValueError`` when the adapter is resident with another size.
         """
@@ -143,16 +147,18 @@ class AdapterCache:
             _check_size(entry, num_bytes)
             return not entry.is_dropping
         num_slots = self._slots_for(num_bytes)
-        return self._plan(num_slots, now, queued, allow_queued=not prefetch) is not None
+        return self._plan(num_slots, tuple(pieces), now, queued,
+                          allow_queued=not prefetch) is not None
 
     def admit(self, adapter_id: str, num_bytes: int, rank: int, now: float,
-              queued: AbstractSet[str] = _NO_QUEUE, *, prefetch: bool = False) -> CacheEntry:
+              queued: AbstractSet[str] = _NO_QUEUE, *, prefetch: bool = False,
+              pieces: Sequence[int] = ()) -> CacheEntry:
         """Make ``adapter_id`` resident and return its entry (refcount unchanged: ``acquire`` next).
 
         Already resident: a hit (not counted for a prefetch), nothing else changes. Otherwise a
         miss (or a prefetch load): evicts the planned victims (reason "make_room"), allocates
-        and counts ``num_bytes`` as loaded; the caller then copies the weights into the
-        handle's memory. Raises ``CacheFullError`` when ``can_admit`` is False, changing
+        (one run, or ``pieces``: the entry's ``num_slots`` is what the store holds) and counts
+        ``num_bytes`` as loaded; the caller then copies the weights into the handle's memory. Raises ``CacheFullError`` when ``can_admit`` is False, changing
         nothing (no eviction); ``ValueError`` when the adapter is being dropped or is resident
         with another size.
         """
@@ -160,18 +166,19 @@ class AdapterCache:
         if entry is not None:
             return self._hit(entry, num_bytes, prefetch)
         num_slots = self._slots_for(num_bytes)
-        plan = self._plan(num_slots, now, queued, allow_queued=not prefetch)
+        plan = self._plan(num_slots, tuple(pieces), now, queued, allow_queued=not prefetch)
         if plan is None:
             raise CacheFullError(
                 f"no room for adapter {adapter_id!r} ({num_slots} slots): "
-                f"{self._store.num_free_slots()} free, idle adapters cannot make a run of it")
+                f"{self._store.num_free_slots()} free, idle adapters cannot make room for it")
         for victim, tier in plan:
             self._remove(victim, "make_room", tier)
-        handle = self._store.alloc(num_slots)
+        handle = self._store.alloc(num_slots, tuple(pieces))
         if handle is None:  # the plan said it fits: a store breaking its contract
             raise RuntimeError(f"the slot store refused {num_slots} slots after a plan that "
                                f"fits (adapter {adapter_id!r})")
-        return self._insert(adapter_id, num_bytes, rank, num_slots, handle, now, prefetch)
+        return self._insert(adapter_id, num_bytes, rank, self._store.slots_held(handle), handle,
+                            now, prefetch)
 
     # References
 
@@ -349,35 +356,37 @@ class AdapterCache:
             for entry in self._policy.order([e for e in idle if e.adapter_id in queued], now):
                 yield entry, "queued"
 
-    def _plan(self, num_slots: int, now: float, queued: AbstractSet[str],
-              allow_queued: bool) -> Optional[List[Tuple[CacheEntry, EvictionTier]]]:
-        """The idle entries to evict so that the store can allocate ``num_slots``, or None when
-        no choice of them can (nothing is changed either way).
+    def _plan(self, num_slots: int, pieces: Tuple[int, ...], now: float,
+              queued: AbstractSet[str], allow_queued: bool
+              ) -> Optional[List[Tuple[CacheEntry, EvictionTier]]]:
+        """The idle entries to evict so that the store can allocate ``num_slots`` (or
+        ``pieces``), or None when no choice of them can (nothing is changed either way).
 
         Victims come in policy order, tier by tier, until enough slots are free in total. On a
-        store that needs contiguous runs (one offering ``free_runs_after``) that may not make a
-        run: then, within the tier at hand, the first remaining entry whose eviction closes the
-        gap is added, else the next in order, until a run exists; finally victims the run does
-        not need are dropped from the plan again (latest first).
+        store that needs contiguous runs (one offering ``free_runs_after``) that may not place
+        the adapter: then, within the tier at hand, the first remaining entry whose eviction
+        lets it be placed is added, else the next in order, until it can; finally victims the
+        placement does not need are dropped from the plan again (latest first).
         """
         free = self._store.num_free_slots()
         runs_after = getattr(self._store, "free_runs_after", None)
+        least = min(num_slots, sum(pieces) or num_slots)
 
         def fits(chosen: List[Tuple[CacheEntry, EvictionTier]]) -> bool:
-            if free + sum(e.num_slots for e, _ in chosen) < num_slots:
+            if free + sum(e.num_slots for e, _ in chosen) < least:
                 return False
-            return runs_after is None or runs_after([e.handle for e, _ in chosen]).longest \
-                >= num_slots
+            return runs_after is None or runs_after(
+                [e.handle for e, _ in chosen]).place(num_slots, pieces) is not None
 
         if fits([]):
             return []
         victims = list(self._victims(now, queued, allow_queued))
         chosen: List[Tuple[CacheEntry, EvictionTier]] = []
         total = free
-        while victims and total < num_slots:
+        while victims and total < least:
             chosen.append(victims.pop(0))
             total += chosen[-1][0].num_slots
-        if total < num_slots:
+        if total < least:
             return None
         while not fits(chosen):
             if not victims:
@@ -386,8 +395,8 @@ class AdapterCache:
                 return None
             runs = runs_after([e.handle for e, _ in chosen])
             tier = victims[0][1]
-            closer = next((v for v in victims
-                           if v[1] == tier and runs.joined(v[0].handle) >= num_slots), None)
+            closer = next((v for v in victims if v[1] == tier and runs.with_freed(
+                v[0].handle).place(num_slots, pieces) is not None), None)
             if closer is not None:
                 victims.remove(closer)
                 chosen.append(closer)

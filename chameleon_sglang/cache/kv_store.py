@@ -3,37 +3,65 @@
 :class:`KVSlotStore` implements the cache's ``SlotStore`` over SGLang's page-size-1 KV allocator
 (``TokenToKVPoolAllocator``). An adapter takes one run of consecutive slot indices, cut from the
 top of the highest free run, while SGLang allocates KV from the bottom of its sorted free list;
-so adapters and KV meet only when memory is nearly full. Freed runs go back to the allocator.
+so adapters and KV meet only when memory is nearly full. Where no free run is long enough, an
+adapter with a split layout takes its *pieces* instead: each a run of its own, placed best-fit
+(largest piece first, into the shortest free run that holds it, the highest of equals). Freed
+runs go back to the allocator.
 
 The store never counts memory the cache holds as free: ``num_free_slots`` is what the allocator
-could hand out now. ``alloc`` refuses a run that fragmentation makes impossible even though
-enough slots are free in total; the cache never asks for one: it plans its evictions with
-:meth:`KVSlotStore.free_runs_after` (the free runs there would be if some adapters were freed)
-and evicts only when the plan makes a run.
+could hand out now. ``alloc`` refuses what fragmentation makes impossible even though enough
+slots are free in total; the cache never asks for it: it plans its evictions with
+:meth:`KVSlotStore.free_runs_after` (the free runs there would be if some adapters were freed,
+and :meth:`FreeRuns.place`, the very placement ``alloc`` makes) and evicts only when the plan
+places the adapter.
+
+``CHAMELEON_SPLIT_ADAPTERS=1`` in the environment makes every store place an adapter with a split
+layout in its pieces even where one run would do: a test setting, which exercises the split path
+on memory that is not fragmented.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-_run_ids = itertools.count(1)
+_allocation_ids = itertools.count(1)
+SPLIT_ENV = "CHAMELEON_SPLIT_ADAPTERS"
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class KVRun:
-    """Slots ``[start, start + length)``; identity-compared, each freed once."""
+    """Slots ``[start, start + length)``."""
 
     start: int
     length: int
-    run_id: int = dataclasses.field(default_factory=lambda: next(_run_ids))
 
     @property
     def stop(self) -> int:
         return self.start + self.length
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KVAllocation:
+    """An adapter's slots: one run (``split`` False), or one run per piece of its split layout,
+    in the pieces' order. Identity-compared, each freed once."""
+
+    runs: Tuple[KVRun, ...]
+    split: bool = False
+    allocation_id: int = dataclasses.field(default_factory=lambda: next(_allocation_ids))
+
+    @property
+    def num_slots(self) -> int:
+        return sum(run.length for run in self.runs)
+
+    def slots(self) -> List[int]:
+        """Every slot index held, in run order."""
+        return [s for run in self.runs for s in range(run.start, run.stop)]
 
 
 def free_slot_count(allocator: Any) -> int:
@@ -62,24 +90,12 @@ def free_runs(free: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return starts, ends
 
 
-def highest_run(free: torch.Tensor, length: int) -> Optional[int]:
-    """Start of the top ``length`` slots of the highest run of consecutive indices in the sorted
-    tensor ``free`` that is at least ``length`` long; None when no run is long enough."""
-    if length <= 0 or free.numel() < length:
-        return None
-    starts, ends = free_runs(free)
-    long_enough = torch.nonzero(ends - starts + 1 >= length).flatten()
-    if long_enough.numel() == 0:
-        return None
-    top = int(free[ends[long_enough[-1]]]) + 1
-    return top - length
-
-
 class KVSlotStore:
     """``SlotStore`` over a page-size-1 SGLang KV allocator (see the module docstring)."""
 
     def __init__(self, allocator: Any, bytes_per_slot: int,
-                 on_free: Optional[Callable[[KVRun], None]] = None) -> None:
+                 on_free: Optional[Callable[[KVAllocation], None]] = None,
+                 split_always: Optional[bool] = None) -> None:
         if getattr(allocator, "page_size", 1) != 1:
             raise ValueError("the KV slot store needs a page-size-1 KV allocator")
         if bytes_per_slot <= 0:
@@ -87,7 +103,10 @@ class KVSlotStore:
         self.allocator = allocator
         self.bytes_per_slot = int(bytes_per_slot)
         self.on_free = on_free
+        self.split_always = (os.environ.get(SPLIT_ENV, "") not in ("", "0")
+                             if split_always is None else split_always)
         self.num_refused_for_fragmentation = 0
+        self.num_split_allocations = 0
         self._live: set[int] = set()
 
     def num_free_slots(self) -> int:
@@ -98,34 +117,43 @@ class KVSlotStore:
             raise ValueError(f"num_bytes must be >= 0, got {num_bytes}")
         return -(-num_bytes // self.bytes_per_slot)
 
-    def alloc(self, num_slots: int) -> Optional[KVRun]:
-        if num_slots <= 0:
-            raise ValueError(f"num_slots must be > 0, got {num_slots}")
-        if num_slots > self.num_free_slots():
+    def slots_held(self, handle: object) -> int:
+        return self._check(handle).num_slots
+
+    def alloc(self, num_slots: int, pieces: Sequence[int] = ()) -> Optional[KVAllocation]:
+        """One run of ``num_slots``, else (``pieces`` given) a run per piece; None when
+        fragmentation (or the count) allows neither."""
+        if num_slots <= 0 or any(p <= 0 for p in pieces):
+            raise ValueError(f"num_slots and pieces must be > 0, got {num_slots}, {pieces}")
+        if min(num_slots, sum(pieces) or num_slots) > self.num_free_slots():
             return None
         free = sorted_free_slots(self.allocator)
-        start = highest_run(free, num_slots)
-        if start is None:
+        runs = _free_runs_of(free, self.split_always)
+        placed = runs.place(num_slots, pieces)
+        if placed is None:
             self.num_refused_for_fragmentation += 1
             return None
-        keep = (free < start) | (free >= start + num_slots)
+        keep = torch.ones_like(free, dtype=torch.bool)
+        for run in placed:
+            keep &= (free < run.start) | (free >= run.stop)
         self.allocator.free_pages = free[keep]
-        run = KVRun(start, num_slots)
-        self._live.add(run.run_id)
-        return run
+        handle = KVAllocation(tuple(placed), split=len(placed) != 1 or placed[0].length
+                              != num_slots)
+        self.num_split_allocations += handle.split
+        self._live.add(handle.allocation_id)
+        return handle
 
     def free(self, handle: object) -> None:
-        if not isinstance(handle, KVRun) or handle.run_id not in self._live:
-            raise ValueError(f"unknown or already freed KV run {handle!r}")
-        self._live.discard(handle.run_id)
+        allocation = self._check(handle)
+        self._live.discard(allocation.allocation_id)
         if self.on_free is not None:
-            self.on_free(handle)
+            self.on_free(allocation)
         # Straight to the allocator's lists (not through ``free``, which a free group may
         # defer): the slots must be allocatable at once. An allocator that sorts its frees
         # merges ``release_pages`` when it runs short; one that does not only reads
         # ``free_pages``.
         allocator = self.allocator
-        slots = torch.arange(handle.start, handle.stop, dtype=torch.int64,
+        slots = torch.tensor(allocation.slots(), dtype=torch.int64,
                              device=allocator.free_pages.device)
         if allocator.need_sort:
             allocator.release_pages = torch.cat((allocator.release_pages, slots))
@@ -133,48 +161,37 @@ class KVSlotStore:
             allocator.free_pages = torch.cat((allocator.free_pages, slots))
 
     def free_runs_after(self, handles: Sequence[object]) -> "FreeRuns":
-        """The free runs there would be if the live runs ``handles`` were freed too (nothing
-        is freed)."""
-        intervals: List[Tuple[int, int]] = []
-        free = sorted_free_slots(self.allocator)
-        if free.numel():
-            starts, ends = free_runs(free)
-            intervals = list(zip(free[starts].tolist(), (free[ends] + 1).tolist()))
-        for handle in handles:
-            if not isinstance(handle, KVRun) or handle.run_id not in self._live:
-                raise ValueError(f"unknown or already freed KV run {handle!r}")
-            intervals.append((handle.start, handle.stop))
-        return FreeRuns(intervals)
-
-    def joined_run_lengths(self, handles: Sequence[object]) -> List[int]:
-        """For each live run in ``handles``: the length of the free run it would be part of if
-        it alone were freed now (itself plus the free slots right below and above it). Lets the
-        cache pick, among idle adapters, one whose eviction ends a fragmentation refusal."""
-        below: Dict[int, int] = {}  # last free slot of a run -> its length
-        above: Dict[int, int] = {}  # first free slot of a run -> its length
-        free = sorted_free_slots(self.allocator)
-        if free.numel():
-            starts, ends = free_runs(free)
-            lengths = (ends - starts + 1).tolist()
-            below = dict(zip(free[ends].tolist(), lengths))
-            above = dict(zip(free[starts].tolist(), lengths))
-        result = []
-        for handle in handles:
-            if not isinstance(handle, KVRun) or handle.run_id not in self._live:
-                raise ValueError(f"unknown or already freed KV run {handle!r}")
-            result.append(below.get(handle.start - 1, 0) + handle.length
-                          + above.get(handle.stop, 0))
-        return result
+        """The free runs there would be if the live allocations ``handles`` were freed too
+        (nothing is freed)."""
+        runs = _free_runs_of(sorted_free_slots(self.allocator), self.split_always)
+        extra = [(run.start, run.stop) for h in handles for run in self._check(h).runs]
+        return FreeRuns(runs.runs + extra, self.split_always) if extra else runs
 
     @property
     def num_live_runs(self) -> int:
         return len(self._live)
 
+    def _check(self, handle: object) -> KVAllocation:
+        if not isinstance(handle, KVAllocation) or handle.allocation_id not in self._live:
+            raise ValueError(f"unknown or already freed KV allocation {handle!r}")
+        return handle
+
+
+def _free_runs_of(free: torch.Tensor, pieces_first: bool = False) -> "FreeRuns":
+    if not free.numel():
+        return FreeRuns([], pieces_first)
+    starts, ends = free_runs(free)
+    return FreeRuns(list(zip(free[starts].tolist(), (free[ends] + 1).tolist())), pieces_first)
+
 
 class FreeRuns:
-    """Disjoint free intervals ``[start, stop)``, adjacent ones merged into runs."""
+    """Disjoint free intervals ``[start, stop)``, adjacent ones merged into runs; kept sorted by
+    position and by length, so that :meth:`with_freed` and :meth:`place` cost list copies and
+    bisections, not a Python pass over every run. ``pieces_first``: place an adapter that has
+    pieces in them even where one run would do (the test setting of the module docstring)."""
 
-    def __init__(self, intervals: Sequence[Tuple[int, int]]) -> None:
+    def __init__(self, intervals: Sequence[Tuple[int, int]], pieces_first: bool = False) -> None:
+        self.pieces_first = pieces_first
         merged: List[List[int]] = []
         for start, stop in sorted(intervals):
             if merged and start <= merged[-1][1]:
@@ -182,14 +199,55 @@ class FreeRuns:
             else:
                 merged.append([start, stop])
         self.runs: List[Tuple[int, int]] = [(a, b) for a, b in merged]
-        self._by_stop = {b: b - a for a, b in self.runs}
-        self._by_start = {a: b - a for a, b in self.runs}
+        self._by_length: List[Tuple[int, int]] = sorted((b - a, a) for a, b in self.runs)
 
     @property
     def longest(self) -> int:
-        return max((b - a for a, b in self.runs), default=0)
+        return self._by_length[-1][0] if self._by_length else 0
 
-    def joined(self, handle: KVRun) -> int:
-        """The run ``handle`` (not in these runs) would be part of if it were freed too."""
-        return (self._by_stop.get(handle.start, 0) + handle.length
-                + self._by_start.get(handle.stop, 0))
+    def with_freed(self, handle: KVAllocation) -> "FreeRuns":
+        """These runs with ``handle``'s runs (disjoint from them) freed too."""
+        result = FreeRuns.__new__(FreeRuns)
+        result.runs, result._by_length = list(self.runs), list(self._by_length)
+        result.pieces_first = self.pieces_first
+        for run in handle.runs:
+            result._add(run.start, run.stop)
+        return result
+
+    def _add(self, start: int, stop: int) -> None:
+        runs, by_length = self.runs, self._by_length
+        i = bisect.bisect_left(runs, (start, stop))
+        if i < len(runs) and runs[i][0] == stop:  # joins the run above
+            above = runs.pop(i)
+            by_length.remove((above[1] - above[0], above[0]))
+            stop = above[1]
+        if i > 0 and runs[i - 1][1] == start:  # joins the run below
+            below = runs.pop(i - 1)
+            by_length.remove((below[1] - below[0], below[0]))
+            start, i = below[0], i - 1
+        runs.insert(i, (start, stop))
+        bisect.insort(by_length, (stop - start, start))
+
+    def place(self, num_slots: int, pieces: Sequence[int] = ()) -> Optional[List[KVRun]]:
+        """Where :meth:`KVSlotStore.alloc` puts an adapter in these runs (nothing changes):
+        the top ``num_slots`` of the highest run that long; else, with ``pieces``, one run per
+        piece in their order (best-fit, largest piece first, each at the top of the shortest
+        remaining run that holds it, the highest of equals); None when neither fits."""
+        if self.longest >= num_slots and not (self.pieces_first and pieces):
+            start, stop = next(r for r in reversed(self.runs) if r[1] - r[0] >= num_slots)
+            return [KVRun(stop - num_slots, num_slots)]
+        if not pieces or self.longest < max(pieces):
+            return None
+        available = list(self._by_length)
+        placed: Dict[int, KVRun] = {}
+        for i in sorted(range(len(pieces)), key=lambda i: (-pieces[i], i)):
+            need = pieces[i]
+            j = bisect.bisect_left(available, (need, -1))
+            if j == len(available):
+                return None
+            length = available[j][0]
+            length, run_start = available.pop(bisect.bisect_left(available, (length + 1, -1)) - 1)
+            placed[i] = KVRun(run_start + length - need, need)
+            if length > need:
+                bisect.insort(available, (length - need, run_start))
+        return [placed[i] for i in range(len(pieces))]

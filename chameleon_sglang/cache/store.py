@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Protocol, Set
+from typing import Dict, Optional, Protocol, Sequence, Set
 
 
 class SlotStore(Protocol):
@@ -11,12 +11,15 @@ class SlotStore(Protocol):
     Contract:
     - ``slots_for_bytes(n)`` is the number of slots an adapter of ``n`` bytes occupies (> 0 for
       ``n > 0``) and does not change over the store's life.
-    - ``alloc(k)`` returns None when ``k > num_free_slots()``. A store that needs contiguous
-      runs may also return None when free slots are too fragmented; such a store offers
-      ``free_runs_after(handles)`` (an object with ``longest`` and ``joined(handle)``: the free
-      runs there would be if ``handles`` were freed too), and then ``alloc(k)`` succeeds whenever
-      ``free_runs_after(()).longest >= k``. The cache plans its evictions with it, so
-      ``can_admit`` is exact for both kinds of store.
+    - ``alloc(k, pieces)`` returns None when ``k > num_free_slots()``. ``pieces`` (optional,
+      slot counts) is another way to hold the same adapter, in separate runs. A store that
+      needs contiguous runs may also return None when free slots are too fragmented for
+      either; such a store offers ``free_runs_after(handles)``: an object whose
+      ``place(k, pieces)`` is not None exactly when ``alloc(k, pieces)`` would succeed if
+      ``handles`` were freed too, and whose ``with_freed(handle)`` adds one more. The cache plans
+      its evictions with it, so ``can_admit`` is exact for both kinds of store.
+    - ``slots_held(handle)`` is the number of slots that allocation holds (``k``, or the
+      pieces' sum where the store used them).
     - ``free(handle)`` returns exactly the slots of that allocation; each handle is freed once.
     """
 
@@ -28,8 +31,13 @@ class SlotStore(Protocol):
         """Slots needed to hold ``num_bytes``."""
         ...
 
-    def alloc(self, num_slots: int) -> Optional[object]:
-        """Take ``num_slots`` slots; an opaque handle, or None when there is not enough room."""
+    def alloc(self, num_slots: int, pieces: Sequence[int] = ()) -> Optional[object]:
+        """Take ``num_slots`` slots (or ``pieces``); an opaque handle, or None when there is not
+        enough room."""
+        ...
+
+    def slots_held(self, handle: object) -> int:
+        """Slots the allocation ``handle`` holds."""
         ...
 
     def free(self, handle: object) -> None:
@@ -70,7 +78,13 @@ class FakeSlotStore:
             raise ValueError(f"num_bytes must be >= 0, got {num_bytes}")
         return -(-num_bytes // self.bytes_per_slot)
 
-    def alloc(self, num_slots: int) -> Optional[int]:
+    def slots_held(self, handle: object) -> int:
+        if not isinstance(handle, int) or handle not in self._allocations:
+            raise ValueError(f"unknown slot handle {handle!r}")
+        return self._allocations[handle]
+
+    def alloc(self, num_slots: int, pieces: Sequence[int] = ()) -> Optional[int]:
+        """Never fragments: always ``num_slots`` in one piece (``pieces`` are not needed)."""
         if num_slots <= 0:
             raise ValueError(f"num_slots must be > 0, got {num_slots}")
         if num_slots > self.num_free_slots():

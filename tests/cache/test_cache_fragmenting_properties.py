@@ -1,5 +1,6 @@
 """The adapter cache over the real KV slot store, whose runs must be contiguous: check-then-act
-stays exact when memory fragments (random operation sequences)."""
+stays exact when memory fragments (random operation sequences), for adapters in one run and for
+adapters that may be split into pieces; with pieces of one slot, total free slots decide."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from chameleon_sglang.cache.kv_store import KVSlotStore
 SIZE = 40
 BYTES_PER_SLOT = 16
 SLOTS = {"a": 3, "b": 5, "c": 8, "d": 2, "e": 11, "f": 6}
+PIECES = {"c": (4, 5), "e": (6, 6), "f": (3, 4), "b": (1,) * 5}  # their split layouts
 IDS = sorted(SLOTS)
 
 ops = st.lists(st.one_of(
@@ -33,8 +35,8 @@ def _state(cache, allocator):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(["chameleon", "lru", "fairshare", "gdsf"]), ops)
-def test_can_admit_is_exact_and_a_refused_admission_changes_nothing(policy, steps):
+@given(st.sampled_from(["chameleon", "lru", "fairshare", "gdsf"]), ops, st.booleans())
+def test_can_admit_is_exact_and_a_refused_admission_changes_nothing(policy, steps, split):
     allocator = TokenToKVPoolAllocator(SIZE, torch.float32, "cpu", None, False)
     store = KVSlotStore(allocator, BYTES_PER_SLOT)
     cache = AdapterCache(store, create_eviction_policy(policy))
@@ -44,11 +46,17 @@ def test_can_admit_is_exact_and_a_refused_admission_changes_nothing(policy, step
         if op[0] == "admit":
             _, adapter, prefetch = op
             num_bytes = SLOTS[adapter] * BYTES_PER_SLOT
+            pieces = PIECES.get(adapter, ()) if split else ()
             before = _state(cache, allocator)
-            expected = cache.can_admit(adapter, num_bytes, now, prefetch=prefetch)
+            resident = cache.is_resident(adapter)
+            reclaimable = cache.reclaimable_slots(None if not prefetch else frozenset())
+            expected = cache.can_admit(adapter, num_bytes, now, prefetch=prefetch, pieces=pieces)
+            if pieces == (1,) * SLOTS[adapter] and not resident:  # the count alone decides
+                assert expected == (store.num_free_slots() + reclaimable >= SLOTS[adapter])
             try:
-                cache.admit(adapter, num_bytes, 8, now, prefetch=prefetch)
+                entry = cache.admit(adapter, num_bytes, 8, now, prefetch=prefetch, pieces=pieces)
                 ok = True
+                assert entry.num_slots == store.slots_held(entry.handle)
             except CacheFullError:
                 ok = False
                 assert _state(cache, allocator) == before, "a refused admission changed state"
@@ -67,8 +75,7 @@ def test_can_admit_is_exact_and_a_refused_admission_changes_nothing(policy, step
         elif op[0] == "kv_free" and kv:
             allocator.free(kv.pop(op[1] % len(kv)))
         assert store.num_refused_for_fragmentation == 0  # the store is never asked in vain
-        held = [set(range(cache.lookup(i).handle.start, cache.lookup(i).handle.stop))
-                for i in cache.resident_ids()]
+        held = [set(cache.lookup(i).handle.slots()) for i in cache.resident_ids()]
         owned = [s for run in held for s in run] + [s for k in kv for s in k.tolist()]
         free = _state(cache, allocator)[1]
         assert sorted(owned + free) == list(range(1, SIZE + 1))  # no slot lost or shared

@@ -17,10 +17,11 @@ from chameleon_sglang.cache.kv_allocator import (
     make_cache_aware,
 )
 from chameleon_sglang.cache.kv_store import (
+    FreeRuns,
     KVRun,
+    KVAllocation,
     KVSlotStore,
     free_slot_count,
-    highest_run,
     sorted_free_slots,
 )
 from chameleon_sglang.config import ChameleonConfig
@@ -45,8 +46,19 @@ def free_set(allocator) -> set:
     return set(free_list(allocator))
 
 
-def slots_of(run: KVRun) -> set:
-    return set(range(run.start, run.stop))
+def slots_of(allocation: KVAllocation) -> set:
+    return set(allocation.slots())
+
+
+def runs_of(free) -> FreeRuns:
+    """The free runs of a set of slot indices."""
+    return FreeRuns([(s, s + 1) for s in free])
+
+
+def highest_run(free, length):
+    """Where one run of ``length`` goes in the free slots ``free`` (FreeRuns.place)."""
+    placed = runs_of(free).place(length) if length > 0 else None
+    return placed[0].start if placed else None
 
 
 def reference_highest_run(free, length):
@@ -111,7 +123,7 @@ def held_slots(cache: AdapterCache) -> set:
     return held
 
 
-# -- highest_run, sorted_free_slots, free_slot_count -------------------------------------------
+# -- FreeRuns.place (one run), sorted_free_slots, free_slot_count -----------------------------
 
 free_sets = st.sets(st.integers(1, 60), max_size=45)
 
@@ -119,16 +131,15 @@ free_sets = st.sets(st.integers(1, 60), max_size=45)
 @settings(max_examples=400, deadline=None)
 @given(free=free_sets, length=st.integers(-1, 14))
 def test_highest_run_matches_brute_force(free, length):
-    """highest_run is the start of the top `length` slots of the highest long-enough run."""
-    tensor = torch.tensor(sorted(free), dtype=torch.int64)
-    assert highest_run(tensor, length) == reference_highest_run(free, length)
+    """One run goes to the top `length` slots of the highest long-enough run."""
+    assert highest_run(free, length) == reference_highest_run(free, length)
 
 
 @settings(max_examples=100, deadline=None)
 @given(free=free_sets, length=st.integers(1, 14))
 def test_highest_run_window_is_free_and_tops_its_run(free, length):
     """A returned start's window lies in the free set and the slot above it is not free."""
-    start = highest_run(torch.tensor(sorted(free), dtype=torch.int64), length)
+    start = highest_run(free, length)
     if start is None:
         assert not any(all(t + i in free for i in range(length)) for t in free)
     else:
@@ -137,11 +148,9 @@ def test_highest_run_window_is_free_and_tops_its_run(free, length):
 
 
 def test_highest_run_of_nothing_is_none():
-    """An empty free list or a non-positive length has no run."""
-    empty = torch.empty((0,), dtype=torch.int64)
-    assert highest_run(empty, 1) is None
-    assert highest_run(torch.arange(1, 9), 0) is None
-    assert highest_run(torch.arange(1, 9), -3) is None
+    """An empty free list has no run; nor have pieces that do not fit."""
+    assert FreeRuns([]).place(1) is None and FreeRuns([]).place(1, (1, 1)) is None
+    assert FreeRuns([(1, 9)]).place(9, (5, 5)) is None
 
 
 @NEED_SORT
@@ -170,7 +179,7 @@ def test_alloc_takes_the_top_of_an_empty_allocator_and_kv_comes_from_the_bottom(
     store = KVSlotStore(allocator, BYTES_PER_SLOT)
     before = sorted(free_list(allocator))
     run = store.alloc(9)
-    assert isinstance(run, KVRun) and run.length == 9
+    assert isinstance(run, KVAllocation) and run.num_slots == 9 and not run.split
     assert sorted(slots_of(run)) == before[-9:]
     assert sorted(free_list(allocator)) == before[:-9]
     assert allocator.available_size() == 40 - 9
@@ -202,7 +211,7 @@ def test_alloc_on_fragmented_memory_takes_the_highest_long_enough_run(
         assert sorted(free_list(allocator)) == sorted(keep_free)
         assert store.num_live_runs == 0
         return
-    assert (run.start, run.length) == (expected, num_slots)
+    assert [(r.start, r.length) for r in run.runs] == [(expected, num_slots)]
     remaining = keep_free - slots_of(run)
     assert sorted(free_list(allocator)) == sorted(remaining)
     assert store.num_live_runs == 1 and store.num_free_slots() == len(remaining)
@@ -234,32 +243,65 @@ def test_alloc_refuses_for_fragmentation_and_counts_it():
     assert store.num_refused_for_fragmentation == 2
     assert free_set(allocator) == keep_free and store.num_live_runs == 0
     run = store.alloc(3)
-    assert run is not None and run.start == reference_highest_run(keep_free, 3)
+    assert run is not None and run.runs[0].start == reference_highest_run(keep_free, 3)
 
 
 @settings(max_examples=300, deadline=None)
 @given(free=free_sets, picks=st.sets(st.integers(1, 60), max_size=12))
-def test_joined_run_lengths_match_freeing_the_run(free, picks):
-    """For any live run: the reported length is the run of free slots holding it once freed."""
-    allocator = make_allocator(60)
-    fragment(allocator, set(free))
-    store = KVSlotStore(allocator, BYTES_PER_SLOT)
+def test_with_freed_is_the_runs_rebuilt_with_the_allocation_free(free, picks):
+    """FreeRuns.with_freed (incremental) equals FreeRuns over the free slots plus the freed
+    allocation's, for allocations of one or several runs; so does its placement."""
     taken = sorted(set(range(1, 61)) - set(free))
-    runs = []
-    for start in sorted(picks & set(taken)):  # one-slot runs carved out of KV-held slots
-        allocator.free(torch.tensor([start]))
-        run = store.alloc(1)
-        assert run is not None
-        runs.append(run)
-    free_now = set(free_list(allocator))
-    for run, length in zip(runs, store.joined_run_lengths(runs)):
-        joined = free_now | slots_of(run)
-        lo = hi = run.start
-        while lo - 1 in joined:
-            lo -= 1
-        while hi + 1 in joined:
-            hi += 1
-        assert length == hi - lo + 1
+    mine = sorted(set(picks) & set(taken))
+    allocation = KVAllocation(tuple(KVRun(s, 1) for s in mine))
+    fast = runs_of(free).with_freed(allocation)
+    slow = runs_of(set(free) | set(mine))
+    assert fast.runs == slow.runs and fast.longest == slow.longest
+    for n, pieces in ((3, ()), (6, (3, 3)), (8, (4, 2, 2)), (12, (5, 5, 2))):
+        assert fast.place(n, pieces) == slow.place(n, pieces)
+
+
+@settings(max_examples=300, deadline=None)
+@given(free=free_sets, pieces=st.lists(st.integers(1, 9), min_size=2, max_size=4))
+def test_pieces_go_best_fit_into_disjoint_free_runs(free, pieces):
+    """A split placement (no single run long enough) puts each piece in free slots, no two
+    overlapping, each piece whole; it is refused only when best-fit decreasing over the free
+    runs' lengths fails."""
+    total = sum(pieces) + 100  # never one run: only the pieces can place it
+    placed = runs_of(free).place(total, pieces)
+    lengths = sorted((b - a for a, b in runs_of(free).runs), reverse=True)
+    if placed is None:
+        left = sorted(lengths)
+        for need in sorted(pieces, reverse=True):
+            fit = [x for x in left if x >= need]
+            if not fit:
+                break
+            left.remove(fit[0])
+            left.append(fit[0] - need)
+            left.sort()
+        else:
+            raise AssertionError("best fit places every piece, place() refused")
+        return
+    assert [r.length for r in placed] == list(pieces)
+    slots = [s for r in placed for s in range(r.start, r.stop)]
+    assert len(slots) == len(set(slots)) and set(slots) <= set(free)
+
+
+def test_split_allocation_holds_its_pieces_and_frees_them_all():
+    """Fragmented memory with no run of 8: an adapter of 8 slots in one run, or pieces (5, 4),
+    takes the pieces (best fit: 5 into the 5-run, 4 into the 4-run, not the 6-run); freeing it
+    returns exactly those slots."""
+    allocator = make_allocator(40)
+    keep_free = set(range(2, 7)) | set(range(10, 14)) | set(range(20, 26))  # runs of 5, 4, 6
+    fragment(allocator, keep_free)
+    store = KVSlotStore(allocator, BYTES_PER_SLOT)
+    handle = store.alloc(8, (5, 4))
+    assert handle is not None and handle.split and store.slots_held(handle) == 9
+    assert [(r.start, r.length) for r in handle.runs] == [(2, 5), (10, 4)]
+    assert free_set(allocator) == set(range(20, 26))
+    store.free(handle)
+    assert free_set(allocator) == keep_free
+    assert store.num_split_allocations == 1 and store.num_refused_for_fragmentation == 0
 
 
 def test_fragmented_admission_plans_an_eviction_that_closes_the_gap():
@@ -323,7 +365,7 @@ def test_free_returns_exactly_the_run_and_calls_on_free(need_sort):
     store.free(first)
     assert freed == [first] and freed[0] is first
     assert sorted(free_list(allocator)) == sorted(set(before) | slots_of(first))
-    assert allocator.available_size() == available + first.length
+    assert allocator.available_size() == available + first.num_slots
     assert not (free_set(allocator) & (slots_of(second) | set(kv.tolist())))
     store.free(second)
     allocator.free(kv)
@@ -339,8 +381,8 @@ def test_double_free_and_foreign_handles_raise():
     other = KVSlotStore(make_allocator(30), BYTES_PER_SLOT)
     run = store.alloc(5)
     foreign = other.alloc(5)
-    assert (foreign.start, foreign.length) == (run.start, run.length)
-    for bad in (foreign, KVRun(run.start, run.length), (run.start, run.length), None, 7):
+    assert foreign.runs == run.runs
+    for bad in (foreign, KVAllocation(run.runs), run.runs, None, 7):
         with pytest.raises(ValueError):
             store.free(bad)
     store.free(run)
@@ -415,7 +457,7 @@ def test_store_and_sglang_never_hand_one_slot_to_two_owners(ops, need_sort):
             free = sorted(free_list(allocator))
             expected = reference_highest_run(free, n) if n <= len(free) else None
             run = store.alloc(n)
-            assert (None if run is None else run.start) == expected
+            assert (None if run is None else run.runs[0].start) == expected
             if run is not None:
                 runs.append(run)
                 taken = sorted(slots_of(run))
@@ -460,7 +502,7 @@ def test_adapter_cache_from_config_holds_adapters_in_disjoint_top_runs():
     sizes = {"a": 5, "b": 12, "c": 1}
     for t, (adapter_id, n) in enumerate(sizes.items()):
         entry = cache.admit(adapter_id, n * BYTES_PER_SLOT, 8, now=float(t))
-        assert entry.num_slots == n and entry.handle.length == n
+        assert entry.num_slots == n and entry.handle.num_slots == n
         cache.acquire(adapter_id, now=float(t))
     held = held_slots(cache)
     assert len(held) == sum(sizes.values()) == cache.num_slots_held
@@ -479,7 +521,7 @@ def test_admission_with_partial_slot_rounds_up():
     """An adapter whose bytes are not a slot multiple takes the next whole number of slots."""
     allocator, store, cache = make_kv_cache(16)
     entry = cache.admit("a", 3 * BYTES_PER_SLOT + 1, 8, now=0.0)
-    assert entry.handle.length == entry.num_slots == 4
+    assert entry.handle.num_slots == entry.num_slots == 4
     assert allocator.available_size() == 12
 
 
@@ -608,7 +650,7 @@ def test_fragmented_admission_evicts_only_the_adapters_its_run_needs():
     entry = cache.admit("e", 6 * BYTES_PER_SLOT, 8, now=5.0)
     assert store.num_refused_for_fragmentation == 0
     assert cache.resident_ids() == ["a", "busy", "e"]
-    assert cache.lookup("busy").handle is busy_run and entry.handle.length == 6
+    assert cache.lookup("busy").handle is busy_run and entry.handle.num_slots == 6
     assert cache.stats()["evictions_by_reason"]["make_room"] == 2
     held = held_slots(cache)
     assert not free_set(allocator) & held

@@ -9,6 +9,7 @@ so a slot the cache leaked would crash the server.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -22,6 +23,7 @@ from conftest import start_server, stop_server
 from reference import reference_outputs
 
 from chameleon_sglang.assets import Assets, build
+from chameleon_sglang.cache.kv_store import SPLIT_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -56,20 +58,27 @@ def _cache_stats(url: str) -> Dict:
 
 @pytest.fixture(scope="module")
 def mixed_traffic(assets40, tmp_path_factory):
-    """The same concurrent mixed workload on stock SGLang and on --chameleon."""
+    """The same concurrent mixed workload on stock SGLang, on --chameleon, and on --chameleon
+    with every adapter placed in the pieces of its split layout (as on fragmented memory)."""
     log_dir = tmp_path_factory.mktemp("cache-logs")
     workload = _workload(assets40)
     results = {"workload": workload}
-    for arm in ("stock", "chameleon"):
-        srv = start_server(assets40, log_dir, f"mixed-{arm}", chameleon=arm == "chameleon")
+    for arm in ("stock", "chameleon", "chameleon-split"):
+        if arm == "chameleon-split":
+            os.environ[SPLIT_ENV] = "1"
+        try:
+            srv = start_server(assets40, log_dir, f"mixed-{arm}", chameleon=arm != "stock")
+        finally:
+            os.environ.pop(SPLIT_ENV, None)
         try:
             results[arm] = _run(srv.url, workload)
-            if arm == "chameleon":
-                results["stats"] = _cache_stats(srv.url)
+            if arm != "stock":
+                results[f"stats-{arm}"] = _cache_stats(srv.url)
             assert healthy(srv.url)
             assert integrity_problems(srv.url) == []
         finally:
             stop_server(srv)
+    results["stats"] = results["stats-chameleon"]
     return results
 
 
@@ -80,6 +89,16 @@ def test_outputs_equal_stock_under_mixed_concurrent_traffic(mixed_traffic):
                                                    mixed_traffic["chameleon"])) if a != b]
     assert not mismatches, [(i, mixed_traffic["workload"][i][1]) for i in mismatches]
     assert all(len(out) == NEW_TOKENS for out in mixed_traffic["chameleon"])
+
+
+def test_adapters_split_into_pieces_serve_the_same_outputs(mixed_traffic):
+    """Every adapter in separate runs of KV slots (its split layout): the same greedy outputs
+    as stock, token for token; the loads were split ones."""
+    mismatches = [i for i, (a, b) in enumerate(zip(mixed_traffic["stock"],
+                                                   mixed_traffic["chameleon-split"])) if a != b]
+    assert not mismatches, [(i, mixed_traffic["workload"][i][1]) for i in mismatches]
+    stats = mixed_traffic["stats-chameleon-split"]
+    assert stats["split_loads"] == stats["num_loads"] > 0, stats
 
 
 def test_outputs_equal_hf_peft(mixed_traffic, assets40):

@@ -45,7 +45,7 @@ def test_table_offsets_find_every_matrix_from_the_k_buffer_start(v_first):
             block[where.offset:where.offset + w.numel()] = w.reshape(-1)
             truth[(key, layer)] = w
     v_minus_k = [v.data_ptr() // 4 - k.data_ptr() // 4 for k, v in zip(ks, vs)]
-    entries = table_entries(layout, run_start, [k_row] * 2, [v_row] * 2, v_minus_k)
+    entries = table_entries(layout, [run_start], [k_row] * 2, [v_row] * 2, v_minus_k)
     assert set(entries) == set(truth)
     for (key, layer), (offset, entry_rank) in entries.items():
         w = truth[(key, layer)]
@@ -56,7 +56,7 @@ def test_table_offsets_find_every_matrix_from_the_k_buffer_start(v_first):
 
 def test_a_module_without_its_b_matrix_gets_no_entry():
     layout = plan_layout([[(("o_proj", "A"), (4, 16))]], 8, 8)
-    assert table_entries(layout, 0, [8], [8], [100]) == {}
+    assert table_entries(layout, [0], [8], [8], [100]) == {}
 
 
 def test_cpu_copies_are_synchronous_and_waiting_is_a_no_op():
