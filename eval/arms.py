@@ -2,7 +2,10 @@
 
 Contract: every arm of one comparison runs the same launch command from
 ``chameleon_sglang.serve.server_command`` (same assets, adapters, dtype and :class:`ServerFlags`);
-arms differ only by the flags in :data:`ARM_FLAGS`. ``stock`` adds nothing (no ``--chameleon``).
+arms differ only by their own flags: :data:`ARM_FLAGS`, where ``stock`` adds nothing (no
+``--chameleon``), and ``stock-tuned``, stock SGLang with the flags ``eval.tune_stock`` found best
+for the workload (more LoRA slots per batch, SGLang's drainer), set per comparison. An arm's own
+flags come last, so they override the shared ones (e.g. ``--max-loras-per-batch``).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from chameleon_sglang.assets import Assets
 from chameleon_sglang.serve import server_command
@@ -25,6 +28,9 @@ ARM_FLAGS: Dict[str, Tuple[str, ...]] = {
     "evict-fairshare": ("--chameleon", "--chameleon-eviction-policy", "fairshare"),
     "evict-gdsf": ("--chameleon", "--chameleon-eviction-policy", "gdsf"),
 }
+TUNED_STOCK_ARM = "stock-tuned"
+"""Stock SGLang with per-workload flags (``eval.tune_stock``): not in :data:`ARM_FLAGS`."""
+ARM_NAMES: Tuple[str, ...] = (*ARM_FLAGS, TUNED_STOCK_ARM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +65,11 @@ def auto_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 
 
 def parse_arms(text: str) -> List[str]:
-    """Comma-separated arm names, validated against :data:`ARM_FLAGS`, order kept."""
+    """Comma-separated arm names, validated against :data:`ARM_NAMES`, order kept."""
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ARM_FLAGS]
+    unknown = [n for n in names if n not in ARM_NAMES]
     if unknown or not names:
-        raise ValueError(f"unknown arm(s) {unknown}; choose from {sorted(ARM_FLAGS)}")
+        raise ValueError(f"unknown arm(s) {unknown}; choose from {sorted(ARM_NAMES)}")
     if len(set(names)) != len(names):
         raise ValueError(f"arm listed twice in {text!r}")
     return names
@@ -71,8 +77,14 @@ def parse_arms(text: str) -> List[str]:
 
 def arm_command(
     arm: str, assets: Assets, port: int, adapters: Sequence[str], flags: ServerFlags,
+    own: Optional[Sequence[str]] = None,
 ) -> List[str]:
-    """The launch command of ``arm``: the shared command plus the arm's own flags."""
+    """The launch command of ``arm``: the shared command plus the arm's own flags (``own``, by
+    default :data:`ARM_FLAGS`; required for ``stock-tuned``)."""
+    if own is None:
+        if arm not in ARM_FLAGS:
+            raise ValueError(f"arm {arm!r} has no fixed flags: pass them")
+        own = ARM_FLAGS[arm]
     return server_command(
         assets, port,
         chameleon=False,
@@ -80,6 +92,6 @@ def arm_command(
         max_lora_rank=flags.max_lora_rank,
         max_total_tokens=flags.max_total_tokens,
         adapters=list(adapters),
-        extra_args=flags.extra_args() + list(ARM_FLAGS[arm]),
+        extra_args=flags.extra_args() + list(own),
         python=sys.executable,
     )

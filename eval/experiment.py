@@ -17,7 +17,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from chameleon_sglang.assets import AdapterInfo, Assets
 from eval import plots
-from eval.arms import ARM_FLAGS
 from eval.metrics import pooled_queueing_share, queue_source
 from eval.report import write_report
 from eval.runner import RunConfig, RunOutcome, run_arm, run_record
@@ -115,7 +114,7 @@ def _details(summary: Dict[str, Any], outcomes: Dict[str, List[RunOutcome]],
         **meta,
         "workload": summary["workload"], "machine": summary["machine"],
         "reference": ref, "candidate": cand, "repeats": max(len(v) for v in outcomes.values()),
-        "arm_flags": {arm: list(ARM_FLAGS[arm]) for arm in arms},
+        "arm_flags": {arm: list(o.own_flags) for arm, o in first.items()},
         "shared_command": _shared_command(first),
         "settings": {arm: {k: v for k, v in o.settings.items() if k != "chameleon_status"}
                      for arm, o in first.items()},
@@ -138,7 +137,7 @@ def _shared_command(first: Dict[str, RunOutcome]) -> List[str]:
         return []
     arm, o = next(iter(first.items()))
     cmd = list(o.command)
-    own = list(ARM_FLAGS[arm])
+    own = list(o.own_flags)
     if own and cmd[-len(own):] == own:
         cmd = cmd[: -len(own)]
     if "--lora-paths" in cmd:

@@ -108,6 +108,18 @@ def machine_load_line(runs: Sequence[Mapping[str, Any]]) -> str:
             "shared; large values mean contaminated timings): " + "; ".join(parts) + ".")
 
 
+def tuning_table(tuning: Mapping[str, Any]) -> List[str]:
+    """One row per stock candidate the tuning ran; the chosen one marked."""
+    rows = []
+    for c in tuning.get("candidates", []):
+        rows.append([("**" if c.get("chosen") else "") + (" ".join(c["flags"]) or "(defaults)")
+                     + ("**" if c.get("chosen") else ""), c.get("ttft_p50"), c.get("ttft_p99"),
+                     c.get("tbt_p99"), c.get("throughput_rps"), c.get("failed"),
+                     c.get("error") or ""])
+    return md_table(["stock flags", "TTFT p50 (s)", "TTFT p99 (s)", "TBT p99 (s)",
+                     "throughput (req/s)", "failed", "note"], rows)
+
+
 def write_report(path: Path, summary: Mapping[str, Any], details: Mapping[str, Any]) -> Path:
     """Render ``report.md`` (see the module contract)."""
     wl, m = summary["workload"], summary["machine"]
@@ -122,6 +134,15 @@ def write_report(path: Path, summary: Mapping[str, Any], details: Mapping[str, A
                   f"{fmt(r['ttft_p99'])}, TBT p99 {fmt(r['tbt_p99'])}, throughput "
                   f"{fmt(r['throughput'])} (below 1 is better for latency, above 1 for "
                   "throughput).", ""]
+        t = r.get("vs_tuned")
+        if t:
+            lines += [f"Ratios `{cand}` / `stock-tuned`: TTFT p50 {fmt(t['ttft_p50'])}, TTFT "
+                      f"p99 {fmt(t['ttft_p99'])}, TBT p99 {fmt(t['tbt_p99'])}, throughput "
+                      f"{fmt(t['throughput'])}.", ""]
+    tuning = details.get("stock_tuning")
+    if tuning:
+        lines += ["## Tuning stock SGLang for this workload (`eval.tune_stock`)", ""]
+        lines += tuning_table(tuning) + [""]
     lines += ["## Queueing share of end-to-end time per size class", ""]
     lines += queueing_table(details.get("queueing", {})) + [""]
     lines += ["## Setup", ""] + _setup(wl, m, details) + [""]

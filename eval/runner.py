@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from chameleon_sglang.assets import AdapterInfo, Assets
 from chameleon_sglang.serve import ServerProcess, free_port
-from eval.arms import ServerFlags, arm_command
+from eval.arms import ARM_FLAGS, ServerFlags, arm_command
 from eval.loadgen import RequestResult, run_load_sync
 from eval.machine_load import foreign_share, snapshot, wait_until_quiet
 from eval.metrics import queue_source, queueing_share, run_metrics
@@ -49,6 +49,15 @@ class RunConfig:
     seed: int = 0
     quiet_max_wait_s: float = 0.0
     quiet_threshold: float = 0.25
+    arm_flags: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    """Own flags of arms not in :data:`eval.arms.ARM_FLAGS` (``stock-tuned``), or overrides."""
+
+    def own_flags(self, arm: str) -> Tuple[str, ...]:
+        if arm in self.arm_flags:
+            return tuple(self.arm_flags[arm])
+        if arm not in ARM_FLAGS:
+            raise ValueError(f"no flags for arm {arm!r} (tune it first: eval.tune_stock)")
+        return ARM_FLAGS[arm]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +89,7 @@ class RunOutcome:
     start_s: float
     load_s: float
     machine_load: Dict[str, object] = dataclasses.field(default_factory=dict)
+    own_flags: Tuple[str, ...] = ()
 
 
 @contextlib.contextmanager
@@ -91,7 +101,8 @@ def arm_server(arm: str, cfg: RunConfig, log_dir: Path) -> Iterator[ArmServer]:
     if cfg.quiet_max_wait_s > 0:
         quiet = wait_until_quiet(cfg.quiet_max_wait_s, cfg.quiet_threshold)
     port = free_port()
-    cmd = arm_command(arm, cfg.assets, port, [a.name for a in cfg.adapters], cfg.flags)
+    cmd = arm_command(arm, cfg.assets, port, [a.name for a in cfg.adapters], cfg.flags,
+                      cfg.own_flags(arm))
     t0 = time.perf_counter()
     server = ServerProcess(cmd, port, log_path=log_dir / "server.log")
     server.start(timeout_s=cfg.start_timeout_s)
@@ -130,6 +141,7 @@ def measure(server: ArmServer, repeat: int, workload: Sequence[WorkloadRequest],
         queueing=queueing_share(results, profile), status_samples=sampler.samples,
         settings={k: info.get(k) for k in SERVER_SETTING_KEYS} | {"chameleon_status": status},
         command=server.command, start_s=server.start_s, load_s=load_s, machine_load=machine,
+        own_flags=cfg.own_flags(server.arm),
     )
     _write(outcome, info)
     return outcome
@@ -168,4 +180,5 @@ def run_record(o: RunOutcome) -> Dict[str, Any]:
         "queueing": o.queueing, "queue_source": queue_source(o.results),
         "profile": o.profile.to_json(), "settings": o.settings, "command": o.command,
         "server_start_s": o.start_s, "load_s": o.load_s, "machine_load": o.machine_load,
+        "own_flags": list(o.own_flags),
     }

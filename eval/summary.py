@@ -7,7 +7,11 @@ the candidate being ``chameleon`` and the reference ``stock`` when both ran)::
      "arms": {"<arm>": {"ttft_p50": x, "ttft_p99": x, "tbt_p50": x, "tbt_p99": x,
                         "e2e_p50": x, "e2e_p99": x, "throughput_rps": x, "completed": n,
                         "failed": n, "retractions": n, "cache_hit_rate": x|null}},
-     "ratios": {"ttft_p50": r, "ttft_p99": r, "tbt_p99": r, "throughput": r}}
+     "ratios": {"ttft_p50": r, "ttft_p99": r, "tbt_p99": r, "throughput": r,
+                "vs_tuned": {"ttft_p50": r, ...} | null}}
+
+``ratios.vs_tuned``: the candidate over ``stock-tuned`` (stock SGLang with the flags
+``eval.tune_stock`` found best for the workload), null when that arm did not run.
 
 Any float may be null when it could not be measured (e.g. no request completed).
 """
@@ -27,6 +31,7 @@ TOP_KEYS: Tuple[str, ...] = ("workload", "machine", "arms", "ratios")
 RATIO_KEYS: Tuple[str, ...] = ("ttft_p50", "ttft_p99", "tbt_p99", "throughput")
 REFERENCE_ARM = "stock"
 CANDIDATE_ARM = "chameleon"
+TUNED_REFERENCE_ARM = "stock-tuned"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -120,8 +125,12 @@ def build_summary(workload: Dict[str, Any], machine: Dict[str, Any],
     """The summary from per-arm lists of per-run metrics (:func:`eval.metrics.run_metrics`)."""
     arms = {arm: median_metrics(per_run) for arm, per_run in runs.items()}
     ref, cand = pick_pair(list(runs))
+    result = ratios(arms, ref, cand)
+    tuned = cand is not None and cand != TUNED_REFERENCE_ARM and TUNED_REFERENCE_ARM in arms \
+        and ref != TUNED_REFERENCE_ARM
     return {"workload": workload, "machine": machine, "arms": arms,
-            "ratios": ratios(arms, ref, cand)}
+            "ratios": {**result, "vs_tuned": ratios(arms, TUNED_REFERENCE_ARM, cand)
+                       if tuned else None}}
 
 
 def _is_num_or_none(v: Any) -> bool:
@@ -147,9 +156,16 @@ def validate_summary(summary: Any) -> List[str]:
                 errors.append(f"arms.{arm}.{k} is not an integer: {v!r}")
             elif k not in COUNT_KEYS and not _is_num_or_none(v):
                 errors.append(f"arms.{arm}.{k} is not a number or null: {v!r}")
-    ratios_ = summary.get("ratios") or {}
+    ratios_ = dict(summary.get("ratios") or {})
+    tuned = ratios_.pop("vs_tuned", None)
     if set(ratios_) != set(RATIO_KEYS):
         errors.append(f"ratios keys {sorted(ratios_)} != {sorted(RATIO_KEYS)}")
     errors += [f"ratios.{k} is not a number or null" for k, v in ratios_.items()
                if not _is_num_or_none(v)]
+    if tuned is not None:
+        if not isinstance(tuned, dict) or set(tuned) != set(RATIO_KEYS):
+            errors.append(f"ratios.vs_tuned is not an object of {sorted(RATIO_KEYS)}")
+        else:
+            errors += [f"ratios.vs_tuned.{k} is not a number or null"
+                       for k, v in tuned.items() if not _is_num_or_none(v)]
     return errors

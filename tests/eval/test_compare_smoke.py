@@ -40,3 +40,31 @@ def test_compare_end_to_end(tiny_assets, tmp_path):
     for arm in ("stock", "chameleon"):
         lines = (out / "runs" / f"{arm}-r0" / "requests.jsonl").read_text().splitlines()
         assert len(lines) == 10
+
+
+def test_compare_against_tuned_stock_end_to_end(tiny_assets, tmp_path):
+    """``--arms stock,stock-tuned,chameleon``: the tuning runs stock with 2 and 8 LoRA slots,
+    then the drainer and overlap loading (recorded even where they cannot start), picks one,
+    and the summary carries chameleon over stock-tuned."""
+    out = tmp_path / "tuned"
+    cmd = [sys.executable, "-m", "eval.compare", "--preset", "tiny", "--requests", "10",
+           "--rps", "2", "--arms", "stock,stock-tuned,chameleon", "--repeats", "1",
+           "--drain", "90", "--tune-slots", "2,all", "--wait-quiet", "0", "--out", str(out),
+           "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert validate_summary(summary) == []
+    assert set(summary["arms"]) == {"stock", "stock-tuned", "chameleon"}
+    assert summary["ratios"]["vs_tuned"]["ttft_p99"] is not None
+    tuning = json.loads((out / "tune.json").read_text())
+    tried = [c["flags"] for c in tuning["candidates"]]
+    assert tried[:2] == [["--max-loras-per-batch", "2"], ["--max-loras-per-batch", "8"]]
+    assert any("--lora-drain-wait-threshold" in f for f in tried)
+    assert any("--enable-lora-overlap-loading" in f for f in tried)
+    chosen = [c for c in tuning["candidates"] if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["flags"] == tuning["flags"]
+    details = json.loads((out / "details.json").read_text())
+    assert details["arm_flags"]["stock-tuned"] == tuning["flags"]
+    report = (out / "report.md").read_text()
+    assert "stock-tuned" in report and "Tuning stock SGLang" in report

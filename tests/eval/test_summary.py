@@ -27,7 +27,7 @@ def test_shape_keys_and_types():
     s = json.loads(json.dumps(summary_for(["stock", "chameleon"])))
     assert validate_summary(s) == []
     assert list(s) == list(TOP_KEYS)
-    assert set(s["ratios"]) == set(RATIO_KEYS)
+    assert set(s["ratios"]) == set(RATIO_KEYS) | {"vs_tuned"} and s["ratios"]["vs_tuned"] is None
     for arm in ("stock", "chameleon"):
         assert set(s["arms"][arm]) == set(ARM_KEYS)
         for k in ("completed", "failed", "retractions"):
@@ -43,6 +43,18 @@ def test_ratios_are_chameleon_over_stock():
     assert s["ratios"]["ttft_p50"] == pytest.approx(0.15 / 0.30)
     assert s["ratios"]["throughput"] == pytest.approx(1.0)
     assert s["ratios"]["tbt_p99"] == pytest.approx(1.0)
+
+
+def test_vs_tuned_ratios_are_chameleon_over_stock_tuned():
+    s = json.loads(json.dumps(summary_for(["stock", "stock-tuned", "chameleon"])))
+    assert validate_summary(s) == []
+    assert s["ratios"]["ttft_p50"] == pytest.approx(0.45 / 0.15)  # chameleon / stock
+    assert s["ratios"]["vs_tuned"]["ttft_p50"] == pytest.approx(0.45 / 0.30)
+    assert set(s["ratios"]["vs_tuned"]) == set(RATIO_KEYS)
+    s["ratios"]["vs_tuned"] = {"ttft_p50": 1.0}
+    assert any("vs_tuned" in e for e in validate_summary(s))
+    only = summary_for(["stock-tuned", "chameleon"])  # no default stock: one reference
+    assert only["ratios"]["vs_tuned"] is None and only["ratios"]["ttft_p50"] is not None
 
 
 def test_single_arm_has_null_ratios():
