@@ -47,7 +47,7 @@ def cache_status(config: ChameleonConfig, installed_reason: Optional[str]) -> Co
     return ComponentStatus(
         ADAPTER_CACHE, True,
         f"LoRA pool in free KV memory, rank-exact, no per-batch adapter cap "
-        f"({config.eviction_policy} eviction, prefetch {'on' if config.prefetch else 'off'})",
+        f"({config.eviction_policy} eviction, prefetch {config.prefetch_policy if config.prefetch else 'off'})",
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal, Tuple
 SchedulerMode = Literal["dynamic", "static", "off"]
 EvictionPolicyName = Literal["chameleon", "lru", "fairshare", "gdsf"]
 PredictorName = Literal["online", "max-new-tokens"]
+PrefetchPolicyName = Literal["queue", "predictive"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ChameleonConfig:
     score_weights: Tuple[float, float, float] = (0.45, 0.10, 0.45)
     frequency_window_s: float = 300.0
     prefetch: bool = True
+    prefetch_policy: PrefetchPolicyName = "queue"
     # Host-link model (CPU machines): GB/s every host-to-device adapter copy is held to; 0 = off
     host_link_gbps: float = 0.0
 
@@ -58,6 +60,8 @@ class ChameleonConfig:
         )
         _require(self.frequency_window_s > 0, "--chameleon-frequency-window must be > 0 seconds")
         _require(self.host_link_gbps >= 0, "--chameleon-host-link-gbps must be >= 0")
+        _require(self.prefetch_policy in ("queue", "predictive"),
+                 "--chameleon-prefetch-policy must be 'queue' or 'predictive'")
 
     @staticmethod
     def from_server_args(server_args: Any) -> "ChameleonConfig":
@@ -82,6 +86,7 @@ class ChameleonConfig:
             score_weights=tuple(float(w) for w in get("chameleon_score_weights")),
             frequency_window_s=get("chameleon_frequency_window"),
             prefetch=get("chameleon_prefetch"),
+            prefetch_policy=get("chameleon_prefetch_policy"),
             host_link_gbps=float(get("chameleon_host_link_gbps")),
         )
 

@@ -229,7 +229,8 @@ def install_scheduler(result: Any, scheduler: Any, *args: Any, **kwargs: Any) ->
     policy_on = config.enabled and config.scheduler != "off" and reason is None
     cache = None
     if chameleon_pool_of(scheduler) is not None:
-        cache = install_cache(scheduler, clock, config.prefetch, owns_clock=not policy_on)
+        cache = install_cache(scheduler, clock, config.prefetch, owns_clock=not policy_on,
+                              predictive=config.prefetch_policy == "predictive")
     if policy_on:
         scheduler.enable_priority_preemption = False
         bridge = SchedulerBridge(scheduler, config, clock)
@@ -276,8 +277,11 @@ def on_request_enqueued(result: Any, scheduler: Any, req: Any, is_retracted: boo
     from chameleon_sglang.sglang_cache import cache_bridge_of
 
     cache = cache_bridge_of(scheduler)
-    if cache is not None and is_retracted:
-        cache.on_retracted(req)
+    if cache is not None:
+        if is_retracted:
+            cache.on_retracted(req)
+        else:
+            cache.on_arrival(req)
     bridge = bridge_of(scheduler)
     if bridge is not None:
         bridge.on_enqueue(req, is_retracted)

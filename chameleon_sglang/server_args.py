@@ -104,6 +104,12 @@ class Chameleon(msgspec.Struct):
             action=argparse.BooleanOptionalAction,
         ),
     ] = True
+    chameleon_prefetch_policy: A[
+        Literal["queue", "predictive"],
+        "What prefetch loads: 'queue' (adapters of the next queued requests) or 'predictive' "
+        "(those too, then adapters whose next request an arrival-gap histogram predicts now, "
+        "into free memory only). " + _DEFAULTS % "queue",
+    ] = "queue"
     chameleon_host_link_gbps: A[
         float,
         "Host-link model for CPU machines: every host-to-device adapter copy takes at least "

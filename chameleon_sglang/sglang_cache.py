@@ -9,7 +9,9 @@ Under ``--chameleon`` (cache on) :class:`CacheBridge` replaces SGLang's per-batc
   until the cache changed or more KV memory is free or evictable;
 - after each prefill pass (AFTER ``_get_new_batch_prefill_raw``) references of requests that were
   not admitted are dropped again, and missing adapters of queued requests are prefetched into
-  free memory (never evicting a queued request's adapter);
+  free memory (never evicting a queued request's adapter); with the predictive policy, then
+  adapters an arrival-gap histogram says are due (:mod:`chameleon_sglang.cache.
+  arrival_histogram`), into free memory only (evicting nothing);
 - references end when a request finishes (checked after each batch result) or is retracted;
 - the KV allocator counts idle adapters as available and evicts them before an allocation would
   fail (:mod:`chameleon_sglang.cache.kv_allocator`), so SGLang admits, retracts and fails
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
+from chameleon_sglang.cache.arrival_histogram import ArrivalHistogram
 from chameleon_sglang.cache.kv_allocator import make_cache_aware
 from chameleon_sglang.cache.kv_store import free_slot_count
 from chameleon_sglang.clock import SchedulerClock
@@ -32,6 +35,8 @@ ATTR = "chameleon_cache"
 # (a load is a synchronous copy on CPU; a few per pass bound the delay it adds).
 PREFETCH_LOOKAHEAD = 32
 PREFETCH_PER_PASS = 2
+# Predictive prefetch: an adapter is loaded this long before the head of its predicted window
+PREDICTIVE_LEAD_S = 1.0
 
 
 def cache_bridge_of(scheduler: Any) -> Optional["CacheBridge"]:
@@ -42,7 +47,7 @@ class CacheBridge:
     """Connects one SGLang scheduler to the adapter cache in its LoRA pool."""
 
     def __init__(self, scheduler: Any, pool: Any, clock: SchedulerClock, prefetch: bool,
-                 owns_clock: bool) -> None:
+                 owns_clock: bool, predictive: bool = False) -> None:
         self.scheduler = scheduler
         self.pool = pool
         self.clock = clock
@@ -50,6 +55,8 @@ class CacheBridge:
         # the cache reads it once after each pass; every rank does so at the same point.
         self.owns_clock = owns_clock
         self.prefetch = prefetch
+        self.arrivals: Optional[ArrivalHistogram] = ArrivalHistogram() if predictive else None
+        self.num_predictive_loads = 0
         self.cache = pool.cache
         self._holds: Dict[str, Tuple[Any, str]] = {}  # rid -> (Req, adapter) admitted, running
         self._pins: Dict[str, Tuple[Any, str]] = {}  # rid -> (Req, adapter) this pass only
@@ -216,18 +223,54 @@ class CacheBridge:
     def _queued_adapters(self) -> Set[str]:
         return {req.lora_id for req in self.scheduler.waiting_queue if req.lora_id is not None}
 
+    @property
+    def prefetch_policy(self) -> str:
+        """``off``, ``queue`` or ``predictive``."""
+        if not self.prefetch:
+            return "off"
+        return "predictive" if self.arrivals is not None else "queue"
+
+    def on_arrival(self, req: Any) -> None:
+        """A new request was queued: one arrival of its adapter for the predictive policy."""
+        if self.arrivals is not None and req.lora_id is not None:
+            self.arrivals.observe(req.lora_id, self.clock.last)
+
     def _prefetch(self) -> None:
+        loads = self._prefetch_queued()
+        if self.arrivals is not None and loads < PREFETCH_PER_PASS:
+            self._prefetch_predicted(PREFETCH_PER_PASS - loads)
+
+    def _prefetch_queued(self) -> int:
         queue = self.scheduler.waiting_queue
         if not queue:
-            return
+            return 0
         head = [req.lora_id for req in queue[:PREFETCH_LOOKAHEAD]]
         missing = self.cache.prefetch_candidates(head)
         if not missing:
-            return
+            return 0
         queued = self._queued_adapters()
         now = self.clock.last
+        loads = 0
         for adapter in missing[:PREFETCH_PER_PASS]:
-            self.pool.make_resident(adapter, now, queued, prefetch=True)
+            loads += self.pool.make_resident(adapter, now, queued, prefetch=True)
+        return loads
+
+    def _prefetch_predicted(self, budget: int) -> None:
+        """Adapters predicted due, into free memory only: every resident adapter is passed as
+        queued, so the prefetch (which may evict only unqueued idle ones) evicts nothing."""
+        assert self.arrivals is not None
+        now = self.clock.last
+        resident = self.cache.resident_ids()
+        keep = frozenset(resident)
+        for adapter in self.arrivals.due(now, PREDICTIVE_LEAD_S, skip=resident):
+            if budget <= 0:
+                return
+            if adapter not in self.pool.manager.loras:
+                self.arrivals.forget(adapter)
+                continue
+            if self.pool.make_resident(adapter, now, keep, prefetch=True):
+                self.num_predictive_loads += 1
+                budget -= 1
 
     def stats(self) -> Dict[str, Any]:
         self.settle_finished()
@@ -245,6 +288,8 @@ class CacheBridge:
             num_refusals_repeated=self.num_refusals_repeated,
             num_prefix_evictions_for_runs=self.num_prefix_evictions_for_runs,
             num_refused_for_pass_budget=self.num_refused_for_pass_budget,
+            prefetch_policy=self.prefetch_policy,
+            num_predictive_loads=self.num_predictive_loads,
             num_holding_requests=len(self._holds),
             kv_free_slots=free,
             kv_total_slots=total,
@@ -275,13 +320,13 @@ def chameleon_pool_of(scheduler: Any) -> Any:
 
 
 def install_cache(scheduler: Any, clock: SchedulerClock, prefetch: bool,
-                  owns_clock: bool) -> CacheBridge:
+                  owns_clock: bool, predictive: bool = False) -> CacheBridge:
     """Bind the Chameleon LoRA pool to the scheduler's KV cache and attach the bridge."""
     pool = chameleon_pool_of(scheduler)
     if pool is None:
         raise RuntimeError("--chameleon's adapter cache needs the chameleon LoRA pool")
     model_runner = scheduler.tp_worker.model_runner
     pool.bind_kv_cache(scheduler.token_to_kv_pool_allocator, model_runner.token_to_kv_pool)
-    bridge = CacheBridge(scheduler, pool, clock, prefetch, owns_clock)
+    bridge = CacheBridge(scheduler, pool, clock, prefetch, owns_clock, predictive)
     setattr(scheduler, ATTR, bridge)
     return bridge

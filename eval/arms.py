@@ -27,6 +27,7 @@ ARM_FLAGS: Dict[str, Tuple[str, ...]] = {
     "evict-lru": ("--chameleon", "--chameleon-eviction-policy", "lru"),
     "evict-fairshare": ("--chameleon", "--chameleon-eviction-policy", "fairshare"),
     "evict-gdsf": ("--chameleon", "--chameleon-eviction-policy", "gdsf"),
+    "chameleon-predictive": ("--chameleon", "--chameleon-prefetch-policy", "predictive"),
 }
 TUNED_STOCK_ARM = "stock-tuned"
 """Stock SGLang with per-workload flags (``eval.tune_stock``): not in :data:`ARM_FLAGS`."""

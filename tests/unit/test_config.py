@@ -18,7 +18,7 @@ def server_args(**overrides):
         chameleon_ttft_slo=5.0, chameleon_bypass=True, chameleon_predictor="online",
         chameleon_cache=True, chameleon_eviction_policy="chameleon",
         chameleon_score_weights=[0.45, 0.10, 0.45], chameleon_frequency_window=300.0,
-        chameleon_prefetch=True,
+        chameleon_prefetch=True, chameleon_prefetch_policy="queue",
         chameleon_host_link_gbps=0.0,
     )
     fields.update(overrides)
