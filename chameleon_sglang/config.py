@@ -11,7 +11,7 @@ from typing import Any, Literal, Tuple
 
 SchedulerMode = Literal["dynamic", "static", "off"]
 EvictionPolicyName = Literal["chameleon", "lru", "fairshare", "gdsf"]
-PredictorName = Literal["online", "max-new-tokens"]
+PredictorName = Literal["online", "max-new-tokens", "synthetic"]
 PrefetchPolicyName = Literal["queue", "predictive"]
 
 
@@ -31,6 +31,7 @@ class ChameleonConfig:
     ttft_slo_s: float = 5.0
     bypass: bool = True
     predictor: PredictorName = "online"
+    predictor_accuracy: float = 1.0  # of the synthetic predictor
     # Adapter cache (paper §4.2)
     cache: bool = True
     eviction_policy: EvictionPolicyName = "chameleon"
@@ -59,6 +60,8 @@ class ChameleonConfig:
             "(frequency recency size), not all zero",
         )
         _require(self.frequency_window_s > 0, "--chameleon-frequency-window must be > 0 seconds")
+        _require(0 <= self.predictor_accuracy <= 1,
+                 "--chameleon-predictor-accuracy must be in [0, 1]")
         _require(self.host_link_gbps >= 0, "--chameleon-host-link-gbps must be >= 0")
         _require(self.prefetch_policy in ("queue", "predictive"),
                  "--chameleon-prefetch-policy must be 'queue' or 'predictive'")
@@ -81,6 +84,7 @@ class ChameleonConfig:
             ttft_slo_s=get("chameleon_ttft_slo"),
             bypass=get("chameleon_bypass"),
             predictor=get("chameleon_predictor"),
+            predictor_accuracy=float(get("chameleon_predictor_accuracy")),
             cache=get("chameleon_cache"),
             eviction_policy=get("chameleon_eviction_policy"),
             score_weights=tuple(float(w) for w in get("chameleon_score_weights")),

@@ -69,10 +69,15 @@ class Chameleon(msgspec.Struct):
         ),
     ] = True
     chameleon_predictor: A[
-        Literal["online", "max-new-tokens"],
+        Literal["online", "max-new-tokens", "synthetic"],
         "Output-length predictor: 'online' (per adapter and input-length bucket, from observed "
-        "outputs) or 'max-new-tokens' (the request's cap). " + _DEFAULTS % "online",
+        "outputs), 'max-new-tokens' (the request's cap) or 'synthetic' (the cap with "
+        "--chameleon-predictor-accuracy, else a wrong value: for sensitivity experiments). "
+        + _DEFAULTS % "online",
     ] = "online"
+    chameleon_predictor_accuracy: A[
+        float, "Share of right predictions of the 'synthetic' predictor. " + _DEFAULTS % 1.0
+    ] = 1.0
     chameleon_cache: A[
         bool,
         Arg(

@@ -28,6 +28,12 @@ ARM_FLAGS: Dict[str, Tuple[str, ...]] = {
     "evict-fairshare": ("--chameleon", "--chameleon-eviction-policy", "fairshare"),
     "evict-gdsf": ("--chameleon", "--chameleon-eviction-policy", "gdsf"),
     "chameleon-predictive": ("--chameleon", "--chameleon-prefetch-policy", "predictive"),
+    "predictor-100": ("--chameleon", "--chameleon-predictor", "synthetic",
+                      "--chameleon-predictor-accuracy", "1.0"),
+    "predictor-80": ("--chameleon", "--chameleon-predictor", "synthetic",
+                     "--chameleon-predictor-accuracy", "0.8"),
+    "predictor-60": ("--chameleon", "--chameleon-predictor", "synthetic",
+                     "--chameleon-predictor-accuracy", "0.6"),
 }
 TUNED_STOCK_ARM = "stock-tuned"
 """Stock SGLang with per-workload flags (``eval.tune_stock``): not in :data:`ARM_FLAGS`."""

@@ -65,7 +65,7 @@ class ChameleonPolicy:
         self.config = config
         self.limits = limits
         self.total_tokens = total_tokens
-        self.predictor = predictor if predictor is not None else create_predictor(config.predictor)
+        self.predictor = predictor if predictor is not None else create_predictor(config.predictor, config.predictor_accuracy)
         history = max(history_size, config.warmup_requests)
         self._arrivals: Deque[_Arrival] = collections.deque(maxlen=history)
         self._services: Deque[_Service] = collections.deque(maxlen=history)

@@ -12,6 +12,7 @@ together with the true output length. A prediction counts as accurate when
 from __future__ import annotations
 
 import collections
+import random
 from typing import Any, Deque, Dict, Hashable, Protocol, Tuple
 
 from chameleon_sglang.config import PredictorName
@@ -94,6 +95,39 @@ class MaxNewTokensPredictor:
         return self._accuracy.summary()
 
 
+class SyntheticAccuracyPredictor:
+    """An artificial predictor of set accuracy, for sensitivity experiments (the paper's Fig. 19).
+
+    The request's cap is taken as the truth (the evaluation's requests generate exactly
+    ``max_new_tokens``, ``ignore_eos``): with probability ``accuracy`` it is predicted, else a
+    wrong value outside the accuracy tolerance (0.1-0.7x or 1.3-3x of it, uniformly). Draws come
+    from one seeded generator in call order, so every tensor-parallel rank predicts alike.
+    """
+
+    def __init__(self, accuracy: float, seed: int = 0, tolerance: float = 0.25) -> None:
+        if not 0.0 <= accuracy <= 1.0:
+            raise ValueError(f"predictor accuracy must be in [0, 1], got {accuracy}")
+        self.target = float(accuracy)
+        self._rng = random.Random(seed)
+        self._accuracy = AccuracyTracker(tolerance)
+
+    def predict(self, adapter_id: str | None, input_len: int, max_new_tokens: int) -> int:
+        truth = max(1, max_new_tokens)
+        if self._rng.random() < self.target:
+            return truth
+        low = self._rng.random() < 0.5
+        factor = self._rng.uniform(0.1, 0.7) if low else self._rng.uniform(1.3, 3.0)
+        return max(1, round(truth * factor))
+
+    def observe(self, adapter_id: str | None, input_len: int, output_len: int,
+                predicted: int | None = None) -> None:
+        if predicted is not None:
+            self._accuracy.record(predicted, output_len)
+
+    def accuracy(self) -> Dict[str, float]:
+        return {**self._accuracy.summary(), "target": self.target}
+
+
 class OnlinePredictor:
     """A high quantile of recent output lengths, per adapter and log2 input-length bucket.
 
@@ -159,12 +193,15 @@ def input_bucket(input_len: int) -> int:
     return max(input_len, 0).bit_length()
 
 
-def create_predictor(name: PredictorName) -> OutputPredictor:
-    """The predictor ``--chameleon-predictor`` names, with default parameters."""
+def create_predictor(name: PredictorName, accuracy: float = 1.0) -> OutputPredictor:
+    """The predictor ``--chameleon-predictor`` names, with default parameters (``accuracy``:
+    the synthetic one's)."""
     if name == "online":
         return OnlinePredictor()
     if name == "max-new-tokens":
         return MaxNewTokensPredictor()
+    if name == "synthetic":
+        return SyntheticAccuracyPredictor(accuracy)
     raise ValueError(f"unknown predictor {name!r}")
 
 

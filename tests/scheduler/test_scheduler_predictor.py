@@ -116,3 +116,20 @@ def test_create_predictor_by_name():
     assert isinstance(create_predictor("max-new-tokens"), MaxNewTokensPredictor)
     with pytest.raises(ValueError):
         create_predictor("bert")  # type: ignore[arg-type]
+
+
+def test_synthetic_predictor_hits_its_accuracy_and_is_deterministic():
+    from chameleon_sglang.scheduler.predictor import SyntheticAccuracyPredictor, create_predictor
+
+    for target in (1.0, 0.8, 0.6):
+        p = create_predictor("synthetic", target)
+        q = SyntheticAccuracyPredictor(target)
+        preds = [p.predict("a", 10, 1 + i % 60) for i in range(3000)]
+        assert preds == [q.predict("a", 10, 1 + i % 60) for i in range(3000)]
+        for i, pred in enumerate(preds):
+            p.observe("a", 10, 1 + i % 60, pred)
+        measured = p.accuracy()
+        assert abs(measured["within_tolerance"] - target) < 0.03, measured
+        assert all(pred >= 1 for pred in preds)
+    with pytest.raises(ValueError):
+        SyntheticAccuracyPredictor(1.5)

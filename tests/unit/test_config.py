@@ -16,6 +16,7 @@ def server_args(**overrides):
         chameleon_refresh_period=300.0, chameleon_warmup_requests=200,
         chameleon_elbow_threshold=0.2, chameleon_wrs_weights=[0.4, 0.6],
         chameleon_ttft_slo=5.0, chameleon_bypass=True, chameleon_predictor="online",
+        chameleon_predictor_accuracy=1.0,
         chameleon_cache=True, chameleon_eviction_policy="chameleon",
         chameleon_score_weights=[0.45, 0.10, 0.45], chameleon_frequency_window=300.0,
         chameleon_prefetch=True, chameleon_prefetch_policy="queue",
