@@ -42,6 +42,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--start-row", type=int, default=0, help="first trace row used")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent within a rank")
+    g.add_argument("--rank-zipf", type=float, default=0.0,
+                   help="Zipf exponent over ranks, smallest rank most popular (0: uniform)")
     g.add_argument("--length-divisor", type=float, default=8.0)
     g.add_argument("--max-input", type=int, default=512)
     g.add_argument("--max-output", type=int, default=64)
@@ -90,7 +92,7 @@ def resolve(args: argparse.Namespace, name: str) -> Any:
 
 def spec_from_args(args: argparse.Namespace, **overrides: Any) -> WorkloadSpec:
     spec = WorkloadSpec(
-        trace=str(args.trace), seed=args.seed, zipf_s=args.zipf,
+        trace=str(args.trace), seed=args.seed, zipf_s=args.zipf, rank_zipf_s=args.rank_zipf,
         length_divisor=args.length_divisor, max_input=args.max_input,
         max_output=args.max_output, min_output=args.min_output, time_scale=args.time_scale,
         rps=None if args.trace_arrivals else resolve(args, "rps"),

@@ -14,8 +14,8 @@ ablations cache-only and scheduler-only), ``adapters`` (Fig. 20: adapter count 1
 ``eviction`` (§5.3.3: Chameleon/LRU/FairShare/GDSF), ``queues`` (Fig. 22: dynamic vs static),
 ``queueing`` (Fig. 16: queueing share per size class), ``prefetch`` (§4.2: predictive vs
 queue-driven prefetch), ``predictor`` (Fig. 19: a synthetic output-length predictor of 100/80/60%
-accuracy), ``tuned`` (against stock tuned for the workload). Not built yet: the popularity mixes
-U-U/U-P/P-P; asking for them says so.
+accuracy), ``popularity`` (U-U / U-P / P-P: rank and adapter popularity uniform or power-law,
+one comparison each), ``tuned`` (against stock tuned for the workload).
 """
 
 from __future__ import annotations
@@ -105,8 +105,10 @@ def _queueing_rows(result: Dict[str, Any]) -> List[Row]:
     for size in ("small", "medium", "large"):
         ours = (shares.get("chameleon") or {}).get(size, {}).get("share")
         stock = (shares.get("stock") or {}).get(size, {}).get("share")
-        out.append((f"queueing share of e2e, {size} requests", "falls for small requests",
-                    _change(ours, stock), "chameleon / stock - 1"))
+        out.append((f"queueing share of e2e, {size} requests, ours",
+                    "< 8% every class (FIFO: 28.6% small)", ours, "share of e2e time"))
+        out.append((f"queueing share of e2e, {size} requests, stock", "-", stock,
+                    "share of e2e time"))
     return out
 
 
@@ -151,11 +153,11 @@ EXPERIMENTS: Dict[str, Experiment] = {
         "compare", ("--arms", "stock,predictor-100,predictor-80,predictor-60", *HIGH_LOAD,
                     "--repeats", "1"),
         ("--quick", "--arms", "predictor-100,predictor-60", *HIGH_LOAD),
-        _compare_rows([("P99 TTFT, 80% over 100% accurate predictor", "small loss (Fig. 19)",
+        _compare_rows([("P99 TTFT, 80% over 100% accurate predictor", "not in our notes of §5",
                         "predictor-80", "predictor-100", "ttft_p99"),
-                       ("P99 TTFT, 60% over 100% accurate predictor", "larger loss (Fig. 19)",
+                       ("P99 TTFT, 60% over 100% accurate predictor", "not in our notes of §5",
                         "predictor-60", "predictor-100", "ttft_p99"),
-                       ("P99 TTFT, 60%-accurate predictor over stock", "still ahead",
+                       ("P99 TTFT, 60%-accurate predictor over stock", "not in our notes of §5",
                         "predictor-60", "stock", "ttft_p99")]),
         "Fig. 19: sensitivity to the output-length predictor's accuracy"),
     "tuned": Experiment(
@@ -169,8 +171,34 @@ EXPERIMENTS: Dict[str, Experiment] = {
                         "stock-tuned", "ttft_p50")]),
         "our baseline question: stock SGLang as a user would tune it"),
 }
-NOT_BUILT = {"popularity": "U-U / U-P / P-P popularity mixes need workload options for rank "
-                           "and adapter popularity: not built yet"}
+NOT_BUILT: Dict[str, str] = {}
+POPULARITY_MIXES: Dict[str, Tuple[str, ...]] = {
+    # (rank popularity)-(adapter popularity within a rank): U uniform, P power law (Zipf 1)
+    "U-U": ("--rank-zipf", "0", "--zipf", "0"),
+    "U-P": ("--rank-zipf", "0", "--zipf", "1"),
+    "P-P": ("--rank-zipf", "1", "--zipf", "1"),
+}
+
+
+def run_popularity(out: Path, quick: bool, rest: List[str]) -> Tuple[List[Row], List[str], int]:
+    """Stock vs chameleon on each popularity mix, one comparison each under ``OUT/<mix>/``."""
+    rows: List[Row] = []
+    status = 0
+    base = ["--quick"] if quick else ["--repeats", "1"]
+    argv: List[str] = []
+    for mix, flags in POPULARITY_MIXES.items():
+        argv = [*base, "--arms", "stock,chameleon", *HIGH_LOAD, *flags, *rest,
+                "--out", str(out / mix)]
+        status = run_tool("compare", argv) or status
+        summary = json.loads((out / mix / "summary.json").read_text())
+        rows.append((f"P99 TTFT, {mix}", "not in our notes of §5",
+                     _change(_arm(summary, "chameleon", "ttft_p99"),
+                             _arm(summary, "stock", "ttft_p99")), "chameleon / stock - 1"))
+    return rows, argv, status
+
+
+POPULARITY = Experiment("compare", (), (), lambda result: [],
+                        "§5: popularity mixes U-U / U-P / P-P (rank, adapter)")
 
 
 def run_tool(tool: str, argv: List[str]) -> int:
@@ -219,7 +247,7 @@ def write_paper_outputs(out: Path, name: str, experiment: Experiment,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.paper", description=__doc__.split("\n")[0])
-    p.add_argument("experiment", choices=sorted([*EXPERIMENTS, *NOT_BUILT]))
+    p.add_argument("experiment", choices=sorted([*EXPERIMENTS, "popularity", *NOT_BUILT]))
     p.add_argument("--quick", action="store_true", help="the small variant")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("rest", nargs=argparse.REMAINDER,
@@ -228,13 +256,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.experiment in NOT_BUILT:
         print(NOT_BUILT[args.experiment], file=sys.stderr)
         return 2
-    experiment = EXPERIMENTS[args.experiment]
     import datetime
 
     out = args.out or RESULTS_DIR / (f"paper-{args.experiment}-"
                                      + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     rest = [a for a in args.rest if a != "--"]
+    if args.experiment == "popularity":
+        rows, tool_argv, status = run_popularity(out, args.quick, rest)
+        write_paper_outputs(out, "popularity", POPULARITY, rows, tool_argv)
+        print((out / "paper.md").read_text())
+        return status
+    experiment = EXPERIMENTS[args.experiment]
     tool_argv = [*(experiment.quick_args if args.quick else experiment.args), *rest,
                  "--out", str(out)]
     status = run_tool(experiment.tool, tool_argv)

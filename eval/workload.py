@@ -48,6 +48,7 @@ class WorkloadSpec:
     trace: str = str(DEFAULT_TRACE)
     seed: int = 0
     zipf_s: float = 1.0
+    rank_zipf_s: float = 0.0  # 0: ranks equally likely; > 0: Zipf over ranks, smallest first
     length_divisor: float = 8.0
     max_input: int = 512
     max_output: int = 64
@@ -120,9 +121,11 @@ def poisson_arrivals_until(duration_s: float, rps: float, rng: np.random.Generat
 
 
 def assign_adapters(
-    n: int, adapters: Sequence[AdapterInfo], zipf_s: float, rng: np.random.Generator
+    n: int, adapters: Sequence[AdapterInfo], zipf_s: float, rng: np.random.Generator,
+    rank_zipf_s: float = 0.0,
 ) -> List[AdapterInfo]:
-    """Rank uniform over the ranks present, then Zipf popularity within the rank."""
+    """Rank uniform over the ranks present (``rank_zipf_s`` > 0: Zipf over them, the smallest
+    rank the most popular), then Zipf popularity within the rank."""
     if not adapters:
         raise ValueError("no adapters to assign")
     by_rank: Dict[int, List[AdapterInfo]] = {}
@@ -130,7 +133,10 @@ def assign_adapters(
         by_rank.setdefault(a.rank, []).append(a)
     ranks = sorted(by_rank)
     weights = {r: zipf_weights(len(by_rank[r]), zipf_s) for r in ranks}
-    rank_draws = rng.integers(0, len(ranks), size=n)
+    if rank_zipf_s > 0:
+        rank_draws = rng.choice(len(ranks), size=n, p=zipf_weights(len(ranks), rank_zipf_s))
+    else:
+        rank_draws = rng.integers(0, len(ranks), size=n)
     out = []
     for k in rank_draws:
         group = by_rank[ranks[int(k)]]
@@ -208,7 +214,8 @@ def build_workload(
     if all(r.adapter_id is not None for r in picked):
         chosen = map_adapter_ids([str(r.adapter_id) for r in picked], adapters)
     else:
-        chosen = assign_adapters(n, adapters, spec.zipf_s, _rng(spec, _STREAM_ADAPTERS))
+        chosen = assign_adapters(n, adapters, spec.zipf_s, _rng(spec, _STREAM_ADAPTERS),
+                                 spec.rank_zipf_s)
     ins = np.asarray([scale_length(r.input_tokens, spec.length_divisor, 1, spec.max_input)
                       for r in picked], dtype=float)
     outs = np.asarray([scale_length(r.output_tokens, spec.length_divisor, spec.min_output,

@@ -179,3 +179,12 @@ def test_default_trace_baseline_recipe():
     assert len(wl) == 150
     assert max(r.input_len for r in wl) <= 512 and max(r.output_len for r in wl) <= 64
     assert dataclasses.replace(s, seed=0) == s
+
+
+def test_rank_zipf_makes_small_ranks_popular_and_zero_keeps_the_old_draws(trace):
+    uniform = build_workload(spec(trace), make_adapters(), VOCAB)
+    same = build_workload(spec(trace, rank_zipf_s=0.0), make_adapters(), VOCAB)
+    assert [r.adapter for r in uniform] == [r.adapter for r in same]
+    skewed = build_workload(spec(trace, rank_zipf_s=1.5), make_adapters(), VOCAB)
+    counts = Counter(r.rank for r in skewed)
+    assert counts[8] > counts[128] and counts[8] >= max(counts.values())
