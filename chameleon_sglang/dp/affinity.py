@@ -1,0 +1,150 @@
+"""Adapter-affinity dispatch across data-parallel replicas, with bounded loads (pure policy).
+
+Each replica runs its own Chameleon scheduler and adapter cache; sending a request to a replica
+that does not hold its adapter costs a load there and, across N replicas, every replica ends up
+loading every adapter. :class:`AffinityDispatcher` picks, per request:
+
+1. among replicas holding the adapter (resident or loading, from their last reports), the least
+   loaded one that stays within the load bound;
+2. else the first replica within the bound in the adapter's own rendezvous-hash order (highest
+   random weight, Thaler & Ravishankar): a cold adapter always goes to the same replica, so a rare
+   adapter lives on one replica; a popular one overflows, in its hash order, to more replicas as
+   the bound trips on the first, so it comes to live on several;
+3. the bound is consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam): a
+   replica takes a request only while its load is at most ``(1 + epsilon)`` times the mean load
+   (this request included), so no replica ends above that bound by more than one request. The
+   least loaded replica is never above the mean, so a request is never refused and no replica
+   starves.
+
+Load is the replica's queued plus running tokens as last reported, plus what was dispatched to it
+since that report (each request counts its prompt plus its output cap until the next report).
+A replica that leaves is dropped from every order; its adapters' requests go where rule 2 sends
+them. Deterministic: no clock, no randomness beyond fixed hashes; ties go to the lower replica
+index. Cost per request: the holders of its adapter plus a walk of its cached hash order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaReport:
+    """What a replica says of itself: adapters it holds (resident or loading) and its load."""
+
+    replica: int
+    adapters: FrozenSet[str]
+    load_tokens: int
+
+
+_MASK = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit hash of ``x``."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK
+    return x ^ (x >> 31)
+
+
+def _order_of(key: str, replicas: Sequence[int]) -> List[int]:
+    """Replicas by rendezvous weight for ``key``, highest first (ties: lower index)."""
+    base = zlib.crc32(key.encode()) << 32
+    return sorted(replicas, key=lambda r: (-_mix(base ^ _mix(r + 1)), r))
+
+
+class AffinityDispatcher:
+    """Dispatch requests to replicas by adapter residency within a load bound (module docs)."""
+
+    def __init__(self, replicas: Iterable[int], epsilon: float = 0.25) -> None:
+        if epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        self.epsilon = float(epsilon)
+        self._replicas: List[int] = sorted(set(replicas))
+        if not self._replicas:
+            raise ValueError("no replicas")
+        self._reported: Dict[int, int] = {r: 0 for r in self._replicas}
+        self._since: Dict[int, int] = {r: 0 for r in self._replicas}
+        self._holders: Dict[str, List[int]] = {}
+        self._held: Dict[int, FrozenSet[str]] = {r: frozenset() for r in self._replicas}
+        self._orders: Dict[str, List[int]] = {}
+        self._total = 0
+        self.num_affinity = 0
+        self.num_hashed = 0
+
+    @property
+    def replicas(self) -> List[int]:
+        return list(self._replicas)
+
+    def load(self, replica: int) -> int:
+        return self._reported[replica] + self._since[replica]
+
+    def report(self, report: ReplicaReport) -> None:
+        """A replica's latest state replaces what was known of it (and what was dispatched to
+        it since its previous report)."""
+        r = report.replica
+        if r not in self._reported:
+            return
+        self._total += report.load_tokens - self.load(r)
+        self._reported[r], self._since[r] = int(report.load_tokens), 0
+        if report.adapters != self._held[r]:
+            for adapter in self._held[r] - report.adapters:
+                self._holders[adapter].remove(r)
+            for adapter in report.adapters - self._held[r]:
+                self._holders.setdefault(adapter, []).append(r)
+            self._held[r] = frozenset(report.adapters)
+
+    def remove_replica(self, replica: int) -> None:
+        """The replica left: no request goes there any more."""
+        if replica not in self._reported or len(self._replicas) == 1:
+            raise ValueError(f"cannot remove replica {replica} (unknown, or the last one)")
+        self._total -= self.load(replica)
+        self._replicas.remove(replica)
+        for adapter in self._held.pop(replica):
+            self._holders[adapter].remove(replica)
+        del self._reported[replica], self._since[replica]
+        self._orders.clear()
+
+    def dispatch(self, adapter: Optional[str], tokens: int) -> int:
+        """The replica for a request of ``tokens`` (prompt + output cap) on ``adapter`` (None:
+        the base model), counted in that replica's load until its next report."""
+        bound = (1.0 + self.epsilon) * (self._total + tokens) / len(self._replicas)
+        choice = None
+        if adapter is not None:
+            holders = self._holders.get(adapter)
+            if holders:
+                best = min(holders, key=lambda r: (self.load(r), r))
+                if self.load(best) <= bound:
+                    choice = best
+                    self.num_affinity += 1
+        if choice is None:
+            order = self._order(adapter)
+            choice = next((r for r in order if self.load(r) <= bound), None)
+            if choice is None:  # cannot happen (the least loaded fits); kept for safety
+                choice = min(self._replicas, key=lambda r: (self.load(r), r))
+            self.num_hashed += 1
+        self._since[choice] += tokens
+        self._total += tokens
+        return choice
+
+    def _order(self, adapter: Optional[str]) -> List[int]:
+        key = adapter if adapter is not None else ""
+        order = self._orders.get(key)
+        if order is None:
+            order = _order_of(key, self._replicas)
+            self._orders[key] = order
+        return order
+
+    def stats(self) -> Dict[str, object]:
+        loads = [self.load(r) for r in self._replicas]
+        mean = sum(loads) / len(loads)
+        return {"replicas": list(self._replicas), "loads": loads,
+                "max_over_mean": (max(loads) / mean) if mean > 0 else 1.0,
+                "num_affinity": self.num_affinity, "num_hashed": self.num_hashed}
+
+
+def holders_of(reports: Sequence[ReplicaReport], adapter: str) -> List[int]:
+    """Replicas whose report names ``adapter`` (for tests and logs)."""
+    return sorted(r.replica for r in reports if adapter in r.adapters)
