@@ -85,12 +85,24 @@ class CacheBridge:
         self._adder = adder
 
     def _fits_pass_budget(self, adapter: str) -> bool:
-        """An adapter loaded during a pass takes KV slots SGLang's budget may already have
-        promised to requests admitted earlier in the pass (their prompts are allocated only at
-        the pass's end): a load must fit what the budget has left."""
+        """SGLang's pass budget counts idle adapters' slots as available, and the prompts of the
+        requests it admits are allocated only at the pass's end. Two things during a pass take
+        slots out of "available": loading an adapter (its slots) and acquiring a resident idle
+        one (its slots are no longer reclaimable). Either must fit what the budget has left,
+        total and current, or requests admitted earlier in the pass would find their promised
+        slots gone. Acquiring an adapter already in use changes nothing."""
         if self._adder is None:
             return True
-        return self.pool.footprint_slots(adapter) <= int(self._adder.rem_total_tokens)
+        entry = self.cache.lookup(adapter)
+        if entry is not None:
+            if not entry.is_idle:
+                return True
+            need = entry.num_slots
+        else:
+            need = self.pool.footprint_slots(adapter)
+        left = min(int(self._adder.rem_total_tokens),
+                   int(getattr(self._adder, "cur_rem_tokens", self._adder.rem_total_tokens)))
+        return need <= left
 
     def can_schedule(self, req: Any) -> bool:
         """May ``req`` join the batch as far as its adapter goes? References it if so."""
@@ -100,6 +112,9 @@ class CacheBridge:
         now = self.clock.last
         first = req.rid not in self._looked_up
         queued: Iterable[str] = ()
+        if self.cache.is_resident(adapter) and not self._fits_pass_budget(adapter):
+            self.num_refused_for_pass_budget += 1  # idle: acquiring it would take its slots
+            return False
         if not self.cache.is_resident(adapter):
             refused = self._refusals.get(adapter)
             if refused is not None and refused[0] == self.cache.version \

@@ -54,7 +54,7 @@ def make_bridge(size: int = 40):
 
 
 def req(rid: str, adapter: str):
-    return types.SimpleNamespace(rid=rid, lora_id=adapter)
+    return types.SimpleNamespace(rid=rid, lora_id=adapter, finished=lambda: False)
 
 
 def test_a_refused_adapter_is_not_asked_again_until_memory_frees():
@@ -133,6 +133,30 @@ def test_a_load_during_a_pass_never_takes_slots_promised_to_admitted_requests():
     bridge.end_pass()
     bridge.begin_pass(Budget(allocator, promised=0))  # next pass, nothing promised yet
     assert not bridge.can_schedule(req("b2", "big"))  # 30 > 40 - 15 - 4 still
+    bridge.end_pass()
+
+
+def test_acquiring_an_idle_adapter_during_a_pass_never_takes_promised_slots():
+    """An idle resident adapter's slots count as available to the pass; a request that would
+    acquire it (making them unavailable) after others were promised those slots must wait for
+    the next pass. An adapter already in use can be shared at any time. (The soak found this:
+    'Out of memory' at the pass's allocation, 724 tokens asked, 472 left.)"""
+    bridge, pool, allocator = make_bridge(40)
+    assert bridge.can_schedule(req("s0", "small"))  # small resident, in use by s0
+    assert bridge.can_schedule(req("b0", "big"))  # big resident (30 slots)
+    bridge.end_pass()
+    bridge._holds["b0"][0].finished = lambda: True  # b0 finishes: big idle, 30 reclaimable
+    bridge.settle_finished()
+    assert bridge.cache.lookup("big").is_idle and allocator.available_size() == 36
+    adder = Budget(allocator, promised=20)  # the pass promised 20 slots: 16 left
+    bridge.begin_pass(adder)
+    assert not bridge.can_schedule(req("b1", "big"))  # acquiring would leave -14
+    assert bridge.num_refused_for_pass_budget == 1 and bridge.cache.lookup("big").is_idle
+    assert bridge.can_schedule(req("s1", "small"))  # small is in use: sharing it is free
+    assert adder.rem_total_tokens >= 0
+    bridge.end_pass()
+    bridge.begin_pass(Budget(allocator, promised=0))
+    assert bridge.can_schedule(req("b2", "big"))  # a new pass with room: acquired
     bridge.end_pass()
 
 
