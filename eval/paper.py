@@ -246,13 +246,15 @@ def write_paper_outputs(out: Path, name: str, experiment: Experiment,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.paper", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eval.paper", description=__doc__.split("\n")[0],
+                                epilog="everything after -- goes to eval.compare / eval.sweep")
     p.add_argument("experiment", choices=sorted([*EXPERIMENTS, "popularity", *NOT_BUILT]))
     p.add_argument("--quick", action="store_true", help="the small variant")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("rest", nargs=argparse.REMAINDER,
-                   help="after --: options passed to eval.compare / eval.sweep")
-    args = p.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    cut = given.index("--") if "--" in given else len(given)
+    args = p.parse_args(given[:cut])
+    args.rest = given[cut + 1:]
     if args.experiment in NOT_BUILT:
         print(NOT_BUILT[args.experiment], file=sys.stderr)
         return 2
