@@ -41,6 +41,8 @@ class ChameleonConfig:
     prefetch_policy: PrefetchPolicyName = "queue"
     # Host-link model (CPU machines): GB/s every host-to-device adapter copy is held to; 0 = off
     host_link_gbps: float = 0.0
+    # Data parallelism: the load bound of adapter-affinity dispatch, (1 + dp_epsilon) x mean
+    dp_epsilon: float = 0.25
 
     def __post_init__(self) -> None:
         _require(1 <= self.max_queues <= 4, "--chameleon-max-queues must be between 1 and 4")
@@ -63,6 +65,7 @@ class ChameleonConfig:
         _require(0 <= self.predictor_accuracy <= 1,
                  "--chameleon-predictor-accuracy must be in [0, 1]")
         _require(self.host_link_gbps >= 0, "--chameleon-host-link-gbps must be >= 0")
+        _require(self.dp_epsilon > 0, "--chameleon-dp-epsilon must be > 0")
         _require(self.prefetch_policy in ("queue", "predictive"),
                  "--chameleon-prefetch-policy must be 'queue' or 'predictive'")
 
@@ -92,6 +95,7 @@ class ChameleonConfig:
             prefetch=get("chameleon_prefetch"),
             prefetch_policy=get("chameleon_prefetch_policy"),
             host_link_gbps=float(get("chameleon_host_link_gbps")),
+            dp_epsilon=float(get("chameleon_dp_epsilon")),
         )
 
 

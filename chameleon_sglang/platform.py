@@ -43,3 +43,37 @@ def sgl_kernel_cpu_ops_available() -> bool:
         return hasattr(torch.ops.sgl_kernel, "convert_weight_packed")
     except (ImportError, AttributeError, RuntimeError):
         return False
+
+
+CPU_THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
+
+
+def split_cores(cores: list, num_ranks: int) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` giving each of ``num_ranks`` ranks an equal, contiguous
+    share of ``cores`` (the first ranks take one more where they do not divide); ranks share
+    cores only when there are fewer cores than ranks."""
+    cores = sorted(cores)
+    if num_ranks <= len(cores):
+        base, extra = divmod(len(cores), num_ranks)
+        groups, start = [], 0
+        for rank in range(num_ranks):
+            size = base + (1 if rank < extra else 0)
+            groups.append(cores[start:start + size])
+            start += size
+    else:
+        groups = [[cores[rank % len(cores)]] for rank in range(num_ranks)]
+    return "|".join(",".join(str(c) for c in group) for group in groups)
+
+
+def default_cpu_threads_binding(num_ranks: int, num_numa_nodes: int) -> None:
+    """On the CPU engine, SGLang gives each rank (``dp_size * tp_size * pp_size``) one NUMA node
+    and refuses to start with more ranks than nodes unless ``SGLANG_CPU_OMP_THREADS_BIND`` names
+    each rank's cores. Where the user left it unset and the ranks outnumber the nodes, set it to
+    an even split of this process's cores (inherited by every rank; logged). An explicit value
+    is never changed."""
+    if os.environ.get(CPU_THREADS_BIND_ENV) or num_ranks <= max(1, num_numa_nodes):
+        return
+    binding = split_cores(list(os.sched_getaffinity(0)), num_ranks)
+    os.environ[CPU_THREADS_BIND_ENV] = binding
+    logger.info("CPU engine: %d ranks on %d NUMA node(s): %s=%s (set it to choose the cores)",
+                num_ranks, num_numa_nodes, CPU_THREADS_BIND_ENV, binding)

@@ -18,6 +18,7 @@ from chameleon_sglang.components import (
     status_report,
 )
 from chameleon_sglang.config import ChameleonConfig
+from chameleon_sglang.dp import sglang_hooks as dp_hooks
 from chameleon_sglang.request_checks import TOKENIZER_MANAGER_CLASS, refuse_token_ids_outside_vocab
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,16 @@ def method_hooks() -> List[Tuple[str, Callable[..., Any], str]]:
         ("process_batch_result", on_batch_result, HookType.AFTER),
         ("update_running_batch", squash_before_decode, HookType.BEFORE),
         ("init_memory_pools", bind_pool_to_kv_buffers, HookType.AFTER),
+        ("init_ipc_channels", dp_hooks.remember_ipc_name, HookType.AFTER),
+        ("on_idle", dp_hooks.report_when_idle, HookType.AFTER),
+    ]
+    controller = [
+        (f"{dp_hooks.LOAD_BALANCE_METHOD_CLASS}.from_str", dp_hooks.load_balance_method_from_str,
+         HookType.AROUND),
+        (f"{dp_hooks.DP_CONTROLLER_CLASS}.init_dispatcher", dp_hooks.install_dispatch,
+         HookType.AFTER),
+        (f"{dp_hooks.DP_CONTROLLER_CLASS}.event_loop", dp_hooks.controller_event_loop,
+         HookType.AROUND),
     ]
     return [(f"{SCHEDULER_CLASS}.{method}", hook, kind) for method, hook, kind in scheduler] + [
         (f"{MODEL_RUNNER_CLASS}.init_lora_manager", decide_adapter_cache, HookType.AROUND),
@@ -69,7 +80,7 @@ def method_hooks() -> List[Tuple[str, Callable[..., Any], str]]:
         (f"{TOKENIZER_MANAGER_CLASS}._validate_one_request", refuse_token_ids_outside_vocab,
          HookType.BEFORE),
         ("sglang.srt.entrypoints.http_server.launch_server", add_http_routes, HookType.BEFORE),
-    ]
+    ] + controller
 
 
 def register() -> None:
@@ -114,12 +125,25 @@ def cpu_backend_defaults(server_args: Any, previous: Callable[[Any], None]) -> N
             picks["lora_backend"] = "torch_native"
         if picks:
             logger.info("CPU engine without SGLang's CPU kernels: using %s", picks)
+        _default_cpu_threads_binding(cfg)
     if adapter_cache_unsupported_reason(cfg) is None:
         picks["lora_backend"] = CHAMELEON_LORA_BACKEND
         logger.info("Chameleon adapter cache: LoRA backend %r", CHAMELEON_LORA_BACKEND)
     if picks:
         declare_resolution(server_args, "chameleon_sglang.cpu_backend_defaults", **picks)
     previous(server_args)
+
+
+def _default_cpu_threads_binding(cfg: Any) -> None:
+    from sglang.srt.utils.common import get_cpu_ids_by_node
+
+    from chameleon_sglang.platform import default_cpu_threads_binding
+
+    ranks = 1
+    for name in ("dp_size", "tp_size", "pp_size"):
+        ranks *= int(getattr(cfg, name, 1) or 1)
+    if ranks > 1:
+        default_cpu_threads_binding(ranks, len(get_cpu_ids_by_node()))
 
 
 def cuda_graph_safety(server_args: Any, previous: Callable[[Any], None]) -> None:
@@ -185,6 +209,7 @@ def validate_chameleon_args(server_args: Any, previous: Callable[[Any], None]) -
 
     previous(server_args)
     ChameleonConfig.from_server_args(resolving_view(server_args))
+    dp_hooks.resolve_dp_method(server_args)
 
 
 # -- scheduler process -------------------------------------------------------------------------
@@ -236,6 +261,8 @@ def install_scheduler(result: Any, scheduler: Any, *args: Any, **kwargs: Any) ->
         bridge = SchedulerBridge(scheduler, config, clock)
         bridge.use_adapter_cache(cache)
         setattr(scheduler, ATTR, bridge)
+    if config.enabled:
+        dp_hooks.maybe_install_reporter(scheduler)
     scheduler.chameleon_statuses = _statuses(scheduler, config, reason)
     if config.enabled:
         logger.info(status_line(config, scheduler.chameleon_statuses))
@@ -285,6 +312,10 @@ def on_request_enqueued(result: Any, scheduler: Any, req: Any, is_retracted: boo
     bridge = bridge_of(scheduler)
     if bridge is not None:
         bridge.on_enqueue(req, is_retracted)
+    if is_retracted:
+        dp_hooks.report(scheduler)
+    else:
+        dp_hooks.report_enqueued(scheduler, req)
     return result
 
 
@@ -299,6 +330,7 @@ def on_request_aborted(result: Any, scheduler: Any, req: Any, *args: Any, **kwar
     bridge = bridge_of(scheduler)
     if bridge is not None:
         bridge.on_waiting_abort(req)
+    dp_hooks.report(scheduler)
     return result
 
 
@@ -328,6 +360,7 @@ def on_prefill_pass_end(result: Any, scheduler: Any, *args: Any, **kwargs: Any) 
     cache = cache_bridge_of(scheduler)
     if cache is not None:
         cache.end_pass()
+    dp_hooks.report(scheduler)
     return result
 
 
@@ -348,6 +381,7 @@ def on_batch_result(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> A
     cache = cache_bridge_of(scheduler)
     if cache is not None:
         cache.settle_finished()
+    dp_hooks.report(scheduler)
     return result
 
 
@@ -466,9 +500,13 @@ def add_chameleon_internal_state(result: Any, scheduler: Any, *args: Any, **kwar
     cache = cache_bridge_of(scheduler)
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
+        from chameleon_sglang.dp.replica_reporter import replica_reporter_of
+
+        reporter = replica_reporter_of(scheduler)
         state["chameleon"] = {
             "scheduler": bridge.stats() if bridge is not None else None,
             "adapter_cache": cache.stats() if cache is not None else None,
+            "dp": reporter.stats() if reporter is not None else None,
         }
         from chameleon_sglang import integrity
 
@@ -494,9 +532,14 @@ def add_http_routes(*args: Any, **kwargs: Any) -> None:
         manager = http_server._global_state.tokenizer_manager
         states = await manager.get_internal_state()
         config = ChameleonConfig.from_server_args(manager.server_args)
-        return {
-            "enabled": config.enabled,
-            "ranks": [state.get("chameleon", {}) for state in states],
-        }
+        ranks = [state.get("chameleon", {}) for state in states]
+        return {"enabled": config.enabled, "ranks": sorted(ranks, key=_dp_rank_of)}
 
     app.add_api_route(STATS_PATH, chameleon_stats, methods=["GET"])
+
+
+def _dp_rank_of(rank: Dict[str, Any]) -> int:
+    """Sort key of one scheduler's statistics: its data-parallel rank where it reports one
+    (replies arrive in any order), else 0 (the order SGLang gave is kept: the sort is stable)."""
+    dp = rank.get("dp") if isinstance(rank, dict) else None
+    return int(dp.get("dp_rank", 0)) if isinstance(dp, dict) else 0

@@ -121,8 +121,38 @@ class Chameleon(msgspec.Struct):
         "bytes / (this many GB/s), in SGLang's LoRA pool and in the adapter cache alike, with or "
         "without --chameleon. 0 turns it off. " + _DEFAULTS % 0.0,
     ] = 0.0
+    chameleon_dp_epsilon: A[
+        float,
+        "With --dp-size N and --load-balance-method chameleon: no replica takes a request while "
+        "its load is above (1 + this) times the mean replica load. " + _DEFAULTS % 0.25,
+    ] = 0.25
+
+
+CHAMELEON_LOAD_BALANCE_METHOD = "chameleon"
 
 
 def chameleon_input_namespaces() -> list:
-    """The namespaces SGLang's ``ServerArgs`` should include (called by patch 0004)."""
+    """The namespaces SGLang's ``ServerArgs`` should include (called by patch 0005). Also adds
+    ``chameleon`` to ``--load-balance-method``'s choices (adapter-affinity dispatch across
+    data-parallel replicas, ``chameleon_sglang.dp``)."""
+    add_load_balance_method_choice()
     return [Chameleon]
+
+
+def add_load_balance_method_choice() -> None:
+    """Add ``chameleon`` to the choices of SGLang's ``--load-balance-method`` (idempotent).
+
+    SGLang's field modules use string annotations, which every ``get_type_hints`` evaluates
+    afresh; so the evaluated annotation, with the choice added, replaces the string (SGLang
+    collects the fields and builds the parser after this runs)."""
+    import typing
+
+    from sglang.srt.arg_groups.fields.parallel import Parallel
+
+    name = "load_balance_method"
+    hint = typing.get_type_hints(Parallel, include_extras=True)[name]
+    for meta in getattr(hint, "__metadata__", ()):
+        choices = getattr(meta, "choices", None)
+        if isinstance(choices, list) and CHAMELEON_LOAD_BALANCE_METHOD not in choices:
+            choices.append(CHAMELEON_LOAD_BALANCE_METHOD)
+    Parallel.__annotations__[name] = hint

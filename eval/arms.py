@@ -34,7 +34,13 @@ ARM_FLAGS: Dict[str, Tuple[str, ...]] = {
                      "--chameleon-predictor-accuracy", "0.8"),
     "predictor-60": ("--chameleon", "--chameleon-predictor", "synthetic",
                      "--chameleon-predictor-accuracy", "0.6"),
+    # Data parallelism: Chameleon on each of 2 replicas; only the controller's dispatch differs
+    "dp-round-robin": ("--chameleon", "--dp-size", "2", "--load-balance-method", "round_robin"),
+    "dp-shortest-queue": ("--chameleon", "--dp-size", "2",
+                          "--load-balance-method", "total_requests"),
+    "dp-affinity": ("--chameleon", "--dp-size", "2", "--load-balance-method", "chameleon"),
 }
+DP_ARMS: Tuple[str, ...] = ("dp-round-robin", "dp-shortest-queue", "dp-affinity")
 TUNED_STOCK_ARM = "stock-tuned"
 """Stock SGLang with per-workload flags (``eval.tune_stock``): not in :data:`ARM_FLAGS`."""
 ARM_NAMES: Tuple[str, ...] = (*ARM_FLAGS, TUNED_STOCK_ARM)

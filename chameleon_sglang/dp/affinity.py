@@ -10,6 +10,7 @@ loading every adapter. :class:`AffinityDispatcher` picks, per request:
    random weight, Thaler & Ravishankar): a cold adapter always goes to the same replica, so a rare
    adapter lives on one replica; a popular one overflows, in its hash order, to more replicas as
    the bound trips on the first, so it comes to live on several;
+   A request on the base model (no adapter) goes to the least loaded replica;
 3. the bound is consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam): a
    replica takes a request only while its load is at most ``(1 + epsilon)`` times the mean load
    (this request included), so no replica ends above that bound by more than one request. The
@@ -96,6 +97,15 @@ class AffinityDispatcher:
                 self._holders.setdefault(adapter, []).append(r)
             self._held[r] = frozenset(report.adapters)
 
+    def add_replica(self, replica: int) -> None:
+        """A replica (re)joined, holding nothing and idle until it reports."""
+        if replica in self._reported:
+            return
+        self._replicas = sorted(self._replicas + [replica])
+        self._reported[replica], self._since[replica] = 0, 0
+        self._held[replica] = frozenset()
+        self._orders.clear()
+
     def remove_replica(self, replica: int) -> None:
         """The replica left: no request goes there any more."""
         if replica not in self._reported or len(self._replicas) == 1:
@@ -119,6 +129,8 @@ class AffinityDispatcher:
                 if self.load(best) <= bound:
                     choice = best
                     self.num_affinity += 1
+        if adapter is None:  # the base model: every replica holds it
+            choice = min(self._replicas, key=lambda r: (self.load(r), r))
         if choice is None:
             order = self._order(adapter)
             choice = next((r for r in order if self.load(r) <= bound), None)

@@ -1,0 +1,119 @@
+"""A replica's side of adapter-affinity dispatch: what this scheduler holds, and its load.
+
+Installed on a scheduler (rank 0 of its tensor-parallel group) when SGLang runs ``--chameleon``
+with ``--dp-size N > 1`` and ``--load-balance-method chameleon``. The plugin calls
+:meth:`ReplicaReporter.report` at each arrival, abort, prefill pass and batch result (throttled
+to one scan per ``MIN_INTERVAL_S`` unless forced) and, forced, whenever the scheduler idles, so
+the controller's view is at most one busy interval old and exact once the replica is idle.
+
+Adapters held: those resident in the adapter cache (or in SGLang's LoRA slots without it), and
+those of requests queued here (they will be loaded here: a request for the same adapter should
+follow them). Load: prompt plus output cap of every unfinished request here
+(:func:`~chameleon_sglang.dp.residency_channel.replica_load_tokens`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterable, List, Optional, Set
+
+from chameleon_sglang.dp.residency_channel import (
+    ResidencyPublisher,
+    replica_load_tokens,
+    residency_endpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+ATTR = "chameleon_replica_reporter"
+MIN_INTERVAL_S = 0.005
+
+
+def replica_reporter_of(scheduler: Any) -> Optional["ReplicaReporter"]:
+    return getattr(scheduler, ATTR, None)
+
+
+class ReplicaReporter:
+    """Scans one scheduler and publishes its report when it changed (module docs)."""
+
+    def __init__(self, scheduler: Any, publisher: ResidencyPublisher,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.scheduler = scheduler
+        self.publisher = publisher
+        self._clock = clock
+        self._last_scan = float("-inf")
+        self.num_requests = 0
+        self.num_tokens = 0
+
+    def on_enqueued(self, req: Any) -> None:
+        """Count a request this replica took (its dispatch share, for the load-imbalance
+        figure), then report."""
+        from chameleon_sglang.dp.residency_channel import request_tokens
+
+        self.num_requests += 1
+        self.num_tokens += request_tokens(len(getattr(req, "origin_input_ids", ()) or ()),
+                                          getattr(getattr(req, "sampling_params", None),
+                                                  "max_new_tokens", None))
+        self.report()
+
+    def report(self, force: bool = False) -> bool:
+        now = self._clock()
+        if not force and now - self._last_scan < MIN_INTERVAL_S:
+            return False
+        self._last_scan = now
+        return self.publisher.publish(self.adapters_held(), replica_load_tokens(self._requests()))
+
+    def adapters_held(self) -> Set[str]:
+        held = set(_resident_adapters(self.scheduler))
+        held.update(req.lora_id for req in self.scheduler.waiting_queue
+                    if getattr(req, "lora_id", None) is not None)
+        return held
+
+    def _requests(self) -> Iterable[Any]:
+        s = self.scheduler
+        requests: List[Any] = list(s.waiting_queue)
+        running = getattr(s, "running_batch", None)
+        requests.extend(getattr(running, "reqs", None) or ())
+        last = getattr(s, "last_batch", None)
+        mode = getattr(last, "forward_mode", None)
+        if last is not None and mode is not None and mode.is_extend():
+            requests.extend(getattr(last, "reqs", None) or ())  # prefilled, not merged yet
+        chunked = getattr(s, "chunked_req", None)
+        if chunked is not None:
+            requests.append(chunked)
+        return requests
+
+    def stats(self) -> dict:
+        return {"dp_rank": self.publisher.replica, "num_requests": self.num_requests,
+                "num_tokens": self.num_tokens, "num_reports_sent": self.publisher.num_sent,
+                "num_reports_dropped": self.publisher.num_dropped}
+
+
+def _resident_adapters(scheduler: Any) -> Iterable[str]:
+    from chameleon_sglang.sglang_cache import cache_bridge_of
+
+    bridge = cache_bridge_of(scheduler)
+    if bridge is not None:
+        return bridge.cache.resident_ids()
+    try:  # SGLang's own LoRA slots (--no-chameleon-cache)
+        pool = scheduler.tp_worker.model_runner.lora_manager.memory_pool
+        return [uid for uid in pool.uid_to_buffer_id if isinstance(uid, str)]
+    except AttributeError:
+        return ()
+
+
+def install_replica_reporter(scheduler: Any, tokenizer_ipc_name: Optional[str],
+                             dp_rank: Optional[int]) -> Optional[ReplicaReporter]:
+    """Attach a reporter to ``scheduler`` (None, with a log line, when it cannot report)."""
+    if tokenizer_ipc_name is None or dp_rank is None:
+        logger.warning("Chameleon DP: replica %s cannot report residency (no IPC name or DP "
+                       "rank); the controller dispatches it by adapter hash and load only",
+                       dp_rank)
+        return None
+    publisher = ResidencyPublisher(residency_endpoint(tokenizer_ipc_name), dp_rank)
+    reporter = ReplicaReporter(scheduler, publisher)
+    setattr(scheduler, ATTR, reporter)
+    logger.info("Chameleon DP: replica %d reports adapter residency and load to the controller",
+                dp_rank)
+    return reporter

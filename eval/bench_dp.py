@@ -1,0 +1,122 @@
+"""Dispatch across data-parallel replicas: SGLang's round robin and shortest queue vs adapter
+affinity, Chameleon on every replica, same workload, same run.
+
+``python -m eval.bench_dp [eval.compare options]`` runs ``eval.compare`` with the arms
+``dp-round-robin``, ``dp-shortest-queue`` and ``dp-affinity`` (``--dp-size 2``; ``--arms``
+overrides), then reads each run's per-replica statistics and writes ``OUT/dp.json`` and
+``OUT/dp.md``: per arm, TTFT P50/P99, adapter-cache hit rate per replica, bytes loaded, requests
+and tokens per replica and the load imbalance (max / mean of the tokens each replica took), and
+the ratios of ``dp-affinity`` to ``dp-round-robin`` beside the targets (bytes loaded <= 0.5x,
+P99 TTFT <= 0.8x, imbalance <= 1.25).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from eval import compare
+from eval.arms import DP_ARMS
+from eval.summary import ratio
+
+REFERENCE = "dp-round-robin"
+CANDIDATE = "dp-affinity"
+TARGETS = {"bytes_loaded": 0.5, "ttft_p99": 0.8}
+MAX_IMBALANCE = 1.25
+
+
+def replica_stats(server_info: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Per replica (DP rank order): hit rate, bytes loaded, requests and tokens taken."""
+    rows = []
+    for state in server_info.get("internal_states") or []:
+        live = (state or {}).get("chameleon") or {}
+        cache, dp = live.get("adapter_cache") or {}, live.get("dp") or {}
+        rows.append({"dp_rank": dp.get("dp_rank", len(rows)), "hit_rate": cache.get("hit_rate"),
+                     "bytes_loaded": cache.get("bytes_loaded"),
+                     "num_loads": cache.get("num_loads"),
+                     "num_requests": dp.get("num_requests"), "num_tokens": dp.get("num_tokens")})
+    return sorted(rows, key=lambda r: r["dp_rank"])
+
+
+def imbalance(values: Sequence[Optional[float]]) -> Optional[float]:
+    """max / mean of ``values`` (None when any is missing or all are zero)."""
+    if not values or any(v is None for v in values):
+        return None
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean > 0 else None
+
+
+def arm_row(out: Path, arm: str, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """One arm's figures from its first run (``runs/<arm>-r0/server_info.json``) and summary."""
+    info_path = out / "runs" / f"{arm}-r0" / "server_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    replicas = replica_stats(info)
+    loaded = [r["bytes_loaded"] for r in replicas]
+    # requests a replica took before the measured load (warm-up) are counted too: same for all
+    return {"arm": arm, "ttft_p50": metrics.get("ttft_p50"), "ttft_p99": metrics.get("ttft_p99"),
+            "throughput_rps": metrics.get("throughput_rps"), "completed": metrics.get("completed"),
+            "failed": metrics.get("failed"), "replicas": replicas,
+            "bytes_loaded": sum(loaded) if loaded and None not in loaded else None,
+            "imbalance_tokens": imbalance([r["num_tokens"] for r in replicas]),
+            "imbalance_requests": imbalance([r["num_requests"] for r in replicas])}
+
+
+def dp_summary(out: Path) -> Dict[str, Any]:
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {arm: arm_row(out, arm, m) for arm, m in summary["arms"].items()}
+    ref, cand = rows.get(REFERENCE, {}), rows.get(CANDIDATE, {})
+    ratios = {k: ratio(cand.get(k), ref.get(k)) for k in ("bytes_loaded", "ttft_p99", "ttft_p50")}
+    checks = {f"{k} <= {t}x": (ratios[k] is not None and ratios[k] <= t)
+              for k, t in TARGETS.items()}
+    checks[f"imbalance <= {MAX_IMBALANCE}"] = (cand.get("imbalance_tokens") is not None
+                                               and cand["imbalance_tokens"] <= MAX_IMBALANCE)
+    return {"workload": summary.get("workload"), "machine": summary.get("machine"),
+            "arms": rows, "ratios_vs_round_robin": ratios, "targets_met": checks}
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def format_markdown(s: Dict[str, Any]) -> str:
+    lines = ["| arm | TTFT P50 s | TTFT P99 s | req/s | hit rate per replica | MB loaded | "
+             "requests per replica | imbalance (tokens) |", "|---|---|---|---|---|---|---|---|"]
+    for arm, r in s["arms"].items():
+        reps = r["replicas"]
+        lines.append(
+            f"| {arm} | {_f(r['ttft_p50'])} | {_f(r['ttft_p99'])} | {_f(r['throughput_rps'], 2)}"
+            f" | {', '.join(_f(x['hit_rate'], 2) for x in reps) or '-'}"
+            f" | {_f(r['bytes_loaded'] / 1e6, 1) if r['bytes_loaded'] is not None else '-'}"
+            f" | {', '.join(_f(x['num_requests']) for x in reps) or '-'}"
+            f" | {_f(r['imbalance_tokens'], 2)} |")
+    lines.append("")
+    lines.append(f"{CANDIDATE} / {REFERENCE}: " + ", ".join(
+        f"{k} {_f(v, 2)}" for k, v in s["ratios_vs_round_robin"].items()))
+    lines.append("targets: " + ", ".join(f"{k}: {'met' if ok else 'NOT met'}"
+                                         for k, ok in s["targets_met"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--arms" not in args:
+        args += ["--arms", ",".join(DP_ARMS)]
+    parsed = compare.parser().parse_args(args)
+    out = compare.out_dir(parsed)
+    if "--out" not in args:
+        args += ["--out", str(out)]
+    status = compare.main(args)
+    summary = dp_summary(out)
+    (out / "dp.json").write_text(json.dumps(summary, indent=1) + "\n")
+    text = format_markdown(summary)
+    (out / "dp.md").write_text(text)
+    print(text, flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
