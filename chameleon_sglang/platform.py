@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -77,3 +78,32 @@ def default_cpu_threads_binding(num_ranks: int, num_numa_nodes: int) -> None:
     os.environ[CPU_THREADS_BIND_ENV] = binding
     logger.info("CPU engine: %d ranks on %d NUMA node(s): %s=%s (set it to choose the cores)",
                 num_ranks, num_numa_nodes, CPU_THREADS_BIND_ENV, binding)
+
+
+def parse_cpu_list(spec: str) -> list:
+    """``"0,2-4"`` -> ``[0, 2, 3, 4]`` (the format of ``SGLANG_CPU_OMP_THREADS_BIND`` entries)."""
+    cores = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            cores.extend(range(int(lo), int(hi) + 1))
+        else:
+            cores.append(int(part))
+    return sorted(set(cores))
+
+
+def bind_rank_threads(spec: Any) -> list:
+    """Pin this process (an SGLang rank) to the cores ``spec`` names and size torch's intra-op
+    pool to them; returns the cores. Ranks sharing a machine then no longer run more OpenMP
+    threads than cores (each spinning in the others' time slices)."""
+    import torch
+
+    cores = parse_cpu_list(",".join(map(str, spec)) if isinstance(spec, (list, tuple)) else spec)
+    if not cores:
+        return []
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+    return cores

@@ -28,6 +28,7 @@ MODEL_RUNNER_CLASS = "sglang.srt.model_executor.model_runner.ModelRunner"
 KV_CONFIGURATOR_CLASS = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 LORA_MANAGER_CLASS = "sglang.srt.lora.lora_manager.LoRAManager"
 LORA_POOL_CLASS = "sglang.srt.lora.mem_pool.LoRAMemoryPool"
+BOOTSTRAP_MODULE = "sglang.srt.distributed.bootstrap"
 CHAMELEON_LORA_BACKEND = "chameleon"
 _registered = False
 
@@ -80,6 +81,7 @@ def method_hooks() -> List[Tuple[str, Callable[..., Any], str]]:
         (f"{TOKENIZER_MANAGER_CLASS}._validate_one_request", refuse_token_ids_outside_vocab,
          HookType.BEFORE),
         ("sglang.srt.entrypoints.http_server.launch_server", add_http_routes, HookType.BEFORE),
+        (f"{BOOTSTRAP_MODULE}._init_cpu_threads_env", bind_cpu_rank_threads, HookType.AROUND),
     ] + controller
 
 
@@ -144,6 +146,27 @@ def _default_cpu_threads_binding(cfg: Any) -> None:
         ranks *= int(getattr(cfg, name, 1) or 1)
     if ranks > 1:
         default_cpu_threads_binding(ranks, len(get_cpu_ids_by_node()))
+
+
+def bind_cpu_rank_threads(original: Callable, *args: Any, local_omp_cpuid: Any = None,
+                          **kwargs: Any) -> Any:
+    """SGLang's CPU rank set-up: it binds each rank's OpenMP threads to the rank's cores only
+    with ``sgl_kernel``'s CPU ops (AMX or arm64) and otherwise leaves every rank with a thread
+    per core of the machine, so ``--dp-size``/``--tp-size`` ranks oversubscribe the cores
+    (measured: 2 replicas on 2 cores ran 10x slower than one). Where SGLang cannot bind, this
+    process is pinned to the rank's cores and torch's pool sized to them (logged)."""
+    import sys
+
+    bootstrap = sys.modules[BOOTSTRAP_MODULE]
+    if getattr(bootstrap, "_is_cpu_amx_available", False) or \
+            getattr(bootstrap, "_is_cpu_arm64", False) or not local_omp_cpuid:
+        return original(*args, local_omp_cpuid=local_omp_cpuid, **kwargs)
+    from chameleon_sglang.platform import bind_rank_threads
+
+    cores = bind_rank_threads(local_omp_cpuid)
+    logger.info("CPU engine without SGLang's CPU kernels: this rank runs on cores %s with %d "
+                "torch threads", cores, len(cores))
+    return None
 
 
 def cuda_graph_safety(server_args: Any, previous: Callable[[Any], None]) -> None:

@@ -37,10 +37,11 @@ def replica_reporter_of(scheduler: Any) -> Optional["ReplicaReporter"]:
 class ReplicaReporter:
     """Scans one scheduler and publishes its report when it changed (module docs)."""
 
-    def __init__(self, scheduler: Any, publisher: ResidencyPublisher,
+    def __init__(self, scheduler: Any, publisher: Optional[ResidencyPublisher], dp_rank: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.scheduler = scheduler
-        self.publisher = publisher
+        self.publisher = publisher  # None: this replica only counts (SGLang's own dispatch)
+        self.dp_rank = int(dp_rank)
         self._clock = clock
         self._last_scan = float("-inf")
         self.num_requests = 0
@@ -58,6 +59,8 @@ class ReplicaReporter:
         self.report()
 
     def report(self, force: bool = False) -> bool:
+        if self.publisher is None:
+            return False
         now = self._clock()
         if not force and now - self._last_scan < MIN_INTERVAL_S:
             return False
@@ -85,9 +88,11 @@ class ReplicaReporter:
         return requests
 
     def stats(self) -> dict:
-        return {"dp_rank": self.publisher.replica, "num_requests": self.num_requests,
-                "num_tokens": self.num_tokens, "num_reports_sent": self.publisher.num_sent,
-                "num_reports_dropped": self.publisher.num_dropped}
+        publisher = self.publisher
+        return {"dp_rank": self.dp_rank, "num_requests": self.num_requests,
+                "num_tokens": self.num_tokens,
+                "num_reports_sent": publisher.num_sent if publisher is not None else 0,
+                "num_reports_dropped": publisher.num_dropped if publisher is not None else 0}
 
 
 def _resident_adapters(scheduler: Any) -> Iterable[str]:
@@ -104,16 +109,19 @@ def _resident_adapters(scheduler: Any) -> Iterable[str]:
 
 
 def install_replica_reporter(scheduler: Any, tokenizer_ipc_name: Optional[str],
-                             dp_rank: Optional[int]) -> Optional[ReplicaReporter]:
-    """Attach a reporter to ``scheduler`` (None, with a log line, when it cannot report)."""
-    if tokenizer_ipc_name is None or dp_rank is None:
+                             dp_rank: Optional[int], publish: bool) -> ReplicaReporter:
+    """Attach a reporter to ``scheduler``: it counts the requests this replica takes and, with
+    ``publish`` (adapter-affinity dispatch), reports to the controller (a replica that cannot,
+    for want of an IPC name, only counts: the controller then places it by hash and load)."""
+    publisher = None
+    if publish and tokenizer_ipc_name is not None and dp_rank is not None:
+        publisher = ResidencyPublisher(residency_endpoint(tokenizer_ipc_name), dp_rank)
+        logger.info("Chameleon DP: replica %d reports adapter residency and load to the "
+                    "controller", dp_rank)
+    elif publish:
         logger.warning("Chameleon DP: replica %s cannot report residency (no IPC name or DP "
-                       "rank); the controller dispatches it by adapter hash and load only",
+                       "rank); the controller places its requests by adapter hash and load",
                        dp_rank)
-        return None
-    publisher = ResidencyPublisher(residency_endpoint(tokenizer_ipc_name), dp_rank)
-    reporter = ReplicaReporter(scheduler, publisher)
+    reporter = ReplicaReporter(scheduler, publisher, dp_rank if dp_rank is not None else 0)
     setattr(scheduler, ATTR, reporter)
-    logger.info("Chameleon DP: replica %d reports adapter residency and load to the controller",
-                dp_rank)
     return reporter

@@ -104,9 +104,11 @@ def remember_ipc_name(result: Any, scheduler: Any, port_args: Any, *args: Any,
 
 
 def maybe_install_reporter(scheduler: Any) -> None:
-    """Called when the Chameleon components are installed on a scheduler: under affinity
-    dispatch, rank 0 of each replica reports to the controller."""
-    if not affinity_enabled(scheduler.server_args) \
+    """Called when the Chameleon components are installed on a scheduler: with ``--dp-size N >
+    1``, rank 0 of each replica counts what it takes (``/chameleon/stats``) and, under
+    adapter-affinity dispatch, reports to the controller."""
+    server_args = scheduler.server_args
+    if int(getattr(server_args, "dp_size", 1) or 1) <= 1 \
             or getattr(scheduler, "recv_from_tokenizer", None) is None:
         return
     from sglang.srt.runtime_context import get_parallel
@@ -114,9 +116,8 @@ def maybe_install_reporter(scheduler: Any) -> None:
     from chameleon_sglang.dp.replica_reporter import install_replica_reporter
 
     reporter = install_replica_reporter(scheduler, getattr(scheduler, TOKENIZER_IPC_ATTR, None),
-                                        get_parallel().dp_rank)
-    if reporter is not None:
-        reporter.report(force=True)
+                                        get_parallel().dp_rank, affinity_enabled(server_args))
+    reporter.report(force=True)
 
 
 def report_when_idle(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:

@@ -41,6 +41,7 @@ PINNED = {
     "sglang.srt.managers.scheduler.Scheduler.update_running_batch": "self batch",
     "sglang.srt.managers.scheduler.Scheduler.init_ipc_channels": "self port_args",
     "sglang.srt.managers.scheduler.Scheduler.on_idle": "self",
+    "sglang.srt.distributed.bootstrap._init_cpu_threads_env": "local_omp_cpuid dist_init_method",
     "sglang.srt.managers.data_parallel_controller.LoadBalanceMethod.from_str": "method",
     "sglang.srt.managers.data_parallel_controller.DataParallelController.init_dispatcher": "self",
     "sglang.srt.managers.data_parallel_controller.DataParallelController.event_loop": "self",

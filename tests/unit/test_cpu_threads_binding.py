@@ -33,3 +33,36 @@ def test_an_explicit_binding_is_kept(monkeypatch):
     monkeypatch.setenv(CPU_THREADS_BIND_ENV, "1|0")
     default_cpu_threads_binding(num_ranks=2, num_numa_nodes=1)
     assert platform.os.environ[CPU_THREADS_BIND_ENV] == "1|0"
+
+
+@pytest.mark.parametrize("spec, cores", [("0", [0]), ("0,1", [0, 1]), ("2-4,0", [0, 2, 3, 4]),
+                                         ([1, 0], [0, 1]), ("", [])])
+def test_cpu_lists_parse(spec, cores):
+    text = ",".join(map(str, spec)) if isinstance(spec, list) else spec
+    assert platform.parse_cpu_list(text) == cores
+
+
+def test_a_rank_is_pinned_to_its_cores_with_as_many_torch_threads(monkeypatch):
+    import torch
+
+    pinned = {}
+    monkeypatch.setattr(platform.os, "sched_setaffinity", lambda pid, cores: pinned.update(
+        cores=sorted(cores)))
+    threads = torch.get_num_threads()
+    try:
+        assert platform.bind_rank_threads("0") == [0]
+        assert pinned["cores"] == [0] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sglang_binds_itself_where_its_cpu_kernels_exist(monkeypatch):
+    import importlib
+
+    from chameleon_sglang import plugin
+
+    bootstrap = importlib.import_module(plugin.BOOTSTRAP_MODULE)
+    monkeypatch.setattr(bootstrap, "_is_cpu_amx_available", True)
+    calls = []
+    plugin.bind_cpu_rank_threads(lambda **kw: calls.append(kw), local_omp_cpuid="0")
+    assert calls == [{"local_omp_cpuid": "0"}]
