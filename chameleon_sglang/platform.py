@@ -102,6 +102,7 @@ def bind_rank_threads(spec: Any) -> list:
     import torch
 
     cores = parse_cpu_list(",".join(map(str, spec)) if isinstance(spec, (list, tuple)) else spec)
+    cores = sorted(set(cores) & set(os.sched_getaffinity(0)))  # never outside what we may use
     if not cores:
         return []
     os.sched_setaffinity(0, cores)

@@ -159,7 +159,8 @@ def bind_cpu_rank_threads(original: Callable, *args: Any, local_omp_cpuid: Any =
 
     bootstrap = sys.modules[BOOTSTRAP_MODULE]
     if getattr(bootstrap, "_is_cpu_amx_available", False) or \
-            getattr(bootstrap, "_is_cpu_arm64", False) or not local_omp_cpuid:
+            getattr(bootstrap, "_is_cpu_arm64", False) or not local_omp_cpuid \
+            or _cpu_ranks() <= 1:  # one rank: nothing to oversubscribe, SGLang's threads stay
         return original(*args, local_omp_cpuid=local_omp_cpuid, **kwargs)
     from chameleon_sglang.platform import bind_rank_threads
 
@@ -167,6 +168,17 @@ def bind_cpu_rank_threads(original: Callable, *args: Any, local_omp_cpuid: Any =
     logger.info("CPU engine without SGLang's CPU kernels: this rank runs on cores %s with %d "
                 "torch threads", cores, len(cores))
     return None
+
+
+def _cpu_ranks() -> int:
+    """Processes SGLang's CPU engine runs as ranks (replicas x TP x PP)."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        p = get_parallel()
+        return int(p.dp_size or 1) * int(p.tp_size or 1) * int(p.pp_size or 1)
+    except Exception:  # noqa: BLE001 - no runtime context: treat as one rank
+        return 1
 
 
 def cuda_graph_safety(server_args: Any, previous: Callable[[Any], None]) -> None:

@@ -48,6 +48,7 @@ def test_a_rank_is_pinned_to_its_cores_with_as_many_torch_threads(monkeypatch):
     pinned = {}
     monkeypatch.setattr(platform.os, "sched_setaffinity", lambda pid, cores: pinned.update(
         cores=sorted(cores)))
+    monkeypatch.setattr(platform.os, "sched_getaffinity", lambda pid: {0, 1})
     threads = torch.get_num_threads()
     try:
         assert platform.bind_rank_threads("0") == [0]
@@ -63,6 +64,19 @@ def test_sglang_binds_itself_where_its_cpu_kernels_exist(monkeypatch):
 
     bootstrap = importlib.import_module(plugin.BOOTSTRAP_MODULE)
     monkeypatch.setattr(bootstrap, "_is_cpu_amx_available", True)
+    calls = []
+    plugin.bind_cpu_rank_threads(lambda **kw: calls.append(kw), local_omp_cpuid="0")
+    assert calls == [{"local_omp_cpuid": "0"}]
+
+
+def test_one_rank_keeps_sglangs_threads(monkeypatch):
+    import importlib
+
+    from chameleon_sglang import plugin
+
+    bootstrap = importlib.import_module(plugin.BOOTSTRAP_MODULE)
+    monkeypatch.setattr(bootstrap, "_is_cpu_amx_available", False)
+    monkeypatch.setattr(plugin, "_cpu_ranks", lambda: 1)
     calls = []
     plugin.bind_cpu_rank_threads(lambda **kw: calls.append(kw), local_omp_cpuid="0")
     assert calls == [{"local_omp_cpuid": "0"}]
