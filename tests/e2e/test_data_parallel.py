@@ -56,7 +56,18 @@ def _routed(url: str, adapter: str, replica: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def dp2(tiny_assets, tmp_path_factory):
+def dp1_outputs(tiny_assets, tmp_path_factory) -> List[List[int]]:
+    """DP=1's greedy outputs of the reference workload (its server is gone before DP=2 starts:
+    the suite runs at most two servers at once, and a session-wide one may be up)."""
+    srv = start_server(tiny_assets, tmp_path_factory.mktemp("dp1"), "dp1", chameleon=True)
+    try:
+        return _run(srv.url, _workload(tiny_assets, NUM_REQUESTS, seed=5))
+    finally:
+        stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def dp2(tiny_assets, tmp_path_factory, dp1_outputs):
     srv = start_server(tiny_assets, tmp_path_factory.mktemp("dp2"), "dp2", chameleon=True,
                        extra_args=DP2)
     try:
@@ -65,13 +76,9 @@ def dp2(tiny_assets, tmp_path_factory):
         stop_server(srv)
 
 
-def test_dp2_serves_the_greedy_outputs_of_dp1(tiny_assets, tmp_path, dp2):
+def test_dp2_serves_the_greedy_outputs_of_dp1(tiny_assets, dp1_outputs, dp2):
     work = _workload(tiny_assets, NUM_REQUESTS, seed=5)
-    srv = start_server(tiny_assets, tmp_path, "dp1", chameleon=True)
-    try:
-        dp1 = _run(srv.url, work)
-    finally:
-        stop_server(srv)
+    dp1 = dp1_outputs
     before = sum(_taken(dp2.url))
     outs = _run(dp2.url, work)
     assert [i for i, (a, b) in enumerate(zip(dp1, outs)) if a != b] == []
