@@ -126,6 +126,12 @@ class Chameleon(msgspec.Struct):
         "With --dp-size N and --load-balance-method chameleon: no replica takes a request while "
         "its load is above (1 + this) times the mean replica load. " + _DEFAULTS % 0.25,
     ] = 0.25
+    chameleon_dp_miss_cost: A[
+        float,
+        "With --dp-size N and --load-balance-method chameleon: a replica that does not hold the "
+        "request's adapter counts as this many mean requests more loaded (0: least loaded "
+        "first, residency breaks ties only). " + _DEFAULTS % 1.0,
+    ] = 1.0
 
 
 CHAMELEON_LOAD_BALANCE_METHOD = "chameleon"

@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{args.replicas} replicas, {args.adapters} adapters, {args.requests} requests: "
           f"dispatch mean {us.mean():.1f} us, p50 {np.percentile(us, 50):.1f} us, "
           f"p99 {np.percentile(us, 99):.1f} us; {d.num_affinity} by residency, "
-          f"{d.num_hashed} by hash order")
+          f"{d.num_missed} to a replica without the adapter")
     return 0
 
 

@@ -46,11 +46,12 @@ def affinity_routing_of(controller: Any) -> Optional["AffinityRouting"]:
 class AffinityRouting:
     """Adapter-affinity dispatch of one ``DataParallelController`` (module docs)."""
 
-    def __init__(self, controller: Any, epsilon: float, endpoint: str) -> None:
+    def __init__(self, controller: Any, epsilon: float, endpoint: str,
+                 miss_cost: float = 1.0) -> None:
         self.controller = controller
         self.reader = ResidencyReader(endpoint)
         self._active = self._active_replicas()
-        self.dispatcher = AffinityDispatcher(self._active, epsilon=epsilon)
+        self.dispatcher = AffinityDispatcher(self._active, epsilon=epsilon, miss_cost=miss_cost)
         self.num_dispatched: Dict[int, int] = {r: 0 for r in self._active}
         self._last_stats_log = time.monotonic()
 
@@ -108,14 +109,16 @@ class AffinityRouting:
             logger.info("Chameleon DP dispatch: %s", self.stats())
 
 
-def install_affinity_routing(controller: Any, epsilon: float,
-                             tokenizer_ipc_name: str) -> AffinityRouting:
-    routing = AffinityRouting(controller, epsilon, residency_endpoint(tokenizer_ipc_name))
+def install_affinity_routing(controller: Any, epsilon: float, tokenizer_ipc_name: str,
+                             miss_cost: float = 1.0) -> AffinityRouting:
+    routing = AffinityRouting(controller, epsilon, residency_endpoint(tokenizer_ipc_name),
+                              miss_cost)
     controller.dispatching = routing.dispatch
     controller.refresh_load_budget_on_dispatch = False
     setattr(controller, ATTR, routing)
     logger.info("Chameleon DP: adapter-affinity dispatch over replicas %s (load bound "
-                "(1 + %.2f) x mean)", routing.dispatcher.replicas, epsilon)
+                "(1 + %.2f) x mean, a miss counts as %.2f mean requests)",
+                routing.dispatcher.replicas, epsilon, miss_cost)
     return routing
 
 

@@ -75,7 +75,8 @@ def install_dispatch(result: Any, controller: Any, *args: Any, **kwargs: Any) ->
 
     config = ChameleonConfig.from_server_args(controller.server_args)
     install_affinity_routing(controller, config.dp_epsilon,
-                             controller.port_args.tokenizer_ipc_name)
+                             controller.port_args.tokenizer_ipc_name,
+                             miss_cost=config.dp_miss_cost)
     return result
 
 

@@ -68,7 +68,7 @@ def test_loads_stay_bounded_and_hot_adapters_spread_while_rare_ones_do_not():
     assert copies["a0"] >= 3  # the most popular adapter lives on several replicas
     rare = [copies[f"a{i}"] for i in range(40, 60)]
     assert sum(c == 1 for c in rare) >= 15  # most rare adapters live on one
-    assert d.num_affinity > d.num_hashed  # residency decided most requests
+    assert d.num_affinity > d.num_missed  # residency decided most requests
 
 
 def test_affinity_loads_fewer_adapter_copies_than_round_robin():
@@ -99,3 +99,50 @@ def test_no_replica_starves_under_one_hot_adapter():
     d.report(ReplicaReport(0, frozenset({"hot"}), 0))
     picks = Counter(d.dispatch("hot", 100) for _ in range(400))
     assert set(picks) == {0, 1, 2, 3} and max(picks.values()) <= 1.3 * 100
+
+
+def warmed(num_replicas=2, miss_cost=1.0, request=100):
+    """A dispatcher whose mean request is ``request`` tokens, every replica idle again."""
+    d = AffinityDispatcher(range(num_replicas), miss_cost=miss_cost)
+    for _ in range(5):
+        d.dispatch(None, request)
+    for r in d.replicas:
+        d.report(ReplicaReport(r, frozenset(), 0))
+    return d
+
+
+def test_a_request_does_not_wait_behind_a_busy_holder_while_another_replica_idles():
+    d = warmed()
+    d.report(ReplicaReport(0, frozenset({"a"}), 250))  # 2.5 mean requests ahead on the holder
+    missed = d.num_missed
+    assert d.dispatch("a", 100) == 1 and d.num_missed == missed + 1
+
+
+def test_a_holder_at_most_one_mean_request_busier_wins():
+    d = warmed()
+    d.report(ReplicaReport(0, frozenset({"a"}), 90))
+    hits = d.num_affinity
+    assert d.dispatch("a", 100) == 0 and d.num_affinity == hits + 1
+
+
+def test_with_no_miss_cost_the_least_loaded_wins_and_residency_breaks_ties():
+    d = warmed(miss_cost=0.0)
+    d.report(ReplicaReport(0, frozenset({"a"}), 10))
+    assert d.dispatch("a", 100) == 1
+    d.report(ReplicaReport(0, frozenset({"a"}), 0))
+    d.report(ReplicaReport(1, frozenset(), 0))
+    assert d.dispatch("a", 100) == 0
+
+
+def test_at_high_load_adapters_stay_on_their_holder_within_epsilon_of_the_mean():
+    d = warmed()  # mean request 100 tokens; 40 requests in flight per replica
+    d.report(ReplicaReport(0, frozenset({"a"}), 4300))
+    d.report(ReplicaReport(1, frozenset(), 3700))  # holder 6 requests busier, within 0.25 x mean
+    assert d.dispatch("a", 100) == 0
+    d.report(ReplicaReport(0, frozenset({"a"}), 5500))  # now beyond it: the other replica
+    assert d.dispatch("a", 100) == 1
+
+
+def test_the_miss_cost_is_validated():
+    with pytest.raises(ValueError):
+        AffinityDispatcher(range(2), miss_cost=-1)
