@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 NUM_REQUESTS = 24
 NEW_TOKENS = 8
-DP2 = ["--dp-size", "2", "--load-balance-method", "chameleon"]
+DP2 = ["--dp-size", "2", "--load-balance-method", "chameleon", "--enable-metrics"]
 RESERVED = 2  # the last adapters: kept for the residency test
 
 
@@ -49,9 +49,11 @@ def _taken(url: str) -> List[int]:
     return [rank["dp"]["num_requests"] for rank in _replicas(url)]
 
 
-def _routed(url: str, adapter: str, replica: int) -> None:
+def _routed(url: str, adapter: Optional[str], replica: int) -> None:
     body = {"input_ids": [7, 8, 9, 10], "lora_path": adapter, "routed_dp_rank": replica,
             "sampling_params": {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True}}
+    if adapter is None:
+        del body["lora_path"]
     requests.post(url + "/generate", json=body, timeout=TIMEOUT_S).raise_for_status()
 
 
@@ -88,6 +90,21 @@ def test_dp2_serves_the_greedy_outputs_of_dp1(tiny_assets, dp1_outputs, dp2):
     assert sum(_taken(dp2.url)) - before == NUM_REQUESTS
     log = dp2.log_path.read_text(errors="replace")
     assert "adapter-affinity dispatch over replicas [0, 1]" in log
+    assert "Traceback" not in log
+
+
+def test_prometheus_gauges_show_every_replica(dp2):
+    for replica in (0, 1):
+        _routed(dp2.url, None, replica)
+    time.sleep(1.0)  # gauges publish at most every 0.5 s
+    for replica in (0, 1):
+        _routed(dp2.url, None, replica)
+    metrics = requests.get(dp2.url + "/metrics", timeout=30).text
+    for gauge in ("chameleon:num_queues", "chameleon:cache_bytes_loaded"):
+        lines = [line for line in metrics.splitlines() if line.startswith(gauge + "{")]
+        assert any('dp_rank="0"' in line for line in lines), (gauge, lines)
+        assert any('dp_rank="1"' in line for line in lines), (gauge, lines)
+    log = dp2.log_path.read_text(errors="replace")
     assert "Traceback" not in log
 
 
