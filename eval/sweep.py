@@ -1,12 +1,14 @@
 """Load and adapter-count sweeps relative to stock SGLang's measured capacity.
 
 ``python -m eval.sweep [--quick] [--preset eval] [--arms stock,chameleon] [--levels ...]
-[--capacity-rps R] [--probe-rps R] [--requests N] [--adapter-counts 10,50,100,200]
+[--capacity-rps R] [--slo-ttft S] [--probe-rps R] [--requests N] [--adapter-counts 10,50,100,200]
 [--no-load-sweep] [--no-adapter-sweep] [--out DIR]``
 
 1. Stock first: its server measures the unloaded latency (sequential sample of the workload;
-   SLO = ``--slo-factor`` (5) x unloaded mean TTFT, as the paper) and the capacity (completed
-   req/s under an overload probe at ``--probe-rps``), unless ``--capacity-rps`` is given.
+   SLO = ``--slo-factor`` (5) x unloaded mean TTFT, as the paper) unless ``--slo-ttft`` is
+   given, and the capacity (completed req/s under an overload probe at ``--probe-rps``) unless
+   ``--capacity-rps`` is given; on its load-sweep server, or on a server of its own when only
+   the adapter sweep runs.
 2. Load sweep: every arm at ``level x capacity`` for the levels low / medium / high / overload
    (default 0.5, 0.75, 0.9, 1.2), one server per arm reused for all its levels (ascending),
    prompts salted per point so no point shares a prefix with another.
@@ -62,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--capacity-rps", type=float, default=None, help="skip the capacity probe")
     g.add_argument("--probe-rps", type=float, default=8.0, help="overload rate of the probe")
     g.add_argument("--slo-factor", type=float, default=5.0, help="SLO = factor x unloaded TTFT")
+    g.add_argument("--slo-ttft", type=float, default=None,
+                   help="the TTFT SLO in seconds (skips the unloaded measurement)")
     g.add_argument("--unloaded-requests", type=int, default=20)
     g.add_argument("--adapter-counts", default=None, help="comma-separated adapter counts")
     g.add_argument("--no-load-sweep", action="store_true")
@@ -81,6 +85,10 @@ class SweepState:
     adapter_points: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     throughput_at_slo: Dict[str, Any] = dataclasses.field(default_factory=dict)
     timings_s: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def calibrated(self) -> bool:
+        """Both the SLO and the capacity are known (given or measured)."""
+        return self.slo_ttft_s is not None and self.capacity_rps is not None
 
 
 def _workload(args: argparse.Namespace, assets: Assets, adapters: Sequence[Any], rps: float,
@@ -111,20 +119,36 @@ def measure_unloaded(server: ArmServer, args: argparse.Namespace, assets: Assets
         state.slo_tbt_s = args.slo_factor * prof.tbt_mean_s
 
 
+def calibrate_on(server: ArmServer, profile: Any, args: argparse.Namespace, cfg: RunConfig,
+                 out: Path, n: int, state: SweepState, log: Any) -> None:
+    """The SLO (unless ``--slo-ttft``) and the capacity (unless ``--capacity-rps``), measured
+    on ``server`` (stock's, the reference): step 1 of the module contract."""
+    if state.slo_ttft_s is None:
+        measure_unloaded(server, args, cfg.assets, cfg.adapters, state)
+    if state.capacity_rps is None:
+        probe = _workload(args, cfg.assets, cfg.adapters, args.probe_rps, PROBE_SALT, n)
+        o = measure(server, 0, probe, cfg, profile, out / "points" / "probe" / server.arm)
+        state.capacity_rps = o.metrics["throughput_rps"]
+    log(f"[{server.arm}] unloaded TTFT {state.unloaded.get('ttft_mean_s')} s, SLO "
+        f"{state.slo_ttft_s} s, capacity {state.capacity_rps} req/s")
+    time.sleep(SETTLE_S)
+
+
+def calibrate(args: argparse.Namespace, arm: str, cfg: RunConfig, out: Path, n: int,
+              state: SweepState, log: Any) -> None:
+    """:func:`calibrate_on` a fresh server of ``arm`` (an adapter sweep without a load sweep)."""
+    with arm_server(arm, cfg, out / "points" / "calibrate" / arm) as server:
+        calibrate_on(server, warm(server, cfg, args.max_input), args, cfg, out, n, state, log)
+
+
 def load_sweep(args: argparse.Namespace, arms: List[str], cfg: RunConfig, out: Path,
                levels: List[float], n: int, state: SweepState, log: Any) -> None:
     """Stock first (unloaded, capacity), then every arm over the levels on one server each."""
     for arm in arms:
         with arm_server(arm, cfg, out / "points" / "load" / arm) as server:
             profile = warm(server, cfg, args.max_input)
-            if arm == arms[0] and state.capacity_rps is None:
-                measure_unloaded(server, args, cfg.assets, cfg.adapters, state)
-                probe = _workload(args, cfg.assets, cfg.adapters, args.probe_rps, PROBE_SALT, n)
-                o = measure(server, 0, probe, cfg, profile, out / "points" / "probe" / arm)
-                state.capacity_rps = o.metrics["throughput_rps"]
-                log(f"[{arm}] unloaded TTFT {state.unloaded.get('ttft_mean_s')} s, SLO "
-                    f"{state.slo_ttft_s} s, capacity {state.capacity_rps} req/s")
-                time.sleep(SETTLE_S)
+            if arm == arms[0] and not state.calibrated():
+                calibrate_on(server, profile, args, cfg, out, n, state, log)
             for i, level in enumerate(levels):
                 rps = level * (state.capacity_rps or args.probe_rps)
                 name = LEVEL_NAMES[i] if i < len(LEVEL_NAMES) else f"level{i}"
@@ -190,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log(f"output: {out}")
     assets = build(args.preset)
     cfg = run_config(args, assets, select_adapters(assets, args.adapters))
-    state = SweepState(capacity_rps=args.capacity_rps)
+    state = SweepState(capacity_rps=args.capacity_rps, slo_ttft_s=args.slo_ttft)
     if not args.no_load_sweep:
         t = time.perf_counter()
         load_sweep(args, arms, cfg, out, levels, n, state, log)
@@ -198,6 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         state.throughput_at_slo = throughput_at_slo(state.load_points, arms)
     if not args.no_adapter_sweep:
         t = time.perf_counter()
+        if not state.calibrated():
+            calibrate(args, arms[0], cfg, out, n, state, log)
         high = levels[min(2, len(levels) - 1)] * (state.capacity_rps or args.probe_rps)
         adapter_sweep(args, arms, cfg, out, counts, high, n, state, log)
         state.timings_s["adapter_sweep"] = time.perf_counter() - t

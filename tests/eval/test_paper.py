@@ -64,3 +64,43 @@ def test_queues_experiment_quick_end_to_end(tiny_assets, tmp_path):
     record = json.loads((out / "paper.json").read_text())
     assert record["rows"][0]["ours"] is not None
     assert (out / "summary.json").exists() and (out / "paper.png").exists()
+
+
+TINY = ["--preset", "tiny", "--requests", "10", "--rps", "3", "--wait-quiet", "0", "--no-progress"]
+QUICK_RUNS = {  # experiment: (extra options, claims that must be measured)
+    "eviction": ([], ["P99 TTFT, Chameleon eviction", "P99 TTFT, LRU eviction"]),
+    "predictor": ([], ["P99 TTFT, 60% over 100% accurate predictor"]),
+    "prefetch": ([], ["P99 TTFT, predictive over queue-driven prefetch"]),
+    # three mixes: chameleon alone (the rows need stock too; 3 servers instead of 6)
+    "popularity": (["--arms", "chameleon"], []),
+    "load": (["--arms", "stock,chameleon", "--levels", "0.5,0.75", "--capacity-rps", "3"],
+             ["P99 TTFT at medium load", "P50 TTFT at medium load"]),
+    "adapters": (["--arms", "stock,chameleon", "--adapter-counts", "2", "--capacity-rps", "3"],
+                 []),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", sorted(QUICK_RUNS))
+def test_each_experiment_runs_quick_end_to_end(tiny_assets, tmp_path, experiment):
+    """Every experiment's quick variant on the tiny preset: its tool runs real servers, and the
+    rows it was given arms for are measured (the adapter sweep's row may honestly be empty: no
+    point need meet an SLO it never measured)."""
+    extra, measured = QUICK_RUNS[experiment]
+    out = tmp_path / experiment
+    proc = subprocess.run(
+        [sys.executable, "-m", "eval.paper", experiment, "--quick", "--out", str(out), "--",
+         *TINY, *extra], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["claim"]: r["ours"] for r in json.loads((out / "paper.json").read_text())["rows"]}
+    assert rows, "no rows"
+    for claim in measured:
+        assert rows[claim] is not None, (claim, rows)
+    assert (out / "paper.md").exists() and (out / "paper.png").exists()
+    if experiment == "popularity":
+        assert set(rows) == {f"P99 TTFT, {mix}" for mix in paper.POPULARITY_MIXES}
+        assert all((out / mix / "summary.json").exists() for mix in paper.POPULARITY_MIXES)
+    if experiment == "adapters":  # the SLO its row is judged by was measured (no load sweep)
+        sweep = json.loads((out / "sweep.json").read_text())
+        assert sweep["slo_ttft_s"] is not None and sweep["capacity_rps"] == 3.0
+        assert {p["adapters"] for p in sweep["adapter_points"]} == {2}
