@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from eval import bench_dp
 
 
@@ -51,3 +53,18 @@ def test_a_missed_target_is_reported(tmp_path):
     assert s["targets_met"] == {"bytes_loaded <= 0.5x": False, "ttft_p99 <= 0.8x": False,
                                 "imbalance <= 1.25": False}
     assert "NOT met" in bench_dp.format_markdown(s)
+
+
+def test_mean_and_p90_ttft_come_from_the_runs_requests(tmp_path):
+    arms = {"dp-round-robin": {"ttft_p99": 1.0}, "dp-affinity": {"ttft_p99": 1.0}}
+    (tmp_path / "summary.json").write_text(json.dumps({"arms": arms}))
+    for arm, scale in (("dp-round-robin", 1.0), ("dp-affinity", 0.5)):
+        write_run(tmp_path, arm, [state(0, 0.5, 100, 1, 10), state(1, 0.5, 100, 1, 10)])
+        rows = [{"ttft_s": scale * t} for t in range(1, 11)] + [{"ttft_s": None}]
+        (tmp_path / "runs" / f"{arm}-r0" / "requests.jsonl").write_text(
+            "\n".join(json.dumps(r) for r in rows) + "\n")
+    s = bench_dp.dp_summary(tmp_path)
+    assert s["arms"]["dp-round-robin"]["ttft_mean"] == 5.5
+    assert s["arms"]["dp-round-robin"]["ttft_p90"] == pytest.approx(9.1)
+    assert s["ratios_vs_round_robin"]["ttft_mean"] == 0.5
+    assert "| 5.500 |" in bench_dp.format_markdown(s)
