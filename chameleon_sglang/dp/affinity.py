@@ -7,8 +7,9 @@ expected work, where work is load and a miss is priced as load:
 
 1. ``cost(r) = load(r) + miss`` when ``r`` does not hold the request's adapter (resident, loading
    or queued there, from its last report), ``load(r)`` when it does; ``miss`` is ``miss_cost``
-   times the mean request (an exponential mean of the tokens dispatched; a load costs about what
-   one more request ahead costs: a rank-64 7B adapter over PCIe takes about one prefill), or
+   (4 by default) times the mean request (an exponential mean of the tokens dispatched: a load
+   itself costs about one prefill, a rank-64 7B adapter over PCIe, and a copy of an adapter that
+   another replica holds also takes cache memory, so evicts, where memory is short), or
    ``epsilon`` times the mean replica load where that is more (with many requests in flight, one
    more ahead changes little). So a holder wins unless it is that much busier than another
    replica: at low load a request does not wait behind a busy holder while a replica that would
@@ -66,7 +67,7 @@ class AffinityDispatcher:
     """Dispatch requests to replicas by adapter residency within a load bound (module docs)."""
 
     def __init__(self, replicas: Iterable[int], epsilon: float = 0.25,
-                 miss_cost: float = 1.0) -> None:
+                 miss_cost: float = 4.0) -> None:
         if epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
         if miss_cost < 0:
