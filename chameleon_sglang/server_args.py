@@ -130,8 +130,8 @@ class Chameleon(msgspec.Struct):
         float,
         "With --dp-size N and --load-balance-method chameleon: a replica that does not hold the "
         "request's adapter counts as this many mean requests more loaded (0: least loaded "
-        "first, residency breaks ties only). " + _DEFAULTS % 4.0,
-    ] = 4.0
+        "first, residency breaks ties only). " + _DEFAULTS % 1.0,
+    ] = 1.0
 
 
 CHAMELEON_LOAD_BALANCE_METHOD = "chameleon"

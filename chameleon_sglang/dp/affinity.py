@@ -7,9 +7,9 @@ expected work, where work is load and a miss is priced as load:
 
 1. ``cost(r) = load(r) + miss`` when ``r`` does not hold the request's adapter (resident, loading
    or queued there, from its last report), ``load(r)`` when it does; ``miss`` is ``miss_cost``
-   (4 by default) times the mean request (an exponential mean of the tokens dispatched: a load
-   itself costs about one prefill, a rank-64 7B adapter over PCIe, and a copy of an adapter that
-   another replica holds also takes cache memory, so evicts, where memory is short), or
+   (1 by default) times the mean request (an exponential mean of the tokens dispatched: a load
+   costs about one prefill, a rank-64 7B adapter over PCIe; more makes adapters stickier at the
+   price of waiting behind a busier holder), or
    ``epsilon`` times the mean replica load where that is more (with many requests in flight, one
    more ahead changes little). So a holder wins unless it is that much busier than another
    replica: at low load a request does not wait behind a busy holder while a replica that would
@@ -24,7 +24,8 @@ expected work, where work is load and a miss is priced as load:
    least loaded replica is never above the mean, so a request is never refused and no replica
    starves.
 
-Load is the replica's queued plus running tokens as last reported, plus what was dispatched to it
+Load is the work left on the replica as last reported (a request waiting for its prefill counts
+prompt plus output cap, one decoding the output its cap leaves), plus what was dispatched to it
 since that report (each request counts its prompt plus its output cap until the next report).
 A replica that leaves is dropped from every order. Deterministic: no clock, no randomness beyond
 fixed hashes. Cost per request: one pass over the replicas (about 20 us at 64 in CPython).
@@ -67,7 +68,7 @@ class AffinityDispatcher:
     """Dispatch requests to replicas by adapter residency within a load bound (module docs)."""
 
     def __init__(self, replicas: Iterable[int], epsilon: float = 0.25,
-                 miss_cost: float = 4.0) -> None:
+                 miss_cost: float = 1.0) -> None:
         if epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
         if miss_cost < 0:

@@ -8,7 +8,8 @@ the controller's view is at most one busy interval old and exact once the replic
 
 Adapters held: those resident in the adapter cache (or in SGLang's LoRA slots without it), and
 those of requests queued here (they will be loaded here: a request for the same adapter should
-follow them). Load: prompt plus output cap of every unfinished request here
+follow them). Load: the work left of every unfinished request here, prompt plus output cap
+until its prefill, then the output its cap leaves
 (:func:`~chameleon_sglang.dp.residency_channel.replica_load_tokens`).
 """
 

@@ -130,8 +130,10 @@ class ResidencyReader:
 
 
 def replica_load_tokens(requests: Iterable[Any]) -> int:
-    """The load a replica reports: prompt plus output cap of each unfinished request, counted
-    once (the dispatcher charges a request the same amount when it sends it)."""
+    """The load a replica reports: the work left of each unfinished request, counted once.
+    A request not yet prefilled counts its prompt plus its output cap (what the dispatcher
+    charges a request when it sends it); one that has its first token counts the output tokens
+    its cap leaves (its prompt is done: it no longer delays a newcomer's first token)."""
     seen = set()
     total = 0
     for req in requests:
@@ -139,9 +141,12 @@ def replica_load_tokens(requests: Iterable[Any]) -> int:
         if rid in seen or (hasattr(req, "finished") and req.finished()):
             continue
         seen.add(rid)
-        total += request_tokens(len(getattr(req, "origin_input_ids", ()) or ()),
-                                getattr(getattr(req, "sampling_params", None),
-                                        "max_new_tokens", None))
+        cap = getattr(getattr(req, "sampling_params", None), "max_new_tokens", None)
+        generated = len(getattr(req, "output_ids", None) or ())
+        if generated:
+            total += max(request_tokens(0, cap) - generated, 0)
+        else:
+            total += request_tokens(len(getattr(req, "origin_input_ids", ()) or ()), cap)
     return total
 
 

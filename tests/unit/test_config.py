@@ -20,7 +20,7 @@ def server_args(**overrides):
         chameleon_cache=True, chameleon_eviction_policy="chameleon",
         chameleon_score_weights=[0.45, 0.10, 0.45], chameleon_frequency_window=300.0,
         chameleon_prefetch=True, chameleon_prefetch_policy="queue",
-        chameleon_host_link_gbps=0.0, chameleon_dp_epsilon=0.25, chameleon_dp_miss_cost=4.0,
+        chameleon_host_link_gbps=0.0, chameleon_dp_epsilon=0.25, chameleon_dp_miss_cost=1.0,
     )
     fields.update(overrides)
     return SimpleNamespace(**fields)

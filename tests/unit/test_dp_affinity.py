@@ -83,14 +83,14 @@ def test_affinity_loads_fewer_adapter_copies_than_round_robin():
     assert affinity_copies <= 0.6 * sum(len(v) for v in rr.values())
 
 
-def loads_with_small_caches(dispatch, num_replicas=2, num_adapters=100, capacity=50,
-                            requests=4000, inflight_per_replica=3, seed=0):
+def loads_with_small_caches(dispatch, miss_cost=1.0, num_replicas=2, num_adapters=100,
+                            capacity=50, requests=4000, inflight_per_replica=3, seed=0):
     """Adapter loads when each replica's cache holds ``capacity`` adapters (LRU) of
     ``num_adapters`` Zipf-popular ones; ``dispatch(i, adapter, tokens, dispatcher)`` picks the
     replica; every replica reports its cache and in-flight tokens after each request."""
     rng = random.Random(seed)
     weights = [1 / (i + 1) for i in range(num_adapters)]
-    d = AffinityDispatcher(range(num_replicas))
+    d = AffinityDispatcher(range(num_replicas), miss_cost=miss_cost)
     caches = [OrderedDict() for _ in range(num_replicas)]
     inflight, loads = [], 0
     for i in range(requests):
@@ -114,13 +114,15 @@ def loads_with_small_caches(dispatch, num_replicas=2, num_adapters=100, capacity
     return loads
 
 
-def test_under_cache_pressure_affinity_loads_at_most_half_of_round_robin():
+def test_under_cache_pressure_affinity_loads_fewer_the_dearer_a_miss():
     """Each replica's cache holds half the adapters, a few requests in flight (moderate load):
-    at the default miss cost a replica keeps its share of the adapters (at a miss cost of one
-    mean request it would be 0.74x, holders a request busier lose too often)."""
-    affinity = loads_with_small_caches(lambda i, a, t, d: d.dispatch(a, t))
+    affinity loads fewer adapters than round robin, and a miss priced at 4 mean requests keeps
+    each replica to its own share (at most half of round robin's loads)."""
     round_robin = loads_with_small_caches(lambda i, a, t, d: i % 2)
-    assert affinity <= 0.5 * round_robin
+    by_cost = {m: loads_with_small_caches(lambda i, a, t, d: d.dispatch(a, t), miss_cost=m)
+               for m in (1.0, 4.0)}
+    assert by_cost[1.0] <= 0.8 * round_robin
+    assert by_cost[4.0] < by_cost[1.0] and by_cost[4.0] <= 0.5 * round_robin
 
 
 def test_a_replica_leaving_gets_nothing_more():

@@ -108,8 +108,8 @@ def test_publishing_never_blocks_when_the_controller_is_gone(endpoint):
         publisher.close()
 
 
-def req(rid, prompt, cap, finished=False):
-    return SimpleNamespace(rid=rid, origin_input_ids=[0] * prompt,
+def req(rid, prompt, cap, finished=False, generated=0):
+    return SimpleNamespace(rid=rid, origin_input_ids=[0] * prompt, output_ids=[1] * generated,
                            sampling_params=SimpleNamespace(max_new_tokens=cap),
                            finished=lambda: finished)
 
@@ -118,3 +118,9 @@ def test_the_load_counts_each_unfinished_request_once():
     a, b = req("a", 10, 5), req("b", 7, None)
     done = req("c", 100, 100, finished=True)
     assert replica_load_tokens([a, b, a, done]) == 15 + 7 + DEFAULT_OUTPUT_CAP
+
+
+def test_a_decoding_request_counts_only_the_output_it_has_left():
+    waiting, decoding = req("w", 100, 20), req("d", 100, 20, generated=5)
+    assert replica_load_tokens([waiting, decoding]) == 120 + 15
+    assert replica_load_tokens([req("x", 100, 20, generated=30)]) == 0  # past its cap: nothing
