@@ -60,6 +60,8 @@ def method_hooks() -> List[Tuple[str, Callable[..., Any], str]]:
         ("init_memory_pools", bind_pool_to_kv_buffers, HookType.AFTER),
         ("init_ipc_channels", dp_hooks.remember_ipc_name, HookType.AFTER),
         ("on_idle", dp_hooks.report_when_idle, HookType.AFTER),
+        ("handle_generate_request", dp_hooks.count_received, HookType.BEFORE),
+        ("handle_embedding_request", dp_hooks.count_received, HookType.BEFORE),
     ]
     controller = [
         (f"{dp_hooks.LOAD_BALANCE_METHOD_CLASS}.from_str", dp_hooks.load_balance_method_from_str,
@@ -395,7 +397,7 @@ def on_prefill_pass_end(result: Any, scheduler: Any, *args: Any, **kwargs: Any) 
     cache = cache_bridge_of(scheduler)
     if cache is not None:
         cache.end_pass()
-    dp_hooks.report(scheduler)
+    dp_hooks.report(scheduler, batch=result)
     return result
 
 

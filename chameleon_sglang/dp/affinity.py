@@ -25,17 +25,22 @@ expected work, where work is load and a miss is priced as load:
    starves.
 
 Load is the work left on the replica as last reported (a request waiting for its prefill counts
-prompt plus output cap, one decoding the output its cap leaves), plus what was dispatched to it
-since that report (each request counts its prompt plus its output cap until the next report).
+prompt plus output cap, one decoding the output its cap leaves), plus every request dispatched to
+it that the replica had not yet received when it made that report (each counts its prompt plus
+its output cap). Reports carry the number of requests the replica has received; dispatches are
+acknowledged in order by that count, so a request in flight (sent while the replica is busy in a
+forward pass and not yet read from its socket) is never forgotten by a report made before it
+arrived. A report without a count acknowledges everything dispatched so far.
 A replica that leaves is dropped from every order. Deterministic: no clock, no randomness beyond
 fixed hashes. Cost per request: one pass over the replicas (about 20 us at 64 in CPython).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import zlib
-from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Deque, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +50,9 @@ class ReplicaReport:
     replica: int
     adapters: FrozenSet[str]
     load_tokens: int
+    received: Optional[int] = None
+    """Requests the replica had received from the dispatcher when it made this report (None: all
+    that were sent)."""
 
 
 _MASK = (1 << 64) - 1
@@ -79,8 +87,12 @@ class AffinityDispatcher:
         self._replicas: List[int] = sorted(set(replicas))
         if not self._replicas:
             raise ValueError("no replicas")
-        self._reported: Dict[int, int] = {r: 0 for r in self._replicas}
-        self._since: Dict[int, int] = {r: 0 for r in self._replicas}
+        self._reported: Dict[int, int] = {}
+        self._in_flight: Dict[int, Deque[int]] = {}  # tokens of requests not yet received
+        self._pending: Dict[int, int] = {}  # their sum
+        self._sent: Dict[int, int] = {}  # requests dispatched to the replica, ever
+        for r in self._replicas:
+            self._reset_replica(r)
         self._holders: Dict[str, Set[int]] = {}
         self._held: Dict[int, FrozenSet[str]] = {r: frozenset() for r in self._replicas}
         self._orders: Dict[str, List[int]] = {}
@@ -92,17 +104,36 @@ class AffinityDispatcher:
     def replicas(self) -> List[int]:
         return list(self._replicas)
 
+    def _reset_replica(self, replica: int) -> None:
+        self._reported[replica] = 0
+        self._in_flight[replica] = collections.deque()
+        self._pending[replica] = 0
+        self._sent[replica] = 0
+
     def load(self, replica: int) -> int:
-        return self._reported[replica] + self._since[replica]
+        return self._reported[replica] + self._pending[replica]
+
+    def in_flight(self, replica: int) -> int:
+        """Requests dispatched to ``replica`` that its latest report had not yet received."""
+        return len(self._in_flight[replica])
 
     def report(self, report: ReplicaReport) -> None:
-        """A replica's latest state replaces what was known of it (and what was dispatched to
-        it since its previous report)."""
+        """A replica's latest state replaces what was known of it; the requests it had received
+        leave the in-flight count (module docs)."""
         r = report.replica
         if r not in self._reported:
             return
-        self._total += report.load_tokens - self.load(r)
-        self._reported[r], self._since[r] = int(report.load_tokens), 0
+        before = self.load(r)
+        queue = self._in_flight[r]
+        if report.received is None or report.received >= self._sent[r]:
+            queue.clear()
+            self._pending[r] = 0
+        else:
+            unreceived = max(self._sent[r] - int(report.received), 0)
+            while len(queue) > unreceived:
+                self._pending[r] -= queue.popleft()
+        self._reported[r] = int(report.load_tokens)
+        self._total += self.load(r) - before
         if report.adapters != self._held[r]:
             for adapter in self._held[r] - report.adapters:
                 self._holders[adapter].discard(r)
@@ -115,7 +146,7 @@ class AffinityDispatcher:
         if replica in self._reported:
             return
         self._replicas = sorted(self._replicas + [replica])
-        self._reported[replica], self._since[replica] = 0, 0
+        self._reset_replica(replica)
         self._held[replica] = frozenset()
         self._orders.clear()
 
@@ -127,12 +158,13 @@ class AffinityDispatcher:
         self._replicas.remove(replica)
         for adapter in self._held.pop(replica):
             self._holders[adapter].discard(replica)
-        del self._reported[replica], self._since[replica]
+        del self._reported[replica], self._in_flight[replica], self._pending[replica]
+        del self._sent[replica]
         self._orders.clear()
 
     def dispatch(self, adapter: Optional[str], tokens: int) -> int:
         """The replica for a request of ``tokens`` (prompt + output cap) on ``adapter`` (None:
-        the base model), counted in that replica's load until its next report."""
+        the base model), counted in that replica's load until a report says it arrived."""
         bound = (1.0 + self.epsilon) * (self._total + tokens) / len(self._replicas)
         mean = self._mean_tokens
         self._mean_tokens = float(tokens) if mean is None else mean + MEAN_WEIGHT * (tokens - mean)
@@ -144,9 +176,18 @@ class AffinityDispatcher:
             self.num_affinity += 1
         else:
             self.num_missed += 1
-        self._since[choice] += tokens
-        self._total += tokens
+        self.count_routed(choice, tokens)
         return choice
+
+    def count_routed(self, replica: int, tokens: int) -> None:
+        """A request sent to ``replica`` by another rule (``routed_dp_rank``): counted in its
+        load, and in what it must acknowledge, as a dispatch is."""
+        if replica not in self._reported:
+            return
+        self._in_flight[replica].append(tokens)
+        self._pending[replica] += tokens
+        self._sent[replica] += 1
+        self._total += tokens
 
     def miss_tokens(self) -> float:
         """What a miss counts as, in tokens of load: ``miss_cost`` mean requests, or ``epsilon``
@@ -160,9 +201,9 @@ class AffinityDispatcher:
         miss = self.miss_tokens()
         best: Optional[Tuple[float, int, int]] = None
         choice, held = -1, False
-        reported, since = self._reported, self._since
+        reported, pending = self._reported, self._pending
         for rank, r in enumerate(self._order(adapter)):
-            load = reported[r] + since[r]
+            load = reported[r] + pending[r]
             if load > bound:
                 continue
             hold = r in holders

@@ -58,14 +58,15 @@ class AffinityRouting:
     def dispatch(self, req: Any) -> None:
         from sglang.srt.managers.io_struct import sock_send
 
+        input_ids = getattr(req, "input_ids", None)
+        cap = getattr(getattr(req, "sampling_params", None), "max_new_tokens", None)
+        tokens = request_tokens(len(input_ids or ()), cap)
         if self.controller.maybe_external_dp_rank_routing(req):
+            self.dispatcher.count_routed(int(req.routed_dp_rank), tokens)
             return
         self._follow_active_replicas()
         self.apply_reports()
-        input_ids = getattr(req, "input_ids", None)
-        cap = getattr(getattr(req, "sampling_params", None), "max_new_tokens", None)
-        replica = self.dispatcher.dispatch(getattr(req, "lora_id", None),
-                                           request_tokens(len(input_ids or ()), cap))
+        replica = self.dispatcher.dispatch(getattr(req, "lora_id", None), tokens)
         self.num_dispatched[replica] = self.num_dispatched.get(replica, 0) + 1
         sock_send(self.controller.workers[replica], req)
         self._maybe_log_stats()

@@ -6,6 +6,11 @@ with ``--dp-size N > 1`` and ``--load-balance-method chameleon``. The plugin cal
 to one scan per ``MIN_INTERVAL_S`` unless forced) and, forced, whenever the scheduler idles, so
 the controller's view is at most one busy interval old and exact once the replica is idle.
 
+Each report carries the number of requests this replica has received from the controller
+(counted as SGLang's scheduler reads them, before any check that might reject them), so the
+controller can tell which of the requests it sent are already in the reported load and which are
+still in flight.
+
 Adapters held: those resident in the adapter cache (or in SGLang's LoRA slots without it), and
 those of requests queued here (they will be loaded here: a request for the same adapter should
 follow them). Load: the work left of every unfinished request here, prompt plus output cap
@@ -47,6 +52,7 @@ class ReplicaReporter:
         self._last_scan = float("-inf")
         self.num_requests = 0
         self.num_tokens = 0
+        self.num_received = 0
 
     def on_enqueued(self, req: Any) -> None:
         """Count a request this replica took (its dispatch share, for the load-imbalance
@@ -59,14 +65,27 @@ class ReplicaReporter:
                                                   "max_new_tokens", None))
         self.report()
 
-    def report(self, force: bool = False) -> bool:
+    def on_received(self, recv_req: Any) -> None:
+        """A request read from the controller (health checks aside): one more acknowledged."""
+        from sglang.srt.managers.utils import is_health_check_generate_req
+
+        if not is_health_check_generate_req(recv_req):
+            self.num_received += 1
+
+    def report(self, force: bool = False, batch: Any = None) -> bool:
+        """Publish this replica's state (at most every ``MIN_INTERVAL_S`` unless ``force``);
+        ``batch``: a batch just formed, whose requests are in no queue SGLang keeps yet."""
         if self.publisher is None:
             return False
         now = self._clock()
         if not force and now - self._last_scan < MIN_INTERVAL_S:
             return False
         self._last_scan = now
-        return self.publisher.publish(self.adapters_held(), replica_load_tokens(self._requests()))
+        requests = self._requests()
+        if batch is not None:
+            requests.extend(getattr(batch, "reqs", None) or ())
+        return self.publisher.publish(self.adapters_held(), replica_load_tokens(requests),
+                                      self.num_received)
 
     def adapters_held(self) -> Set[str]:
         held = set(_resident_adapters(self.scheduler))
@@ -74,15 +93,15 @@ class ReplicaReporter:
                     if getattr(req, "lora_id", None) is not None)
         return held
 
-    def _requests(self) -> Iterable[Any]:
+    def _requests(self) -> List[Any]:
         s = self.scheduler
         requests: List[Any] = list(s.waiting_queue)
         running = getattr(s, "running_batch", None)
         requests.extend(getattr(running, "reqs", None) or ())
-        last = getattr(s, "last_batch", None)
-        mode = getattr(last, "forward_mode", None)
-        if last is not None and mode is not None and mode.is_extend():
-            requests.extend(getattr(last, "reqs", None) or ())  # prefilled, not merged yet
+        for batch in (getattr(s, "last_batch", None), getattr(s, "cur_batch_for_debug", None)):
+            mode = getattr(batch, "forward_mode", None)
+            if batch is not None and mode is not None and mode.is_extend():
+                requests.extend(getattr(batch, "reqs", None) or ())  # prefilled, not merged yet
         chunked = getattr(s, "chunked_req", None)
         if chunked is not None:
             requests.append(chunked)
@@ -91,7 +110,7 @@ class ReplicaReporter:
     def stats(self) -> dict:
         publisher = self.publisher
         return {"dp_rank": self.dp_rank, "num_requests": self.num_requests,
-                "num_tokens": self.num_tokens,
+                "num_tokens": self.num_tokens, "num_received": self.num_received,
                 "num_reports_sent": publisher.num_sent if publisher is not None else 0,
                 "num_reports_dropped": publisher.num_dropped if publisher is not None else 0}
 

@@ -40,7 +40,7 @@ def residency_endpoint(tokenizer_ipc_name: str) -> str:
 
 def encode_report(report: ReplicaReport) -> bytes:
     return orjson.dumps({"replica": report.replica, "adapters": sorted(report.adapters),
-                         "load_tokens": report.load_tokens})
+                         "load_tokens": report.load_tokens, "received": report.received})
 
 
 def decode_report(message: bytes) -> ReplicaReport:
@@ -49,10 +49,12 @@ def decode_report(message: bytes) -> ReplicaReport:
     if not isinstance(data, dict):
         raise ValueError("report is not an object")
     replica, adapters, load = data.get("replica"), data.get("adapters"), data.get("load_tokens")
-    if not isinstance(replica, int) or not isinstance(load, int) or not isinstance(adapters, list):
+    received = data.get("received")
+    if not isinstance(replica, int) or not isinstance(load, int) or not isinstance(adapters, list) \
+            or not (received is None or isinstance(received, int)):
         raise ValueError(f"malformed report {data!r}")
     return ReplicaReport(replica=replica, adapters=frozenset(str(a) for a in adapters),
-                         load_tokens=load)
+                         load_tokens=load, received=received)
 
 
 class ResidencyPublisher:
@@ -65,17 +67,18 @@ class ResidencyPublisher:
         self._socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(endpoint)
-        self._last: Optional[Tuple[FrozenSet[str], int]] = None
+        self._last: Optional[Tuple[FrozenSet[str], int, Optional[int]]] = None
         self.num_sent = 0
         self.num_dropped = 0
 
-    def publish(self, adapters: Iterable[str], load_tokens: int) -> bool:
-        """Queue a report of ``adapters`` and ``load_tokens`` unless it equals the last one
-        queued; True if one was queued."""
-        state = (frozenset(adapters), int(load_tokens))
+    def publish(self, adapters: Iterable[str], load_tokens: int,
+                received: Optional[int] = None) -> bool:
+        """Queue a report of ``adapters``, ``load_tokens`` and the number of requests
+        ``received`` unless it equals the last one queued; True if one was queued."""
+        state = (frozenset(adapters), int(load_tokens), received)
         if state == self._last:
             return False
-        message = encode_report(ReplicaReport(self.replica, state[0], state[1]))
+        message = encode_report(ReplicaReport(self.replica, state[0], state[1], received))
         try:
             self._socket.send(message, zmq.NOBLOCK)
         except zmq.Again:
@@ -155,5 +158,6 @@ DEFAULT_OUTPUT_CAP = 128
 
 
 def request_tokens(num_input_tokens: int, max_new_tokens: Optional[int]) -> int:
+    """Prompt plus output cap: what a request brings to a replica before its prefill."""
     return int(num_input_tokens) + int(max_new_tokens if max_new_tokens is not None
                                        else DEFAULT_OUTPUT_CAP)

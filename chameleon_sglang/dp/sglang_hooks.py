@@ -131,12 +131,23 @@ def report_when_idle(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> 
     return result
 
 
-def report(scheduler: Any) -> None:
+def report(scheduler: Any, batch: Any = None) -> None:
     from chameleon_sglang.dp.replica_reporter import replica_reporter_of
 
     reporter = replica_reporter_of(scheduler)
     if reporter is not None:
-        reporter.report()
+        reporter.report(batch=batch)
+
+
+def count_received(scheduler: Any, recv_req: Any, *args: Any, **kwargs: Any) -> None:
+    """Before ``Scheduler.handle_generate_request`` / ``handle_embedding_request``: the replica
+    acknowledges one more request from the controller (whatever becomes of it)."""
+    from chameleon_sglang.dp.replica_reporter import replica_reporter_of
+
+    reporter = replica_reporter_of(scheduler)
+    if reporter is not None:
+        reporter.on_received(recv_req)
+    return None
 
 
 def report_enqueued(scheduler: Any, req: Any) -> None:

@@ -49,6 +49,11 @@ def _taken(url: str) -> List[int]:
     return [rank["dp"]["num_requests"] for rank in _replicas(url)]
 
 
+def _received(url: str) -> List[int]:
+    """Requests each replica acknowledges to the controller (its reports' count)."""
+    return [rank["dp"]["num_received"] for rank in _replicas(url)]
+
+
 def _routed(url: str, adapter: Optional[str], replica: int) -> None:
     body = {"input_ids": [7, 8, 9, 10], "lora_path": adapter, "routed_dp_rank": replica,
             "sampling_params": {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True}}
@@ -128,10 +133,13 @@ def test_requests_follow_the_replica_that_holds_their_adapter(tiny_assets, dp2):
 
 def test_a_burst_that_saturates_both_replicas_loses_nothing(tiny_assets, dp2):
     work = _workload(tiny_assets, 64, seed=9)
-    before = _taken(dp2.url)
+    before, received_before = _taken(dp2.url), _received(dp2.url)
     outs = _run(dp2.url, work, threads=64)
     assert all(len(o) == NEW_TOKENS for o in outs)
     taken = [a - b for a, b in zip(_taken(dp2.url), before)]
     assert sum(taken) == len(work) and min(taken) > 0, taken
+    # every request a replica took it also acknowledged, so none stays "in flight" for the
+    # controller (health checks, which the controller routes itself, are not counted)
+    assert [a - b for a, b in zip(_received(dp2.url), received_before)] == taken
     assert healthy(dp2.url)
     assert integrity_problems(dp2.url) == []

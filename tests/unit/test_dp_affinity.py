@@ -188,3 +188,41 @@ def test_at_high_load_adapters_stay_on_their_holder_within_epsilon_of_the_mean()
 def test_the_miss_cost_is_validated():
     with pytest.raises(ValueError):
         AffinityDispatcher(range(2), miss_cost=-1)
+
+
+def test_a_report_made_before_a_dispatched_request_arrived_does_not_forget_it():
+    d = AffinityDispatcher([0, 1], miss_cost=0.0)
+    d.report(ReplicaReport(0, frozenset(), 0, received=0))
+    d.report(ReplicaReport(1, frozenset(), 0, received=0))
+    first = d.dispatch("a", 500)
+    # the replica reports while busy in a forward pass: it has not read the request yet
+    d.report(ReplicaReport(first, frozenset(), 0, received=0))
+    assert d.load(first) == 500 and d.in_flight(first) == 1
+    assert d.dispatch("b", 500) != first  # the busy replica is not taken for idle
+    # once it has read the request, the report's load carries it and the count acknowledges it
+    d.report(ReplicaReport(first, frozenset({"a"}), 520, received=1))
+    assert d.load(first) == 520 and d.in_flight(first) == 0
+
+
+def test_requests_are_acknowledged_in_order_by_count():
+    d = AffinityDispatcher([0], miss_cost=0.0)
+    for tokens in (100, 200, 300):
+        d.dispatch(None, tokens)
+    d.report(ReplicaReport(0, frozenset(), 40, received=1))  # the first read, the others not
+    assert d.in_flight(0) == 2 and d.load(0) == 40 + 200 + 300
+    d.report(ReplicaReport(0, frozenset(), 0, received=3))
+    assert d.in_flight(0) == 0 and d.load(0) == 0
+    d.dispatch(None, 50)
+    d.report(ReplicaReport(0, frozenset(), 7))  # no count: everything sent is in the report
+    assert d.in_flight(0) == 0 and d.load(0) == 7
+
+
+def test_requests_routed_by_another_rule_are_counted_and_acknowledged():
+    d = AffinityDispatcher([0, 1], miss_cost=0.0)
+    d.count_routed(1, 400)  # routed_dp_rank
+    assert d.load(1) == 400
+    assert d.dispatch(None, 10) == 0
+    d.report(ReplicaReport(1, frozenset(), 0, received=0))
+    assert d.load(1) == 400  # still on its way
+    d.report(ReplicaReport(1, frozenset(), 30, received=1))
+    assert d.load(1) == 30 and d.stats()["loads"] == [10, 30]

@@ -83,10 +83,12 @@ def test_load_bound_sends_overflow_to_the_other_replica(routing):
     assert max(counts) / (sum(counts) / 2) <= 1.25 + 1e-9 + 2 / 20  # within one request
 
 
-def test_routed_dp_rank_is_obeyed(routing):
+def test_routed_dp_rank_is_obeyed_and_counted_in_that_replicas_load(routing):
     report(routing, 1, {"hot"}, 0)
     routing.dispatch(request("hot", routed=0))
-    assert sent[0][0] == 0 and routing.dispatcher.load(0) == 0
+    assert sent[0][0] == 0 and routing.dispatcher.load(0) == 20  # prompt 10 + cap 10
+    routing.dispatch(request("other"))
+    assert sent[1][0] == 1  # the replica that took the routed request is busier
 
 
 def test_a_replica_that_goes_inactive_gets_nothing_and_comes_back(routing):

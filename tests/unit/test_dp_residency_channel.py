@@ -41,13 +41,17 @@ def test_the_endpoint_is_shared_by_one_launch_and_differs_between_launches():
     assert a != residency_endpoint("ipc:///tmp/tokenizer_xyz")
 
 
-def test_a_report_round_trips():
-    report = ReplicaReport(replica=3, adapters=frozenset({"a", "b"}), load_tokens=900)
+@pytest.mark.parametrize("received", [None, 0, 17])
+def test_a_report_round_trips(received):
+    report = ReplicaReport(replica=3, adapters=frozenset({"a", "b"}), load_tokens=900,
+                           received=received)
     assert decode_report(encode_report(report)) == report
 
 
 @pytest.mark.parametrize("message", [b"not json", b"[1, 2]", b'{"replica": "x"}',
-                                     b'{"replica": 1, "adapters": "a", "load_tokens": 3}'])
+                                     b'{"replica": 1, "adapters": "a", "load_tokens": 3}',
+                                     b'{"replica": 1, "adapters": [], "load_tokens": 3, '
+                                     b'"received": "7"}'])
 def test_a_malformed_report_is_refused(message):
     with pytest.raises(ValueError):
         decode_report(message)
