@@ -5,6 +5,14 @@ check, slots held by *idle* cached adapters count as available (like a radix cac
 tokens), and an allocation that would otherwise fail first evicts idle adapters. Slots of adapters
 in use by running requests count as used.
 
+Order of giving way: SGLang's evictable prefix (radix) cache first, idle adapters second, as for an
+adapter load (:meth:`chameleon_sglang.sglang_cache.CacheBridge._evict_prefix_cache_for`): an
+evicted prefix costs a prefill if it is ever asked for again, an evicted adapter a reload at its
+next request. SGLang evicts its tree before an allocation only for the shortfall against
+``available_size()``, which counts idle adapters as free, so without
+:meth:`CacheAwareTokenAllocator.evict_to_free_tokens` every allocation would take adapters' slots
+while the tree kept growing with finished requests' tokens.
+
 The allocator is built as :class:`CacheAwareTokenAllocator` from the start where the adapter
 cache serves (:func:`cache_aware_copy`, called from the hook on SGLang's allocator construction);
 until :func:`make_cache_aware` binds the cache to it, it behaves exactly as SGLang's own.
@@ -40,6 +48,21 @@ class CacheAwareTokenAllocator(TokenToKVPoolAllocator):
         if self.chameleon_slots is None:
             return super().available_size()
         return free_slot_count(self) + self.chameleon_slots.reclaimable_slots()
+
+    def evict_to_free_tokens(self, tree_cache: Any, num_tokens: int) -> Optional[bool]:
+        """SGLang's eviction before an allocation (and its decode check), bound: the prefix
+        cache gives way for the shortfall against *free* slots, so idle adapters are evicted
+        (by :meth:`alloc`) only for what the prefix cache could not free."""
+        if self.chameleon_slots is None:
+            return super().evict_to_free_tokens(tree_cache, num_tokens)
+        if tree_cache is None or not tree_cache.supports_prefix_sharing():
+            return None
+        shortfall = num_tokens - free_slot_count(self)
+        if shortfall > 0 and tree_cache.evictable_size() > 0:
+            from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+            tree_cache.evict_for_alloc(EvictParams(num_tokens=shortfall))
+        return None
 
     def alloc(self, need_size: int) -> Any:
         if self.chameleon_slots is not None:

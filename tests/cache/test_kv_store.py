@@ -582,6 +582,69 @@ def test_alloc_beyond_free_slots_evicts_idle_adapters_only_as_needed(need_sort):
     assert cache.stats()["evictions_by_reason"]["kv_pressure"] == 1
 
 
+def _prefix_cache_holding(allocator, num_tokens: int, first_token: int = 0):
+    """SGLang's real radix cache over ``allocator``, holding one evictable entry of
+    ``num_tokens`` tokens (a finished request's KV)."""
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+
+    tree = RadixCache.create_simulated(mock_allocator=allocator)
+    kv = allocator.alloc(num_tokens)
+    tree.insert(InsertParams(key=RadixKey(list(range(first_token, first_token + num_tokens))),
+                             value=kv))
+    return tree
+
+
+def test_sglang_allocation_evicts_the_prefix_cache_before_idle_adapters():
+    """SGLang's own path (evict from its tree, then alloc): the prefix cache's evictable tokens
+    give way first; idle adapters stay resident while the tree can cover the shortfall."""
+    from sglang.srt.mem_cache.common import evict_from_tree_cache
+
+    allocator, store, cache = make_kv_cache(40)
+    load(cache, "a", 8, now=0.0)
+    load(cache, "b", 8, now=1.0)
+    slots = CacheSlots(cache)
+    make_cache_aware(allocator, slots)
+    tree = _prefix_cache_holding(allocator, 12)
+    assert store.num_free_slots() == 12 and tree.evictable_size() == 12
+    evict_from_tree_cache(tree, 20)
+    got = allocator.alloc(20)
+    assert got is not None and len(got) == 20
+    assert tree.evictable_size() == 0
+    assert cache.resident_ids() == ["a", "b"] and slots.calls == []
+
+
+def test_sglang_allocation_evicts_idle_adapters_for_what_the_prefix_cache_lacks():
+    """When the prefix cache cannot cover the shortfall, it is emptied and idle adapters are
+    evicted for the rest only."""
+    from sglang.srt.mem_cache.common import evict_from_tree_cache
+
+    allocator, store, cache = make_kv_cache(40)
+    load(cache, "old", 8, now=0.0)
+    load(cache, "newer", 8, now=1.0)
+    slots = CacheSlots(cache)
+    make_cache_aware(allocator, slots)
+    tree = _prefix_cache_holding(allocator, 4)
+    assert store.num_free_slots() == 20
+    evict_from_tree_cache(tree, 28)
+    got = allocator.alloc(28)
+    assert got is not None and len(got) == 28
+    assert tree.evictable_size() == 0
+    assert cache.resident_ids() == ["newer"] and slots.calls == [28]
+
+
+def test_decode_check_counts_idle_adapters_after_emptying_the_prefix_cache():
+    """SGLang's decode capacity check: fits when free + prefix cache + idle adapters cover it,
+    the prefix cache gives way, adapters stay until the allocation itself."""
+    allocator, store, cache = make_kv_cache(40)
+    load(cache, "a", 10, now=0.0)
+    make_cache_aware(allocator, CacheSlots(cache))
+    tree = _prefix_cache_holding(allocator, 20)
+    assert allocator.check_decode_capacity(num_tokens=25, tree_cache=tree)
+    assert tree.evictable_size() == 0 and cache.resident_ids() == ["a"]
+    assert not allocator.check_decode_capacity(num_tokens=41, tree_cache=tree)
+
+
 def test_alloc_within_free_slots_evicts_nothing():
     """An allocation the free slots cover does not ask the cache for memory."""
     allocator, store, cache = make_kv_cache(30)
