@@ -32,12 +32,14 @@ def server_info(url: str, timeout_s: float = 30.0) -> Dict[str, Any]:
 
 def chameleon_status(info: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """``chameleon_status`` plus, under ``live``, each scheduler's live Chameleon statistics
-    (``internal_states[i]["chameleon"]``: scheduler and adapter-cache counters)."""
+    (``internal_states[i]["chameleon"]``: scheduler and adapter-cache counters). Under data
+    parallelism the server has no engine-wide ``chameleon_status``: then ``{"live": [...]}``,
+    one entry per replica in SGLang's order, or None when no replica reports."""
     status = info.get(STATUS_KEY)
-    if not isinstance(status, dict):
-        return None
     live = [state["chameleon"] for state in info.get("internal_states") or []
             if isinstance(state, dict) and isinstance(state.get("chameleon"), dict)]
+    if not isinstance(status, dict):
+        return {"live": live} if live else None
     return {**status, "live": live} if live else status
 
 
@@ -63,6 +65,13 @@ def cache_stats(status: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 
 
 def cache_hit_rate(status: Optional[Dict[str, Any]]) -> Optional[float]:
+    """The adapter cache's hit rate; over every replica's lookups when the status is only the
+    replicas' live statistics (data parallelism)."""
+    if status and set(status) == {"live"}:
+        caches = [c for c in map(cache_stats, status["live"]) if c]
+        hits = sum(float(c.get("hits") or 0) for c in caches)
+        lookups = hits + sum(float(c.get("misses") or 0) for c in caches)
+        return hits / lookups if lookups else None
     stats = cache_stats(status)
     return float(stats["hit_rate"]) if stats else None
 
