@@ -45,6 +45,8 @@ class ChameleonConfig:
     dp_epsilon: float = 0.25
     # ... and what a replica without the request's adapter counts as, in mean requests of load
     dp_miss_cost: float = 1.0
+    # ... and the bound's room beyond (1 + dp_epsilon) x mean, in mean requests
+    dp_slack: float = 0.0
 
     def __post_init__(self) -> None:
         _require(1 <= self.max_queues <= 4, "--chameleon-max-queues must be between 1 and 4")
@@ -69,6 +71,7 @@ class ChameleonConfig:
         _require(self.host_link_gbps >= 0, "--chameleon-host-link-gbps must be >= 0")
         _require(self.dp_epsilon > 0, "--chameleon-dp-epsilon must be > 0")
         _require(self.dp_miss_cost >= 0, "--chameleon-dp-miss-cost must be >= 0")
+        _require(self.dp_slack >= 0, "--chameleon-dp-slack must be >= 0")
         _require(self.prefetch_policy in ("queue", "predictive"),
                  "--chameleon-prefetch-policy must be 'queue' or 'predictive'")
 
@@ -100,6 +103,7 @@ class ChameleonConfig:
             host_link_gbps=float(get("chameleon_host_link_gbps")),
             dp_epsilon=float(get("chameleon_dp_epsilon")),
             dp_miss_cost=float(get("chameleon_dp_miss_cost")),
+            dp_slack=float(get("chameleon_dp_slack")),
         )
 
 

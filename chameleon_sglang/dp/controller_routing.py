@@ -47,11 +47,12 @@ class AffinityRouting:
     """Adapter-affinity dispatch of one ``DataParallelController`` (module docs)."""
 
     def __init__(self, controller: Any, epsilon: float, endpoint: str,
-                 miss_cost: float) -> None:
+                 miss_cost: float, slack: float = 0.0) -> None:
         self.controller = controller
         self.reader = ResidencyReader(endpoint)
         self._active = self._active_replicas()
-        self.dispatcher = AffinityDispatcher(self._active, epsilon=epsilon, miss_cost=miss_cost)
+        self.dispatcher = AffinityDispatcher(self._active, epsilon=epsilon, miss_cost=miss_cost,
+                                             slack=slack)
         self.num_dispatched: Dict[int, int] = {r: 0 for r in self._active}
         self._last_stats_log = time.monotonic()
 
@@ -111,15 +112,15 @@ class AffinityRouting:
 
 
 def install_affinity_routing(controller: Any, epsilon: float, tokenizer_ipc_name: str,
-                             miss_cost: float) -> AffinityRouting:
+                             miss_cost: float, slack: float = 0.0) -> AffinityRouting:
     routing = AffinityRouting(controller, epsilon, residency_endpoint(tokenizer_ipc_name),
-                              miss_cost)
+                              miss_cost, slack)
     controller.dispatching = routing.dispatch
     controller.refresh_load_budget_on_dispatch = False
     setattr(controller, ATTR, routing)
     logger.info("Chameleon DP: adapter-affinity dispatch over replicas %s (load bound "
-                "(1 + %.2f) x mean, a miss counts as %.2f mean requests)",
-                routing.dispatcher.replicas, epsilon, miss_cost)
+                "(1 + %.2f) x mean + %.2f mean requests, a miss counts as %.2f mean requests)",
+                routing.dispatcher.replicas, epsilon, slack, miss_cost)
     return routing
 
 

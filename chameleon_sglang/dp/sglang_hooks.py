@@ -76,7 +76,7 @@ def install_dispatch(result: Any, controller: Any, *args: Any, **kwargs: Any) ->
     config = ChameleonConfig.from_server_args(controller.server_args)
     install_affinity_routing(controller, config.dp_epsilon,
                              controller.port_args.tokenizer_ipc_name,
-                             miss_cost=config.dp_miss_cost)
+                             miss_cost=config.dp_miss_cost, slack=config.dp_slack)
     return result
 
 

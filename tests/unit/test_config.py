@@ -21,6 +21,7 @@ def server_args(**overrides):
         chameleon_score_weights=[0.45, 0.10, 0.45], chameleon_frequency_window=300.0,
         chameleon_prefetch=True, chameleon_prefetch_policy="queue",
         chameleon_host_link_gbps=0.0, chameleon_dp_epsilon=0.25, chameleon_dp_miss_cost=1.0,
+        chameleon_dp_slack=0.0,
     )
     fields.update(overrides)
     return SimpleNamespace(**fields)
@@ -54,6 +55,7 @@ def test_parsed_from_server_args_and_frozen():
         ({"chameleon_elbow_threshold": 1.5}, "elbow"),
         ({"chameleon_dp_epsilon": 0.0}, "dp-epsilon"),
         ({"chameleon_dp_miss_cost": -1.0}, "dp-miss-cost"),
+        ({"chameleon_dp_slack": -0.5}, "dp-slack"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_flag_named(overrides, message):

@@ -43,9 +43,12 @@ def simulate(num_replicas=4, num_adapters=60, requests=6000, epsilon=0.25, seed=
         adapter = f"a{rng.choices(range(num_adapters), weights)[0]}"
         tokens = rng.randint(50, 400)
         before = {x: d.load(x) for x in d.replicas}
+        bound = d.bound(tokens)
+        assert bound == pytest.approx(
+            (1 + epsilon) * (sum(before.values()) + tokens) / num_replicas)  # no slack
         r = d.dispatch(adapter, tokens)
         # the bound, on what the dispatcher knows: the chosen replica was within it
-        assert before[r] <= (1 + epsilon) * (sum(before.values()) + tokens) / num_replicas
+        assert before[r] <= bound
         held[r].add(adapter)
         inflight.append((r, tokens))
         if len(inflight) > 200:
@@ -123,6 +126,37 @@ def test_under_cache_pressure_affinity_loads_fewer_the_dearer_a_miss():
                for m in (1.0, 4.0)}
     assert by_cost[1.0] <= 0.8 * round_robin
     assert by_cost[4.0] < by_cost[1.0] and by_cost[4.0] <= 0.5 * round_robin
+
+
+def test_slack_lets_a_holder_with_one_more_request_in_flight_keep_its_adapter():
+    """The holder of ``a`` has two requests in flight, the other replica none, when the next
+    ``a`` arrives. Without slack the bound (1.25 x the mean) sends it away, whatever a miss
+    costs; one mean request of slack keeps it with its holder."""
+    picks = {}
+    for slack in (0.0, 1.0):
+        d = AffinityDispatcher([0, 1], miss_cost=100.0, slack=slack)
+        for _ in range(4):
+            d.dispatch("a", 100)  # the mean request: 100 tokens
+        d.report(ReplicaReport(0, frozenset({"a"}), 200))
+        d.report(ReplicaReport(1, frozenset(), 0))
+        assert d.bound(100) == pytest.approx(1.25 * 300 / 2 + slack * 100)
+        picks[slack] = d.dispatch("a", 100)
+    assert picks == {0.0: 1, 1.0: 0}
+
+
+@pytest.mark.parametrize("slack, kept", [(0.0, 2), (1.0, 5)])
+def test_slack_still_bounds_the_load(slack, kept):
+    """A holder keeps its adapter's requests only while its load is within (1 + epsilon) x the
+    mean plus the slack; the next goes elsewhere (100-token requests, no reports)."""
+    d = AffinityDispatcher([0, 1], miss_cost=100.0, slack=slack)
+    d.report(ReplicaReport(0, frozenset({"hot"}), 0))
+    picks = [d.dispatch("hot", 100) for _ in range(kept + 1)]
+    assert picks == [0] * kept + [1]
+
+
+def test_slack_must_not_be_negative():
+    with pytest.raises(ValueError):
+        AffinityDispatcher([0, 1], slack=-1.0)
 
 
 def test_a_replica_leaving_gets_nothing_more():
