@@ -44,9 +44,9 @@ class ChameleonConfig:
     # Data parallelism: the load bound of adapter-affinity dispatch, (1 + dp_epsilon) x mean
     dp_epsilon: float = 0.25
     # ... and what a replica without the request's adapter counts as, in mean requests of load
-    dp_miss_cost: float = 1.0
+    dp_miss_cost: float = 4.0
     # ... and the bound's room beyond (1 + dp_epsilon) x mean, in mean requests
-    dp_slack: float = 0.0
+    dp_slack: float = 1.0
 
     def __post_init__(self) -> None:
         _require(1 <= self.max_queues <= 4, "--chameleon-max-queues must be between 1 and 4")

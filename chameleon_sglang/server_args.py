@@ -130,14 +130,14 @@ class Chameleon(msgspec.Struct):
         float,
         "With --dp-size N and --load-balance-method chameleon: a replica that does not hold the "
         "request's adapter counts as this many mean requests more loaded (0: least loaded "
-        "first, residency breaks ties only). " + _DEFAULTS % 1.0,
-    ] = 1.0
+        "first, residency breaks ties only). " + _DEFAULTS % 4.0,
+    ] = 4.0
     chameleon_dp_slack: A[
         float,
         "With --dp-size N and --load-balance-method chameleon: room beyond the load bound, in "
         "mean requests (a replica takes a request while its load is at most (1 + epsilon) x "
-        "mean + this many mean requests). " + _DEFAULTS % 0.0,
-    ] = 0.0
+        "mean + this many mean requests). " + _DEFAULTS % 1.0,
+    ] = 1.0
 
 
 CHAMELEON_LOAD_BALANCE_METHOD = "chameleon"

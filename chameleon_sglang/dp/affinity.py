@@ -7,9 +7,11 @@ expected work, where work is load and a miss is priced as load:
 
 1. ``cost(r) = load(r) + miss`` when ``r`` does not hold the request's adapter (resident, loading
    or queued there, from its last report), ``load(r)`` when it does; ``miss`` is ``miss_cost``
-   (1 by default) times the mean request (an exponential mean of the tokens dispatched: a load
-   costs about one prefill, a rank-64 7B adapter over PCIe; more makes adapters stickier at the
-   price of waiting behind a busier holder), or
+   (4 by default) times the mean request (an exponential mean of the tokens dispatched). A load
+   itself costs about one prefill (a rank-64 7B adapter over PCIe); the price is higher because
+   a miss also costs capacity: the copy evicts another adapter there, which misses later, and an
+   adapter on two replicas takes cache room twice. More makes adapters stickier at the price of
+   waiting behind a busier holder (1, 4 and 16 measured in the README), or
    ``epsilon`` times the mean replica load where that is more (with many requests in flight, one
    more ahead changes little). So a holder wins unless it is that much busier than another
    replica: at low load a request does not wait behind a busy holder while a replica that would
@@ -79,7 +81,7 @@ class AffinityDispatcher:
     """Dispatch requests to replicas by adapter residency within a load bound (module docs)."""
 
     def __init__(self, replicas: Iterable[int], epsilon: float = 0.25,
-                 miss_cost: float = 1.0, slack: float = 0.0) -> None:
+                 miss_cost: float = 4.0, slack: float = 1.0) -> None:
         if epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
         if miss_cost < 0:

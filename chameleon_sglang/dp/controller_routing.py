@@ -47,7 +47,7 @@ class AffinityRouting:
     """Adapter-affinity dispatch of one ``DataParallelController`` (module docs)."""
 
     def __init__(self, controller: Any, epsilon: float, endpoint: str,
-                 miss_cost: float, slack: float = 0.0) -> None:
+                 miss_cost: float, slack: float) -> None:
         self.controller = controller
         self.reader = ResidencyReader(endpoint)
         self._active = self._active_replicas()
@@ -112,7 +112,7 @@ class AffinityRouting:
 
 
 def install_affinity_routing(controller: Any, epsilon: float, tokenizer_ipc_name: str,
-                             miss_cost: float, slack: float = 0.0) -> AffinityRouting:
+                             miss_cost: float, slack: float) -> AffinityRouting:
     routing = AffinityRouting(controller, epsilon, residency_endpoint(tokenizer_ipc_name),
                               miss_cost, slack)
     controller.dispatching = routing.dispatch

@@ -44,8 +44,6 @@ def simulate(num_replicas=4, num_adapters=60, requests=6000, epsilon=0.25, seed=
         tokens = rng.randint(50, 400)
         before = {x: d.load(x) for x in d.replicas}
         bound = d.bound(tokens)
-        assert bound == pytest.approx(
-            (1 + epsilon) * (sum(before.values()) + tokens) / num_replicas)  # no slack
         r = d.dispatch(adapter, tokens)
         # the bound, on what the dispatcher knows: the chosen replica was within it
         assert before[r] <= bound

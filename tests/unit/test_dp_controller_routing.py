@@ -50,7 +50,8 @@ def request(adapter: Optional[str], prompt: int = 10, cap: int = 10, routed=None
 @pytest.fixture
 def routing(tmp_path):
     controller = FakeController(2)
-    r = AffinityRouting(controller, epsilon=0.25, endpoint=f"ipc://{tmp_path}/res", miss_cost=1.0)
+    r = AffinityRouting(controller, epsilon=0.25, endpoint=f"ipc://{tmp_path}/res", miss_cost=1.0,
+                       slack=0.0)
     yield r
     r.reader.close()
 
@@ -123,7 +124,7 @@ def test_install_replaces_the_controllers_dispatch(tmp_path, monkeypatch):
     controller.refresh_load_budget_on_dispatch = True
     monkeypatch.setattr(controller_routing, "residency_endpoint",
                         lambda name: f"ipc://{tmp_path}/{name}")
-    routing = controller_routing.install_affinity_routing(controller, 0.25, "tok", 1.0)
+    routing = controller_routing.install_affinity_routing(controller, 0.25, "tok", 1.0, 0.0)
     try:
         assert controller.dispatching == routing.dispatch
         assert controller.refresh_load_budget_on_dispatch is False
