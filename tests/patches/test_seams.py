@@ -67,6 +67,8 @@ PINNED = {
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free": "self free_index",
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.available_size": "self",
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.merge_and_sort_free": "self",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.evict_to_free_tokens": "self tree_cache num_tokens",
+    "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.evict_for_alloc": "self params allocation_reclaim_satisfied",
 }
 
 
@@ -117,3 +119,11 @@ def test_the_kv_allocator_keeps_the_free_lists_the_slot_store_reads():
     for attr in ("free_pages", "release_pages", "need_sort", "page_size"):
         assert hasattr(allocator, attr), attr
     assert isinstance(allocator.free_pages, torch.Tensor) and allocator.page_size == 1
+
+
+def test_sglang_evicts_before_allocating_through_the_allocator():
+    """SGLang's pre-allocation eviction goes through the allocator's ``evict_to_free_tokens``
+    (which the cache-aware allocator overrides to put the prefix cache before idle adapters)."""
+    from sglang.srt.mem_cache import common
+
+    assert "evict_to_free_tokens" in inspect.getsource(common.evict_from_tree_cache)
