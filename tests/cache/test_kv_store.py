@@ -595,9 +595,15 @@ def _prefix_cache_holding(allocator, num_tokens: int, first_token: int = 0):
     return tree
 
 
-def test_sglang_allocation_evicts_the_prefix_cache_before_idle_adapters():
-    """SGLang's own path (evict from its tree, then alloc): the prefix cache's evictable tokens
-    give way first; idle adapters stay resident while the tree can cover the shortfall."""
+@pytest.mark.parametrize("tree_tokens, need, resident, calls", [
+    (12, 20, ["a", "b"], []),  # the prefix cache covers the shortfall: adapters stay
+    (4, 28, ["b"], [28]),  # it cannot: emptied, then the older idle adapter goes for the rest
+], ids=["prefix-cache-covers", "adapters-for-the-rest"])
+def test_sglang_allocation_takes_the_prefix_cache_before_idle_adapters(tree_tokens, need,
+                                                                       resident, calls):
+    """SGLang's own path (evict from its tree, then alloc) on a 40-slot pool with two idle
+    8-slot adapters: the prefix cache's evictable tokens give way first, idle adapters only for
+    what it could not free."""
     from sglang.srt.mem_cache.common import evict_from_tree_cache
 
     allocator, store, cache = make_kv_cache(40)
@@ -605,32 +611,13 @@ def test_sglang_allocation_evicts_the_prefix_cache_before_idle_adapters():
     load(cache, "b", 8, now=1.0)
     slots = CacheSlots(cache)
     make_cache_aware(allocator, slots)
-    tree = _prefix_cache_holding(allocator, 12)
-    assert store.num_free_slots() == 12 and tree.evictable_size() == 12
-    evict_from_tree_cache(tree, 20)
-    got = allocator.alloc(20)
-    assert got is not None and len(got) == 20
+    tree = _prefix_cache_holding(allocator, tree_tokens)
+    assert store.num_free_slots() == 24 - tree_tokens
+    evict_from_tree_cache(tree, need)
+    got = allocator.alloc(need)
+    assert got is not None and len(got) == need
     assert tree.evictable_size() == 0
-    assert cache.resident_ids() == ["a", "b"] and slots.calls == []
-
-
-def test_sglang_allocation_evicts_idle_adapters_for_what_the_prefix_cache_lacks():
-    """When the prefix cache cannot cover the shortfall, it is emptied and idle adapters are
-    evicted for the rest only."""
-    from sglang.srt.mem_cache.common import evict_from_tree_cache
-
-    allocator, store, cache = make_kv_cache(40)
-    load(cache, "old", 8, now=0.0)
-    load(cache, "newer", 8, now=1.0)
-    slots = CacheSlots(cache)
-    make_cache_aware(allocator, slots)
-    tree = _prefix_cache_holding(allocator, 4)
-    assert store.num_free_slots() == 20
-    evict_from_tree_cache(tree, 28)
-    got = allocator.alloc(28)
-    assert got is not None and len(got) == 28
-    assert tree.evictable_size() == 0
-    assert cache.resident_ids() == ["newer"] and slots.calls == [28]
+    assert cache.resident_ids() == resident and slots.calls == calls
 
 
 def test_decode_check_counts_idle_adapters_after_emptying_the_prefix_cache():
