@@ -23,10 +23,10 @@ expected work, where work is load and a miss is priced as load:
 3. a hard bound, as consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam): a
    replica takes a request only while its load is at most ``(1 + epsilon)`` times the mean load
    (this request included) plus ``slack`` mean requests, so no replica ends above that bound by
-   more than one request. The slack plays the part of that paper's ceiling (capacities are whole items): with a request or two in
-   flight per replica, ``(1 + epsilon)`` times the mean alone is less than one request of room,
-   and would send a request away from its adapter whenever its holder had one more in flight
-   (measured: most of the misses at moderate load). The least loaded replica is never above the
+   more than one request. The slack plays the part of that paper's ceiling (its capacities are
+   whole items): with a request or two in flight per replica, ``(1 + epsilon)`` times the mean
+   alone is less than one request of room, and would send a request away from its adapter
+   whenever its holder had one more in flight (measured: most of the misses at moderate load). The least loaded replica is never above the
    mean, so a request is never refused and no replica starves.
 
 Load is the work left on the replica as last reported (a request waiting for its prefill counts
