@@ -3,7 +3,11 @@
 ``server_command`` builds the ``python -m sglang.launch_server`` command line used by
 ``make serve``, the tests and the evaluation, so every caller runs the same server.
 ``ServerProcess`` starts it in its own process group, waits for ``/health``, and always stops it
-by PID (the whole group), also when the caller fails.
+by PID (the whole group), also when the caller fails. The group stays in the caller's session:
+with the kernel's session autogrouping a new session is a scheduling group of its own, and a
+mostly idle group (a load generator beside the server) then waits up to a second for a CPU while
+the server's group keeps both cores busy (measured: 0.95 s run-queue waits, which inflated the
+client's TTFTs); in one session every process competes on its own.
 
 CLI (``make serve``): ``python -m chameleon_sglang.serve [--preset tiny] [--port 30000]
 [--no-chameleon] [-- extra sglang args]``.
@@ -104,7 +108,7 @@ class ServerProcess:
             out = self._log
         self.proc = subprocess.Popen(
             self.cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(),
-            start_new_session=True,
+            process_group=0,
         )
         try:
             self.wait_healthy(timeout_s)

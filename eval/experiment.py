@@ -64,7 +64,8 @@ def run_interleaved(
                 f"completed {m['completed']}, failed {m['failed']}, TTFT p50 "
                 f"{_s(m['ttft_p50'])} p99 {_s(m['ttft_p99'])}, throughput "
                 f"{_s(m['throughput_rps'])} req/s; other processes' CPU share "
-                f"{_s(o.machine_load.get('foreign_cpu_share'))}")
+                f"{_s(o.machine_load.get('foreign_cpu_share'))}, client lag max "
+                f"{_s(o.machine_load.get('client_lag_max_s'))} s")
             outcomes[arm].append(o)
     return outcomes
 

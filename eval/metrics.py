@@ -7,6 +7,9 @@ Contracts:
 * TTFT and e2e percentiles are over completed requests; TBT percentiles over every gap between
   streamed chunks of completed requests, pooled.
 * Throughput = completed requests / (last completion - first send), seconds on the client clock.
+* Client lag of a request: its send time minus its scheduled arrival. The load generator runs on
+  the machine under test; a lag of tens of milliseconds or more means the client itself was
+  waiting for a CPU, and its TTFTs of that moment are inflated by the same wait.
 * Queueing time of a request: ``meta_info.queue_time`` when the server reports it (SGLang does with
   ``--enable-metrics``), otherwise ``max(0, TTFT - unloaded prefill(input_len))`` from the warm-up
   profile. The queueing share of a size class is sum(queueing) / sum(e2e) over its completed
@@ -67,6 +70,13 @@ def run_metrics(results: Sequence[RequestResult],
         "retractions": int(sum(r.num_retractions for r in results)),
         "cache_hit_rate": cache_hit_rate,
     }
+
+
+def client_lag(results: Sequence[RequestResult]) -> Dict[str, Optional[float]]:
+    """P99 and largest client lag (send minus scheduled arrival, seconds; module contract)."""
+    lags = [r.sent_s - r.arrival_s for r in results if r.sent_s is not None]
+    return {"client_lag_p99_s": percentile(lags, 99),
+            "client_lag_max_s": max(lags) if lags else None}
 
 
 def median_metrics(runs: Sequence[Dict[str, Optional[float]]]) -> Dict[str, object]:

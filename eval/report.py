@@ -103,9 +103,14 @@ def machine_load_line(runs: Sequence[Mapping[str, Any]]) -> str:
                         f" -> {fmt(ml.get('loadavg_1m_end'), 1)})" if share is not None
                         else "not measured")
                      + (f", {100 * before:.0f}% just before its server started"
-                        if isinstance(before, float) else ""))
+                        if isinstance(before, float) else "")
+                     + (f", client lag P99 {fmt(ml.get('client_lag_p99_s'), 3)} s, max "
+                        f"{fmt(ml.get('client_lag_max_s'), 3)} s"
+                        if ml.get("client_lag_max_s") is not None else ""))
     return ("Other processes' share of all CPU time during each load phase (the machine is "
-            "shared; large values mean contaminated timings): " + "; ".join(parts) + ".")
+            "shared; large values mean contaminated timings), and the load generator's lag "
+            "behind its schedule (tens of ms or more: the client waited for a CPU and its "
+            "TTFTs then are inflated too): " + "; ".join(parts) + ".")
 
 
 def tuning_table(tuning: Mapping[str, Any]) -> List[str]:

@@ -22,7 +22,7 @@ from chameleon_sglang.serve import ServerProcess, free_port
 from eval.arms import ARM_FLAGS, ServerFlags, arm_command
 from eval.loadgen import RequestResult, run_load_sync
 from eval.machine_load import foreign_share, snapshot, wait_until_quiet
-from eval.metrics import queue_source, queueing_share, run_metrics
+from eval.metrics import client_lag, queue_source, queueing_share, run_metrics
 from eval.server_status import StatusSampler, cache_hit_rate, chameleon_status, server_info
 from eval.warmup import UnloadedProfile, warm_up
 from eval.workload import WorkloadRequest
@@ -131,7 +131,7 @@ def measure(server: ArmServer, repeat: int, workload: Sequence[WorkloadRequest],
         results = run_load_sync(server.url, workload, deadline, cfg.progress,
                                 desc=f"{server.arm} #{repeat}")
     load_s = time.perf_counter() - t1
-    machine = foreign_share(before, snapshot(server.pgid))
+    machine = foreign_share(before, snapshot(server.pgid)) | client_lag(results)
     machine["before_server_start"] = server.quiet
     info = _safe_server_info(server.url)
     status = chameleon_status(info)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from eval_factories import result
 
 from eval.loadgen import STATUS_ERROR, STATUS_NOT_SENT, STATUS_TIMEOUT
-from eval.metrics import (ARM_KEYS, QUEUE_SOURCE_ESTIMATE, QUEUE_SOURCE_SERVER, median_metrics,
-                          percentile, queueing_share, ratio, run_metrics, throughput_rps)
+from eval.metrics import (ARM_KEYS, QUEUE_SOURCE_ESTIMATE, QUEUE_SOURCE_SERVER, client_lag,
+                          median_metrics, percentile, queueing_share, ratio, run_metrics,
+                          throughput_rps)
 from eval.warmup import UnloadedProfile, fit_profile
 
 
@@ -26,6 +29,16 @@ def test_throughput_completed_over_first_send_to_last_completion():
     assert throughput_rps(rs) == pytest.approx(3 / 4.0)
     assert throughput_rps([result(0, status=STATUS_ERROR)]) is None
     assert throughput_rps([]) is None
+
+
+def test_client_lag_is_send_minus_scheduled_arrival():
+    on_time = [dataclasses.replace(result(i, sent=i + 0.001), arrival_s=float(i)) for i in range(99)]
+    late = dataclasses.replace(result(99, sent=100.5), arrival_s=99.0)
+    unsent = dataclasses.replace(result(100, status=STATUS_NOT_SENT, sent=None), arrival_s=100.0)
+    lag = client_lag(on_time + [late, unsent])
+    assert lag["client_lag_max_s"] == pytest.approx(1.5)
+    assert lag["client_lag_p99_s"] == pytest.approx(0.001 + 0.01 * 1.499)
+    assert client_lag([unsent]) == {"client_lag_p99_s": None, "client_lag_max_s": None}
 
 
 def test_run_metrics_on_known_results():
