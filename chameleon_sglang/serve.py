@@ -90,6 +90,10 @@ def server_env() -> dict:
     return env
 
 
+# A new process group in the caller's session (module docs); ``process_group`` from Python 3.11.
+_OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
 class ServerProcess:
     """One SGLang server process group. Use as a context manager; ``stop()`` is idempotent."""
 
@@ -107,8 +111,7 @@ class ServerProcess:
             self._log = open(self.log_path, "wb")
             out = self._log
         self.proc = subprocess.Popen(
-            self.cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(),
-            process_group=0,
+            self.cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(), **_OWN_GROUP,
         )
         try:
             self.wait_healthy(timeout_s)
