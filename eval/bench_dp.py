@@ -60,30 +60,37 @@ def imbalance(values: Sequence[Optional[float]]) -> Optional[float]:
     return max(values) / mean if mean > 0 else None
 
 
-def ttft_spread(requests_path: Path) -> Dict[str, Optional[float]]:
-    """Mean and P90 TTFT of one run's completed requests (``requests.jsonl``): steadier than
-    the P99 of a few hundred requests, which is their second or fourth worst."""
+def request_rows(requests_path: Path) -> List[Dict[str, Any]]:
+    """One run's ``requests.jsonl`` (empty when the file is missing)."""
     if not requests_path.exists():
-        return {"ttft_mean": None, "ttft_p90": None}
-    ttfts = [r["ttft_s"] for r in map(json.loads, requests_path.read_text().splitlines())
-             if r.get("ttft_s") is not None]
+        return []
+    return list(map(json.loads, requests_path.read_text().splitlines()))
+
+
+def warm_cut(rows: Sequence[Dict[str, Any]]) -> Optional[float]:
+    """``WARM_FRACTION`` of the last arrival (module docs); None without arrivals."""
+    arrivals = [r["arrival_s"] for r in rows if r.get("arrival_s") is not None]
+    return WARM_FRACTION * max(arrivals) if arrivals else None
+
+
+def ttft_spread(rows: Sequence[Dict[str, Any]]) -> Dict[str, Optional[float]]:
+    """Mean and P90 TTFT of one run's completed requests: steadier than the P99 of a few
+    hundred requests, which is their second or fourth worst."""
+    ttfts = [r["ttft_s"] for r in rows if r.get("ttft_s") is not None]
     if not ttfts:
         return {"ttft_mean": None, "ttft_p90": None}
     return {"ttft_mean": float(np.mean(ttfts)), "ttft_p90": float(np.percentile(ttfts, 90))}
 
 
-def ttft_after_warm(requests_path: Path) -> Dict[str, Optional[float]]:
-    """Mean and P99 TTFT of the completed requests that arrived at or after ``WARM_FRACTION`` of
-    the last arrival (module docs); None where there are none."""
+def ttft_after_warm(rows: Sequence[Dict[str, Any]]) -> Dict[str, Optional[float]]:
+    """Mean and P99 TTFT of the completed requests that arrived at or after the warm-up cut
+    (:func:`warm_cut`); None where there are none."""
     none: Dict[str, Optional[float]] = {"ttft_mean_after_warm": None, "ttft_p99_after_warm": None}
-    if not requests_path.exists():
+    cut = warm_cut(rows)
+    if cut is None:
         return none
-    rows = [r for r in map(json.loads, requests_path.read_text().splitlines())
-            if r.get("arrival_s") is not None]
-    if not rows:
-        return none
-    cut = WARM_FRACTION * max(r["arrival_s"] for r in rows)
-    ttfts = [r["ttft_s"] for r in rows if r["arrival_s"] >= cut and r.get("ttft_s") is not None]
+    ttfts = [r["ttft_s"] for r in rows if r.get("arrival_s") is not None
+             and r["arrival_s"] >= cut and r.get("ttft_s") is not None]
     if not ttfts:
         return none
     return {"ttft_mean_after_warm": float(np.mean(ttfts)),
@@ -97,17 +104,15 @@ def _bytes_of(status: Optional[Dict[str, Any]]) -> Optional[int]:
     return sum(loaded) if loaded and None not in loaded else None
 
 
-def bytes_after_warm(run_dir: Path, total: Optional[int]) -> Dict[str, Optional[float]]:
-    """Bytes loaded after the first ``WARM_FRACTION`` of the arrivals (module docs), and the
-    time (s from the run's start) it is counted from; None where the run has no such sample."""
+def bytes_after_warm(run_dir: Path, rows: Sequence[Dict[str, Any]],
+                     total: Optional[int]) -> Dict[str, Optional[float]]:
+    """Bytes loaded after the warm-up cut (:func:`warm_cut`; module docs), and the time (s from
+    the run's start) it is counted from; None where the run has no such sample."""
     none: Dict[str, Optional[float]] = {"bytes_after_warm": None, "warm_s": None}
-    req_path, status_path = run_dir / "requests.jsonl", run_dir / "status.jsonl"
-    if total is None or not req_path.exists() or not status_path.exists():
+    status_path = run_dir / "status.jsonl"
+    warm_s = warm_cut(rows)
+    if total is None or warm_s is None or not status_path.exists():
         return none
-    arrivals = [r["arrival_s"] for r in map(json.loads, req_path.read_text().splitlines())]
-    if not arrivals:
-        return none
-    warm_s = WARM_FRACTION * max(arrivals)
     for sample in map(json.loads, status_path.read_text().splitlines()):
         at = _bytes_of(sample.get("chameleon_status"))
         if sample["t_s"] >= warm_s and at is not None:
@@ -124,13 +129,13 @@ def arm_row(out: Path, arm: str, metrics: Dict[str, Any]) -> Dict[str, Any]:
     replicas = replica_stats(info)
     loaded = [r["bytes_loaded"] for r in replicas]
     total = sum(loaded) if loaded and None not in loaded else None
+    rows = request_rows(run_dir / "requests.jsonl")
     # requests a replica took before the measured load (warm-up) are counted too: same for all
     return {"arm": arm, "ttft_p50": metrics.get("ttft_p50"), "ttft_p99": metrics.get("ttft_p99"),
             "throughput_rps": metrics.get("throughput_rps"), "completed": metrics.get("completed"),
             "failed": metrics.get("failed"), "replicas": replicas,
-            **ttft_spread(run_dir / "requests.jsonl"),
-            **ttft_after_warm(run_dir / "requests.jsonl"),
-            "bytes_loaded": total, **bytes_after_warm(run_dir, total),
+            **ttft_spread(rows), **ttft_after_warm(rows),
+            "bytes_loaded": total, **bytes_after_warm(run_dir, rows, total),
             "imbalance_tokens": imbalance([r["num_tokens"] for r in replicas]),
             "imbalance_requests": imbalance([r["num_requests"] for r in replicas])}
 

@@ -26,8 +26,9 @@ expected work, where work is load and a miss is priced as load:
    more than one request. The slack plays the part of that paper's ceiling (its capacities are
    whole items): with a request or two in flight per replica, ``(1 + epsilon)`` times the mean
    alone is less than one request of room, and would send a request away from its adapter
-   whenever its holder had one more in flight (measured: most of the misses at moderate load). The least loaded replica is never above the
-   mean, so a request is never refused and no replica starves.
+   whenever its holder had one more in flight (measured: most of the misses at moderate load).
+   The least loaded replica is never above the mean, so a request is never refused and no
+   replica starves.
 
 Load is the work left on the replica as last reported (a request waiting for its prefill counts
 prompt plus output cap, one decoding the output its cap leaves), plus every request dispatched to

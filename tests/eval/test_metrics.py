@@ -32,7 +32,8 @@ def test_throughput_completed_over_first_send_to_last_completion():
 
 
 def test_client_lag_is_send_minus_scheduled_arrival():
-    on_time = [dataclasses.replace(result(i, sent=i + 0.001), arrival_s=float(i)) for i in range(99)]
+    on_time = [dataclasses.replace(result(i, sent=i + 0.001), arrival_s=float(i))
+               for i in range(99)]
     late = dataclasses.replace(result(99, sent=100.5), arrival_s=99.0)
     unsent = dataclasses.replace(result(100, status=STATUS_NOT_SENT, sent=None), arrival_s=100.0)
     lag = client_lag(on_time + [late, unsent])
