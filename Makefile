@@ -29,11 +29,11 @@ check-patches: setup
 
 ## assets: the built-in model and adapters of $(PRESET) (cached under .cache/assets)
 assets: setup
-	$(PY) -m chameleon_sglang.assets --preset $(PRESET)
+	$(PY) -m chameleon_sglang.dev.assets --preset $(PRESET)
 
 ## serve: everything needed, then the server with --chameleon on 127.0.0.1:$(PORT)
 serve: apply-patches assets
-	$(PY) -m chameleon_sglang.serve --preset $(PRESET) --port $(PORT)
+	$(PY) -m chameleon_sglang.dev.serve --preset $(PRESET) --port $(PORT)
 
 ## gpu-check: the GPU LoRA path on one NVIDIA GPU with torch + triton only (no SGLang, no .venv)
 GPU_PY ?= python3

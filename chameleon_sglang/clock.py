@@ -3,13 +3,15 @@
 SGLang runs a scheduler per rank on the same broadcast inputs, and every rank must take the same
 decisions; a local wall clock read on each rank would differ. The clock is read once per prefill
 pass (every rank runs the passes in lockstep): tensor-parallel rank 0's monotonic time, broadcast
-over the CPU group when there is more than one rank, in milliseconds since the scheduler started.
+over the CPU group when there is more than one rank
+(:func:`chameleon_sglang.integration.tp_broadcast.tensor_parallel_broadcast`), in seconds since the
+scheduler started, rounded to the millisecond.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 
 class SchedulerClock:
@@ -32,20 +34,3 @@ class SchedulerClock:
     def last(self) -> float:
         """The value of the latest ``now()`` (0 before the first)."""
         return self._last
-
-
-def tensor_parallel_broadcast() -> Optional[Callable[[float], float]]:
-    """A rank-0 broadcast over SGLang's TP CPU group, or None with a single rank."""
-    from sglang.srt.runtime_context import get_parallel
-    from sglang.srt.utils.common import broadcast_pyobj
-
-    parallel = get_parallel()
-    if parallel.tp_size == 1:
-        return None
-    group = parallel.tp_group
-
-    def broadcast(value: float) -> float:
-        data: Any = [value] if group.rank == group.ranks[0] else None
-        return float(broadcast_pyobj(data, group.rank, group.cpu_group, src=group.ranks[0])[0])
-
-    return broadcast

@@ -1,7 +1,7 @@
 """Arms of a comparison: a name, the extra SGLang flags that define it, and the shared server flags.
 
 Contract: every arm of one comparison runs the same launch command from
-``chameleon_sglang.serve.server_command`` (same assets, adapters, dtype and :class:`ServerFlags`);
+``chameleon_sglang.dev.serve.server_command`` (same assets, adapters, dtype and :class:`ServerFlags`);
 arms differ only by their own flags: :data:`ARM_FLAGS`, where ``stock`` adds nothing (no
 ``--chameleon``), and ``stock-tuned``, stock SGLang with the flags ``eval.tune_stock`` found best
 for the workload (more LoRA slots per batch, SGLang's drainer), set per comparison. An arm's own
@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from chameleon_sglang.assets import Assets
-from chameleon_sglang.serve import server_command
+from chameleon_sglang.dev.assets import Assets
+from chameleon_sglang.dev.serve import server_command
 
 ARM_FLAGS: Dict[str, Tuple[str, ...]] = {
     "stock": (),

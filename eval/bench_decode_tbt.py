@@ -32,8 +32,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import requests
 
-from chameleon_sglang.assets import build
-from chameleon_sglang.serve import ServerProcess, free_port, server_command
+from chameleon_sglang.dev.assets import build
+from chameleon_sglang.dev.serve import ServerProcess, free_port, server_command
 from eval.arms import auto_dtype
 from eval.summary import machine_info
 

@@ -2,7 +2,7 @@
 
 ``python -m eval.bench_scheduler [--waiting 1000 10000] [--passes 2000] [--refit-samples 10000]``
 
-The pass benchmark drives :class:`chameleon_sglang.sglang_scheduler.SchedulerBridge` (the code
+The pass benchmark drives :class:`chameleon_sglang.integration.scheduler_bridge.SchedulerBridge` (the code
 SGLang's prefill loop calls under ``--chameleon``) with a stand-in for SGLang's scheduler: a
 waiting queue of N requests of mixed sizes and ranks (held at N by new arrivals), an adder that
 admits ``--admit-per-pass`` requests per pass, and requests that finish after ``--run-passes``
@@ -24,7 +24,7 @@ from typing import Any, List
 
 from chameleon_sglang.clock import SchedulerClock
 from chameleon_sglang.config import ChameleonConfig
-from chameleon_sglang.sglang_scheduler import SchedulerBridge
+from chameleon_sglang.integration.scheduler_bridge import SchedulerBridge
 
 RANKS = (8, 16, 32, 64, 128)
 
@@ -93,6 +93,7 @@ def bench_pass(
         adder = FakeAdder()
         batch = SimpleNamespace(reqs=running, batch_is_full=False)
         t0 = time.perf_counter()
+        bridge.begin_pass()
         for req in bridge.candidates(adder, batch):
             if len(adder.can_run_list) >= admit_per_pass:
                 break

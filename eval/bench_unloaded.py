@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import requests
 
-from chameleon_sglang.assets import build
-from chameleon_sglang.serve import ServerProcess, free_port, server_command
+from chameleon_sglang.dev.assets import build
+from chameleon_sglang.dev.serve import ServerProcess, free_port, server_command
 from eval.arms import auto_dtype
 from eval.summary import machine_info
 

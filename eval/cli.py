@@ -13,7 +13,7 @@ import datetime
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from chameleon_sglang.assets import AdapterInfo, Assets
+from chameleon_sglang.dev.assets import AdapterInfo, Assets
 from eval.arms import ServerFlags, auto_dtype
 from eval.runner import RunConfig
 from eval.trace import DEFAULT_TRACE, REPO_ROOT

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from chameleon_sglang.assets import build
+from chameleon_sglang.dev.assets import build
 from eval.arms import ARM_NAMES, TUNED_STOCK_ARM, parse_arms
 from eval.tune_stock import DEFAULT_DRAIN_WAIT_S, parse_slots, tune
 from eval.cli import (add_run_args, add_server_args, add_workload_args, out_dir, resolve,

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from chameleon_sglang.assets import AdapterInfo, Assets
+from chameleon_sglang.dev.assets import AdapterInfo, Assets
 from eval import plots
 from eval.metrics import pooled_queueing_share, queue_source
 from eval.report import write_report

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from chameleon_sglang.assets import AdapterInfo, Assets
-from chameleon_sglang.serve import ServerProcess, free_port
+from chameleon_sglang.dev.assets import AdapterInfo, Assets
+from chameleon_sglang.dev.serve import ServerProcess, free_port
 from eval.arms import ARM_FLAGS, ServerFlags, arm_command
 from eval.loadgen import RequestResult, run_load_sync
 from eval.machine_load import foreign_share, snapshot, wait_until_quiet

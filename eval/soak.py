@@ -40,9 +40,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import aiohttp
 import requests
 
-from chameleon_sglang import integrity
-from chameleon_sglang.assets import Assets, build
-from chameleon_sglang.serve import ServerProcess, free_port, server_command
+from chameleon_sglang.integration import integrity
+from chameleon_sglang.dev.assets import Assets, build
+from chameleon_sglang.dev.serve import ServerProcess, free_port, server_command
 from eval.arms import auto_dtype
 from eval.summary import cpu_flags
 

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from chameleon_sglang.assets import Assets, build
+from chameleon_sglang.dev.assets import Assets, build
 from eval.arms import parse_arms
 from eval.cli import add_run_args, add_server_args, add_workload_args, out_dir, resolve
 from eval.cli import run_config, spec_from_args

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import aiohttp
 import numpy as np
 
-from chameleon_sglang.assets import AdapterInfo
+from chameleon_sglang.dev.assets import AdapterInfo
 from eval.loadgen import RequestResult, check_loopback, send_one
 from eval.workload import MIN_TOKEN_ID, WorkloadRequest
 

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from chameleon_sglang.assets import AdapterInfo
+from chameleon_sglang.dev.assets import AdapterInfo
 from eval.trace import DEFAULT_TRACE, TraceRow, read_trace
 
 MIN_TOKEN_ID = 10

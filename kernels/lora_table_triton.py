@@ -1,9 +1,9 @@
 """Triton LoRA shrink/expand that find every adapter matrix through a device location table:
 CUDA-graph safe, no host work or host-to-device copy per call.
 
-Same arithmetic as :mod:`chameleon_kernels.lora_cached_triton` (rank-exact matrices read in place
-in KV memory, fp32 accumulation, one launch over all adapters of a batch), but nothing is built
-on the host per call: a program reads its segment's adapter id and token bounds from the batch's
+Same contract as :mod:`chameleon_kernels.lora_cached` (rank-exact matrices read in place in KV
+memory, fp32 accumulation), one launch over all adapters of a batch, and nothing built on the
+host per call: a program reads its segment's adapter id and token bounds from the batch's
 :class:`~chameleon_kernels.lora_table.SegmentBuffers` and the adapter's offset, rank and scaling
 from the :class:`~chameleon_kernels.lora_table.DeviceLocationTable`; a per-call argument is only
 ``table_row`` (which module kind and layer) and the layer's base buffer. All of these live at

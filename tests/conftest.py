@@ -13,9 +13,9 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from chameleon_sglang import integrity
-from chameleon_sglang.assets import Assets, build
-from chameleon_sglang.serve import ServerProcess, free_port, server_command
+from chameleon_sglang.integration import integrity
+from chameleon_sglang.dev.assets import Assets, build
+from chameleon_sglang.dev.serve import ServerProcess, free_port, server_command
 
 MAX_SERVERS = 2
 # every server the suite starts publishes the invariant checker's findings (/chameleon/stats)

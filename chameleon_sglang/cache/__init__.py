@@ -1,9 +1,10 @@
-"""Chameleon's adapter cache (paper §4.2).
+"""Chameleon's adapter cache (paper §4.2), free of SGLang and torch.
 
-The core (``AdapterCache``, entries, eviction policies, the ``SlotStore`` interface) is free of
-SGLang and torch. ``kv_layout`` (pure arithmetic), ``kv_store`` (a ``SlotStore`` over SGLang's KV
-allocator, torch) and ``kv_allocator`` (SGLang's allocator made cache-aware) put it in KV memory;
-import them explicitly.
+``AdapterCache`` (check-then-act admission, references, tiered eviction), its entries, the
+eviction policies and the ``SlotStore`` interface it draws memory through; ``kv_layout`` (how an
+adapter's matrices pack into KV token slots, pure arithmetic) and ``arrival_histogram`` (the
+predictive prefetch's model) are imported explicitly. The store over SGLang's KV memory is
+:mod:`chameleon_sglang.memory.kv_store`.
 """
 
 from chameleon_sglang.cache.adapter_cache import AdapterCache, CacheFullError
@@ -13,7 +14,7 @@ from chameleon_sglang.cache.eviction import (
     EvictionPolicy,
     create_eviction_policy,
 )
-from chameleon_sglang.cache.store import FakeSlotStore, SlotStore
+from chameleon_sglang.cache.store import SlotStore
 
 __all__ = [
     "AdapterCache",
@@ -21,7 +22,6 @@ __all__ = [
     "CacheFullError",
     "EVICTION_POLICY_NAMES",
     "EvictionPolicy",
-    "FakeSlotStore",
     "SlotStore",
     "create_eviction_policy",
 ]

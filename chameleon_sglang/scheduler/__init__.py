@@ -4,7 +4,7 @@
 their own for tests and experiments.
 """
 
-from chameleon_sglang.scheduler.admission import (
+from chameleon_sglang.scheduler.multi_level_queue import (
     BypassHooks,
     MultiLevelQueue,
     PassResult,

@@ -17,7 +17,7 @@ import collections
 from typing import Any, Deque, Dict, Generator, List, NamedTuple, Sequence
 
 from chameleon_sglang.config import ChameleonConfig
-from chameleon_sglang.scheduler.admission import (
+from chameleon_sglang.scheduler.multi_level_queue import (
     BypassHooks,
     MultiLevelQueue,
     PassResult,

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from chameleon_sglang.assets import Assets
+from chameleon_sglang.dev.assets import Assets
 
 NUM_NEW_TOKENS = 16
 PROMPTS = (

@@ -22,8 +22,8 @@ from client import generate, healthy, integrity_problems
 from conftest import start_server, stop_server
 from reference import reference_outputs
 
-from chameleon_sglang.assets import Assets, build
-from chameleon_sglang.cache.kv_store import SPLIT_ENV
+from chameleon_sglang.dev.assets import Assets, build
+from chameleon_sglang.memory.kv_store import SPLIT_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -217,7 +217,7 @@ def test_unload_while_in_use_loses_nothing(cache_server, assets40):
 @pytest.fixture(scope="module")
 def q_v_only_adapter(assets40, tmp_path_factory):
     """An adapter on q_proj and v_proj only (the served ones carry every module)."""
-    from chameleon_sglang.assets import write_adapter
+    from chameleon_sglang.dev.assets import write_adapter
 
     out = tmp_path_factory.mktemp("qv-only") / "qv-r16"
     write_adapter(assets40.model_path, out, rank=16, seed=5, target_modules=("q_proj", "v_proj"))

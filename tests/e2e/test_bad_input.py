@@ -8,8 +8,8 @@ import pytest
 import requests
 from client import generate, generate_stream, healthy, integrity_problems
 
-from chameleon_sglang.assets import Assets, write_adapter
-from chameleon_sglang.serve import served_model_name
+from chameleon_sglang.dev.assets import Assets, write_adapter
+from chameleon_sglang.dev.serve import served_model_name
 
 pytestmark = pytest.mark.slow
 

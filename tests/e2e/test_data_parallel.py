@@ -18,7 +18,7 @@ import requests
 from client import TIMEOUT_S, generate, healthy, integrity_problems
 from conftest import start_server, stop_server
 
-from chameleon_sglang.assets import Assets
+from chameleon_sglang.dev.assets import Assets
 
 pytestmark = pytest.mark.slow
 

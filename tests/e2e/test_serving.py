@@ -14,8 +14,8 @@ import requests
 from client import generate, generate_stream, healthy
 from reference import NUM_NEW_TOKENS, prompt_ids, reference_outputs
 
-from chameleon_sglang.assets import Assets
-from chameleon_sglang.serve import served_model_name
+from chameleon_sglang.dev.assets import Assets
+from chameleon_sglang.dev.serve import served_model_name
 
 pytestmark = pytest.mark.slow
 

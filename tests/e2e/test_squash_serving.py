@@ -30,7 +30,7 @@ import pytest
 import requests
 from conftest import start_server, stop_server
 
-from chameleon_sglang.assets import Assets, build
+from chameleon_sglang.dev.assets import Assets, build
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ import pytest
 from client import generate, healthy, integrity_problems
 from conftest import start_server, stop_server
 
-from chameleon_sglang.assets import Assets, build
+from chameleon_sglang.dev.assets import Assets, build
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import pytest
 import requests
 from client import generate, integrity_problems
 
-from chameleon_sglang.assets import Assets
-from chameleon_sglang.serve import ServerProcess, free_port
+from chameleon_sglang.dev.assets import Assets
+from chameleon_sglang.dev.serve import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from chameleon_sglang.assets import ADAPTER_RANKS, AdapterInfo, adapter_name
+from chameleon_sglang.dev.assets import ADAPTER_RANKS, AdapterInfo, adapter_name
 from eval.loadgen import STATUS_OK, RequestResult
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from eval_factories import make_adapters
 
-from chameleon_sglang.assets import PRESETS, Assets
+from chameleon_sglang.dev.assets import PRESETS, Assets
 from eval.arms import ARM_FLAGS, ServerFlags, arm_command, auto_dtype
 
 

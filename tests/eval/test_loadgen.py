@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from eval_factories import make_adapters, write_trace
 
-from chameleon_sglang.serve import free_port
+from chameleon_sglang.dev.serve import free_port
 from eval.loadgen import (STATUS_ERROR, STATUS_NOT_SENT, STATUS_OK, STATUS_TIMEOUT,
                           check_loopback, run_load)
 from eval.workload import WorkloadRequest, WorkloadSpec, build_workload

@@ -1,7 +1,7 @@
 """The GPU serving path's forward under the CUDA-graph discipline guard, on a CPU.
 
-Run by ``test_lora_cached_triton.py`` in a fresh Python started with ``TRITON_INTERPRET=1``. The
-real :class:`~chameleon_sglang.lora_backend.ChameleonLoRABackend` runs its table path (Triton
+Run by ``test_triton_interpreted.py`` in a fresh Python started with ``TRITON_INTERPRET=1``. The
+real :class:`~chameleon_sglang.integration.lora_backend.ChameleonLoRABackend` runs its table path (Triton
 kernels over a device location table, interpreted) against a pool double that keeps what the
 adapter cache keeps on a GPU: per layer a K and a V buffer holding rank-exact matrices, a
 :class:`~chameleon_kernels.lora_table.DeviceLocationTable`, ``layer_base`` and ``wait_ready``.
@@ -30,7 +30,7 @@ from chameleon_kernels.lora_table import DeviceLocationTable, alignment_for
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise RuntimeError("run this module in a process started with TRITON_INTERPRET=1 "
-                       "(tests/kernels/test_lora_cached_triton.py does)")
+                       "(tests/kernels/test_triton_interpreted.py does)")
 assert ltt.HAS_TRITON and ltt.INTERPRETED
 
 from chameleon_sglang import lora_backend  # noqa: E402

@@ -1,0 +1,364 @@
+"""Built-in model and LoRA adapters, made offline and deterministically from a seed.
+
+No model hub is reachable from our machines, so the default model is a small Llama with random
+weights and a byte-level BPE tokenizer trained locally on a seeded synthetic corpus, plus N LoRA
+adapters written with ``peft`` (ranks from {8,16,32,64,128}, every attention and MLP projection,
+non-zero ``B`` so that adapters really differ).
+
+Contract: ``build(preset)`` returns an :class:`Assets` describing a directory that holds
+``model/`` (HF format, safetensors), ``adapters/<name>/`` (peft format) and ``manifest.json``.
+The directory name carries a hash of the recipe; an existing complete build is reused, so a build
+happens once per recipe and machine. Same recipe, same bytes.
+
+CLI: ``python -m chameleon_sglang.dev.assets [--preset tiny|eval] [--adapters N] [--print-dir]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+RECIPE_VERSION = 1
+ADAPTER_RANKS: Tuple[int, ...] = (8, 16, 32, 64, 128)
+TARGET_MODULES: Tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the bytes of a build."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    num_adapters: int
+    ranks: Tuple[int, ...] = ADAPTER_RANKS
+    lora_b_std: float = 0.05
+    seed: int = 0
+    version: int = RECIPE_VERSION
+
+    def digest(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def adapter_rank(self, index: int) -> int:
+        """Ranks cycle through ``ranks``: equal counts of each rank."""
+        return self.ranks[index % len(self.ranks)]
+
+
+PRESETS: Dict[str, Recipe] = {
+    # Tests: builds in seconds, serves with fp32 exactness against HF + peft.
+    "tiny": Recipe(
+        hidden_size=128,
+        intermediate_size=352,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        vocab_size=2048,
+        max_position_embeddings=2048,
+        num_adapters=8,
+    ),
+    # Evaluation: the shape of the measured baseline (13.7 M parameters, 100 adapters of
+    # 1.2-19 MB each), so that loading an adapter is not free.
+    "eval": Recipe(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        vocab_size=2048,
+        max_position_embeddings=4096,
+        num_adapters=100,
+    ),
+}
+
+
+# Tensor parallelism on the CPU: tiny with an intermediate size TP=2 divides without the padding
+# SGLang's CPU engine adds otherwise (a padded model runs on SGLang's LoRA pool).
+PRESETS["tiny-tp"] = dataclasses.replace(PRESETS["tiny"], intermediate_size=384, num_adapters=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    rank: int
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Assets:
+    """A complete build on disk."""
+
+    root: Path
+    preset: str
+    recipe: Recipe
+    adapters: Tuple[AdapterInfo, ...]
+
+    @property
+    def model_path(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def max_rank(self) -> int:
+        return max(a.rank for a in self.adapters) if self.adapters else 0
+
+    def lora_paths_args(self) -> List[str]:
+        """``NAME=PATH`` items for SGLang's ``--lora-paths``."""
+        return [f"{a.name}={a.path}" for a in self.adapters]
+
+    def adapter(self, name: str) -> AdapterInfo:
+        for a in self.adapters:
+            if a.name == name:
+                return a
+        raise KeyError(f"no adapter named {name!r} in {self.root}")
+
+
+def default_cache_dir() -> Path:
+    """``$CHAMELEON_ASSETS_DIR``, else ``.cache/assets`` at the project root."""
+    env = os.environ.get("CHAMELEON_ASSETS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / ".cache" / "assets"
+
+
+def recipe_for(preset: str, num_adapters: int | None = None) -> Recipe:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    recipe = PRESETS[preset]
+    if num_adapters is not None:
+        if num_adapters < 0:
+            raise ValueError("number of adapters must be >= 0")
+        recipe = dataclasses.replace(recipe, num_adapters=num_adapters)
+    return recipe
+
+
+def build(
+    preset: str = "tiny",
+    num_adapters: int | None = None,
+    cache_dir: Path | None = None,
+) -> Assets:
+    """Return the build for ``preset``, making it first if it is not on disk yet."""
+    recipe = recipe_for(preset, num_adapters)
+    root = (cache_dir or default_cache_dir()) / f"{preset}-{recipe.digest()}"
+    if (root / "manifest.json").is_file():
+        return load(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        _write_build(staging, preset, recipe, final_root=root)
+        try:
+            staging.rename(root)
+        except OSError:
+            # Another process finished the same build first; both are identical.
+            if not (root / "manifest.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return load(root)
+
+
+def load(root: Path) -> Assets:
+    manifest = json.loads((root / "manifest.json").read_text())
+    recipe_fields = dict(manifest["recipe"])
+    recipe_fields["ranks"] = tuple(recipe_fields["ranks"])
+    adapters = tuple(
+        AdapterInfo(name=a["name"], rank=a["rank"], path=str(root / "adapters" / a["name"]))
+        for a in manifest["adapters"]
+    )
+    return Assets(
+        root=root,
+        preset=manifest["preset"],
+        recipe=Recipe(**recipe_fields),
+        adapters=adapters,
+    )
+
+
+def adapter_name(index: int, rank: int) -> str:
+    return f"a{index:03d}r{rank}"
+
+
+def _write_build(staging: Path, preset: str, recipe: Recipe, final_root: Path) -> None:
+    import torch
+
+    torch.manual_seed(recipe.seed)
+    tokenizer = _train_tokenizer(recipe)
+    model = _make_model(recipe, tokenizer)
+    model.save_pretrained(staging / "model", safe_serialization=True)
+    tokenizer.save_pretrained(staging / "model")
+    adapters = []
+    for i in range(recipe.num_adapters):
+        rank = recipe.adapter_rank(i)
+        name = adapter_name(i, rank)
+        _write_adapter(model, recipe, i, rank, staging / "adapters" / name)
+        adapters.append({"name": name, "rank": rank})
+    manifest = {
+        "preset": preset,
+        "recipe": dataclasses.asdict(recipe),
+        "digest": recipe.digest(),
+        "adapters": adapters,
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+_SYLLABLES = (
+    "ka ri to mu ne so la vi de po an el is or um ex qu st pr th ch sh "
+    "a e i o u y ing ed er ly tion ment ness able ful less"
+).split()
+
+
+def _corpus(seed: int, num_lines: int = 4000) -> List[str]:
+    """Seeded pseudo-text: words from syllables, Zipf-ish word reuse, digits and punctuation."""
+    rng = random.Random(seed)
+    lexicon = [
+        "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(3000)
+    ]
+    weights = [1.0 / (r + 1) for r in range(len(lexicon))]
+    lines = []
+    for _ in range(num_lines):
+        words = rng.choices(lexicon, weights=weights, k=rng.randint(4, 24))
+        if rng.random() < 0.2:
+            words.append(str(rng.randint(0, 9999)))
+        line = " ".join(words)
+        lines.append(line[0].upper() + line[1:] + rng.choice([".", ",", "?", "!", ";", ":"]))
+    return lines
+
+
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _train_tokenizer(recipe: Recipe):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe.vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(recipe.seed), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        chat_template=_CHAT_TEMPLATE,
+        model_max_length=recipe.max_position_embeddings,
+    )
+
+
+def _make_model(recipe: Recipe, tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=recipe.vocab_size,
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads,
+        max_position_embeddings=recipe.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+def write_adapter(model_path: Path, out: Path, rank: int, seed: int, lora_b_std: float = 0.05,
+                  target_modules: Sequence[str] = TARGET_MODULES):
+    """Write one extra peft adapter of ``rank`` for the model at ``model_path`` (tests, tools)."""
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(model_path)
+    recipe = dataclasses.replace(PRESETS["tiny"], seed=seed, lora_b_std=lora_b_std)
+    _write_adapter(base, recipe, index=0, rank=rank, out=out, target_modules=target_modules)
+
+
+def _write_adapter(base_model, recipe: Recipe, index: int, rank: int, out: Path,
+                   target_modules: Sequence[str] = TARGET_MODULES) -> None:
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=list(target_modules),
+        init_lora_weights=False,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(copy.deepcopy(base_model), config)
+    gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + index + 1)
+    with torch.no_grad():
+        for name, param in sorted(peft_model.named_parameters()):
+            if ".lora_A." in name or ".lora_embedding_A." in name:
+                fan_in = param.shape[1]
+                param.copy_(torch.randn(param.shape, generator=gen) / fan_in**0.5)
+            elif ".lora_B." in name or ".lora_embedding_B." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * recipe.lora_b_std)
+    peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+    # peft records the absolute base-model path it was given; keep the build relocatable.
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = None
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--adapters", type=int, default=None, help="number of adapters")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument(
+        "--print-dir", action="store_true", help="print only the build directory"
+    )
+    args = parser.parse_args(argv)
+    assets = build(args.preset, args.adapters, args.cache_dir)
+    if args.print_dir:
+        print(assets.root)
+    else:
+        print(f"model:    {assets.model_path}")
+        print(f"adapters: {len(assets.adapters)} (max rank {assets.max_rank}) in {assets.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

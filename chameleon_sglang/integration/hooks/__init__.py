@@ -1,0 +1,1 @@
+"""SGLang hook handlers by concern; :mod:`chameleon_sglang.integration.plugin` registers them."""

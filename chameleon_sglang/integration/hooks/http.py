@@ -1,0 +1,35 @@
+"""HTTP routes of the launcher process: ``GET /chameleon/stats``."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from chameleon_sglang.config import ChameleonConfig
+
+STATS_PATH = "/chameleon/stats"
+
+
+def add_http_routes(*args: Any, **kwargs: Any) -> None:
+    """Before the HTTP server starts: add ``GET /chameleon/stats`` (once)."""
+    from sglang.srt.entrypoints import http_server
+
+    app = http_server.app
+    if any(getattr(route, "path", None) == STATS_PATH for route in app.routes):
+        return
+
+    async def chameleon_stats() -> Dict[str, Any]:
+        """Chameleon's live statistics per scheduler (data-parallel rank)."""
+        manager = http_server._global_state.tokenizer_manager
+        states = await manager.get_internal_state()
+        config = ChameleonConfig.from_server_args(manager.server_args)
+        ranks = [state.get("chameleon", {}) for state in states]
+        return {"enabled": config.enabled, "ranks": sorted(ranks, key=dp_rank_of)}
+
+    app.add_api_route(STATS_PATH, chameleon_stats, methods=["GET"])
+
+
+def dp_rank_of(rank: Dict[str, Any]) -> int:
+    """Sort key of one scheduler's statistics: its data-parallel rank where it reports one
+    (replies arrive in any order), else 0 (the order SGLang gave is kept: the sort is stable)."""
+    dp = rank.get("dp") if isinstance(rank, dict) else None
+    return int(dp.get("dp_rank", 0)) if isinstance(dp, dict) else 0

@@ -1,0 +1,36 @@
+"""Checks of incoming requests that SGLang 0.5.23 does not make, installed in every server.
+
+- :func:`refuse_token_ids_outside_vocab`: a prompt given as ``input_ids`` with an id outside
+  ``[0, vocab_size)`` is refused with a ``ValueError`` before tokenisation ends, which SGLang's
+  HTTP layer answers with 400 and the message. Stock SGLang passes such ids to the embedding: on
+  a CPU it serves garbage with 200, on a GPU the out-of-range index is a device-side assert that
+  kills the server. Installed with and without ``--chameleon`` (a fix for invalid input only;
+  valid requests are untouched).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+
+
+def out_of_vocab_message(input_ids: Optional[Sequence[int]], vocab_size: int) -> Optional[str]:
+    """Why ``input_ids`` cannot be served by a model of ``vocab_size`` tokens (None: it can)."""
+    if not input_ids or vocab_size <= 0:
+        return None
+    lo, hi = min(input_ids), max(input_ids)
+    if 0 <= lo and hi < vocab_size:
+        return None
+    bad = lo if lo < 0 else hi
+    return (f"input_ids holds token id {bad}, outside the model's vocabulary "
+            f"[0, {vocab_size})")
+
+
+def refuse_token_ids_outside_vocab(manager: Any, obj: Any, input_ids: Any, *args: Any,
+                                   **kwargs: Any) -> None:
+    """BEFORE hook of ``TokenizerManager._validate_one_request`` (module docstring)."""
+    vocab_size = int(getattr(getattr(manager, "model_config", None), "vocab_size", 0) or 0)
+    if isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], int):
+        message = out_of_vocab_message(input_ids, vocab_size)
+        if message is not None:
+            raise ValueError(message)

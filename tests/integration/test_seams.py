@@ -1,0 +1,160 @@
+"""Seam guard: every SGLang function, method and resolution step we hook or override exists at
+the pin with the parameters we were written against. A new SGLang release that moves or changes
+one fails here, in one place, naming it (rather than deep inside a server).
+
+Targets come from the plugin's own tables (``HOOKS``, ``RESOLUTION_HOOKS``), so a new hook
+cannot be added without being pinned; the rest are classes we subclass or drive directly (the
+LoRA backend and pool base classes, the KV allocator whose free lists the slot store reads).
+Where our code re-implements an SGLang body (the DP controller's event loop), the body itself is
+pinned: a change to it fails here until ours is checked against it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+import pytest
+
+from chameleon_sglang.integration import plugin
+
+PINNED = {
+    "sglang.srt.entrypoints.http_server.launch_server": "server_args init_tokenizer_manager_func run_scheduler_process_func run_detokenizer_process_func execute_warmup_func launch_callback",
+    "sglang.srt.lora.lora_manager.LoRAManager.init_memory_pool": "self",
+    "sglang.srt.model_executor.model_runner.ModelRunner.init_lora_manager": "self",
+    "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool_allocator": "self sizes token_to_kv_pool is_dsv4_model req_to_token_pool token_to_kv_pool_allocator",
+    "sglang.srt.model_executor.model_runner.ModelRunner.configure_kv_cache_dtype": "self",
+    "sglang.srt.lora.mem_pool.LoRAMemoryPool._has_moe_module": "base_model",
+    "sglang.srt.mem_cache.kv_cache_builder.uses_ssm_state": "model_config",
+    "sglang.srt.lora.backend.lora_registry.get_backend_from_name": "name",
+    "sglang.srt.lora.lora_manager.LoRAManager.validate_new_adapter": "self lora_config lora_ref",
+    "sglang.srt.lora.mem_pool.LoRAMemoryPool.load_lora_weight_to_buffer": "self uid buffer_id lora_adapter lora_modules lora_embed_tokens_module lora_lm_head_module",
+    "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue": "self req is_retracted",
+    "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw": "self prefill_delayer_single_pass running_batch",
+    "sglang.srt.managers.scheduler.Scheduler._release_aborted_request": "self req",
+    "sglang.srt.managers.scheduler.Scheduler.can_schedule_lora_req": "self req running_loras",
+    "sglang.srt.managers.scheduler.Scheduler.get_init_info": "self",
+    "sglang.srt.managers.scheduler.Scheduler.get_internal_state": "self recv_req",
+    "sglang.srt.managers.scheduler.Scheduler.init_memory_pools": "self",
+    "sglang.srt.managers.scheduler.Scheduler.init_schedule_policy": "self",
+    "sglang.srt.managers.scheduler.Scheduler.process_batch_result": "self batch result",
+    "sglang.srt.managers.scheduler.Scheduler.update_running_batch": "self batch",
+    "sglang.srt.managers.scheduler.Scheduler.init_ipc_channels": "self port_args",
+    "sglang.srt.managers.scheduler.Scheduler.on_idle": "self",
+    "sglang.srt.managers.scheduler.Scheduler.handle_generate_request": "self recv_req mm_input_error",
+    "sglang.srt.managers.scheduler.Scheduler.handle_embedding_request": "self recv_req mm_input_error",
+    "sglang.srt.managers.utils.is_health_check_generate_req": "recv_req",
+    "sglang.srt.distributed.bootstrap._init_cpu_threads_env": "local_omp_cpuid dist_init_method",
+    "sglang.srt.managers.data_parallel_controller.LoadBalanceMethod.from_str": "method",
+    "sglang.srt.managers.data_parallel_controller.DataParallelController.init_dispatcher": "self",
+    "sglang.srt.managers.data_parallel_controller.DataParallelController.event_loop": "self",
+    "sglang.srt.managers.data_parallel_controller.DataParallelController.maybe_external_dp_rank_routing": "self req",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request": "self obj input_ids",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.__init__": "self max_loras_per_batch device",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.prepare_lora_batch": "self forward_batch weight_indices lora_ranks scalings use_decode_cuda_graph use_prefill_cuda_graph",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.init_decode_cuda_graph_batch_info": "self max_bs_in_cuda_graph num_tokens_per_req",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.forward_with_base": "self layer x base_fn lora_a lora_b output_offset offsets all_reduce kind pruned_batch_info",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.run_lora_a_sgemm": "self x weights *args **kwargs",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.run_lora_b_sgemm": "self x weights *args **kwargs",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.run_qkv_lora": "self x qkv_lora_a qkv_lora_b *args **kwargs",
+    "sglang.srt.lora.backend.base_backend.BaseLoRABackend.run_gate_up_lora": "self x gate_up_lora_a gate_up_lora_b *args **kwargs",
+    "sglang.srt.lora.mem_pool.LoRAMemoryPool.__init__": "self base_hf_config max_loras_per_batch dtype max_lora_rank target_modules base_model eviction_policy lora_added_tokens_size experts_shared_outer_loras strict_loading enable_lora_overlap_loading",
+    "sglang.srt.lora.mem_pool.LoRAMemoryPool.prepare_lora_batch": "self cur_uids lora_adapters lora_modules lora_refs lora_embed_tokens_module lora_lm_head_module",
+    "sglang.srt.lora.mem_pool.LoRAMemoryPool.get_buffer_id": "self lora_uid",
+    "sglang.srt.lora.mem_pool.LoRAMemoryPool.get_tensor": "self target_module layer_id lora_type",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.__init__": "self size dtype device kvcache need_sort",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.alloc": "self need_size",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free": "self free_index",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.available_size": "self",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.merge_and_sort_free": "self",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.evict_to_free_tokens": "self tree_cache num_tokens",
+    "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.evict_for_alloc": "self params allocation_reclaim_satisfied",
+}
+
+
+def resolve(target: str) -> Any:
+    parts = target.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attr in parts[split:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(target)
+
+
+def parameters(fn: Any) -> str:
+    prefix = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    return " ".join(prefix.get(p.kind, "") + name
+                    for name, p in inspect.signature(fn).parameters.items())
+
+
+def test_every_hook_target_is_pinned():
+    targets = {target for target, _, _ in plugin.HOOKS}
+    assert targets <= set(PINNED), sorted(targets - set(PINNED))
+
+
+@pytest.mark.parametrize("target", sorted(PINNED))
+def test_seam_exists_with_the_pinned_parameters(target):
+    fn = resolve(target)
+    assert callable(fn), target
+    assert parameters(fn) == PINNED[target], f"{target} changed its parameters"
+
+
+@pytest.mark.parametrize("step, handler", plugin.RESOLUTION_HOOKS)
+def test_resolution_steps_exist(step, handler):
+    from sglang.srt.arg_groups import resolution_hooks
+
+    assert step in resolution_hooks._OVERRIDABLE_HOOKS
+    assert callable(handler)
+
+
+def test_every_hook_kind_is_one_sglang_knows():
+    from sglang.srt.plugins.hook_registry import HookType
+
+    assert {kind for _, _, kind in plugin.HOOKS} <= set(HookType.__members__)
+
+
+DP_EVENT_LOOP_BODY = """
+    def event_loop(self):
+        while True:
+            while True:
+                self.soft_watchdog.feed()
+                try:
+                    recv_req = sock_recv(self.recv_from_tokenizer, flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    break
+                self._request_dispatcher(recv_req)
+"""
+
+
+def test_the_dp_event_loop_we_replace_is_still_sglangs_at_the_pin():
+    """``run_poll_event_loop`` (with ``--chameleon``) does what this body does - feed the
+    watchdog, drain the tokenizer socket without blocking, hand each request to
+    ``_request_dispatcher`` - but blocks in ``zmq.Poller`` between bursts. If SGLang's body
+    changes, ours must be checked against it."""
+    from sglang.srt.managers.data_parallel_controller import DataParallelController
+
+    source = inspect.getsource(DataParallelController.event_loop)
+    assert source.strip() == DP_EVENT_LOOP_BODY.strip()
+
+
+def test_the_kv_allocator_keeps_the_free_lists_the_slot_store_reads():
+    import torch
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+
+    allocator = TokenToKVPoolAllocator(8, torch.float32, "cpu", None, True)
+    for attr in ("free_pages", "release_pages", "need_sort", "page_size"):
+        assert hasattr(allocator, attr), attr
+    assert isinstance(allocator.free_pages, torch.Tensor) and allocator.page_size == 1
+
+
+def test_sglang_evicts_before_allocating_through_the_allocator():
+    """SGLang's pre-allocation eviction goes through the allocator's ``evict_to_free_tokens``
+    (which the cache-aware allocator overrides to put the prefix cache before idle adapters)."""
+    from sglang.srt.mem_cache import common
+
+    assert "evict_to_free_tokens" in inspect.getsource(common.evict_from_tree_cache)
