@@ -8,7 +8,7 @@ PRESET ?= tiny
 PORT   ?= 30000
 PYTEST_ARGS ?=
 
-.PHONY: setup apply-patches revert-patches check-patches assets serve test gpu-check clean
+.PHONY: setup apply-patches revert-patches check-patches assets serve lint test test-fast gpu-check clean
 
 ## setup: build .venv (CPU torch, sglang==$(SGLANG_VERSION) --no-deps, pinned deps; GPU deps on NVIDIA machines)
 setup: $(STAMP)
@@ -40,8 +40,17 @@ GPU_PY ?= python3
 gpu-check:
 	$(GPU_PY) kernels/gpu_check.py --out gpu-check.json
 
-## test: everything needed, then the whole test suite (slow tests included)
-test: apply-patches assets
+## lint: ruff (lint and format check) over the whole tree
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+## test-fast: the tests that start no server and no long subprocess (core, integration, kernels, eval)
+test-fast: apply-patches
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## test: everything needed, lint, then the whole test suite (slow tests included)
+test: apply-patches assets lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

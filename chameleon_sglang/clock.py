@@ -17,8 +17,11 @@ from typing import Callable, Optional
 class SchedulerClock:
     """``now()`` must be called by every rank at the same point of the event loop."""
 
-    def __init__(self, broadcast: Optional[Callable[[float], float]] = None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        broadcast: Optional[Callable[[float], float]] = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._monotonic = monotonic
         self._start = monotonic()
         self._broadcast = broadcast

@@ -54,29 +54,34 @@ class ChameleonConfig:
         _require(self.warmup_requests >= 1, "--chameleon-warmup-requests must be >= 1")
         _require(0 < self.elbow_threshold < 1, "--chameleon-elbow-threshold must be in (0, 1)")
         _require(
-            self.wrs_input_weight >= 0 and self.wrs_output_weight >= 0
+            self.wrs_input_weight >= 0
+            and self.wrs_output_weight >= 0
             and self.wrs_input_weight + self.wrs_output_weight > 0,
             "--chameleon-wrs-weights must be two non-negative numbers, not both zero",
         )
         _require(self.ttft_slo_s > 0, "--chameleon-ttft-slo must be > 0 seconds")
         _require(
-            len(self.score_weights) == 3 and all(w >= 0 for w in self.score_weights)
+            len(self.score_weights) == 3
+            and all(w >= 0 for w in self.score_weights)
             and sum(self.score_weights) > 0,
             "--chameleon-score-weights must be three non-negative numbers "
             "(frequency recency size), not all zero",
         )
         _require(self.frequency_window_s > 0, "--chameleon-frequency-window must be > 0 seconds")
-        _require(0 <= self.predictor_accuracy <= 1,
-                 "--chameleon-predictor-accuracy must be in [0, 1]")
+        _require(
+            0 <= self.predictor_accuracy <= 1, "--chameleon-predictor-accuracy must be in [0, 1]"
+        )
         _require(self.host_link_gbps >= 0, "--chameleon-host-link-gbps must be >= 0")
         _require(self.dp_epsilon > 0, "--chameleon-dp-epsilon must be > 0")
         _require(self.dp_miss_cost >= 0, "--chameleon-dp-miss-cost must be >= 0")
         _require(self.dp_slack >= 0, "--chameleon-dp-slack must be >= 0")
-        _require(self.prefetch_policy in ("queue", "predictive"),
-                 "--chameleon-prefetch-policy must be 'queue' or 'predictive'")
+        _require(
+            self.prefetch_policy in ("queue", "predictive"),
+            "--chameleon-prefetch-policy must be 'queue' or 'predictive'",
+        )
 
     @staticmethod
-    def from_server_args(server_args: Any) -> "ChameleonConfig":
+    def from_server_args(server_args: Any) -> ChameleonConfig:
         """Build from an object carrying the ``chameleon_*`` fields (SGLang's ``ServerArgs``)."""
         get = lambda name: getattr(server_args, name)  # noqa: E731
         wrs = tuple(get("chameleon_wrs_weights"))

@@ -44,16 +44,16 @@ def cache_status(config: ChameleonConfig, installed_reason: Optional[str]) -> Co
         return ComponentStatus(ADAPTER_CACHE, False, "disabled by --no-chameleon-cache")
     if installed_reason is not None:
         return ComponentStatus(ADAPTER_CACHE, False, installed_reason)
+    prefetch = config.prefetch_policy if config.prefetch else "off"
     return ComponentStatus(
-        ADAPTER_CACHE, True,
+        ADAPTER_CACHE,
+        True,
         f"LoRA pool in free KV memory, rank-exact, no per-batch adapter cap "
-        f"({config.eviction_policy} eviction, prefetch {config.prefetch_policy if config.prefetch else 'off'})",
+        f"({config.eviction_policy} eviction, prefetch {prefetch})",
     )
 
 
-def status_report(
-    config: ChameleonConfig, statuses: List[ComponentStatus]
-) -> Dict[str, object]:
+def status_report(config: ChameleonConfig, statuses: List[ComponentStatus]) -> Dict[str, object]:
     """The JSON-able block published under ``chameleon_status`` in ``/server_info``."""
     return {
         "enabled": config.enabled,

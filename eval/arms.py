@@ -1,11 +1,11 @@
 """Arms of a comparison: a name, the extra SGLang flags that define it, and the shared server flags.
 
 Contract: every arm of one comparison runs the same launch command from
-``chameleon_sglang.dev.serve.server_command`` (same assets, adapters, dtype and :class:`ServerFlags`);
-arms differ only by their own flags: :data:`ARM_FLAGS`, where ``stock`` adds nothing (no
-``--chameleon``), and ``stock-tuned``, stock SGLang with the flags ``eval.tune_stock`` found best
-for the workload (more LoRA slots per batch, SGLang's drainer), set per comparison. An arm's own
-flags come last, so they override the shared ones (e.g. ``--max-loras-per-batch``).
+``chameleon_sglang.dev.serve.server_command`` (same assets, adapters, dtype and
+:class:`ServerFlags`); arms differ only by their own flags: :data:`ARM_FLAGS`, where ``stock`` adds
+nothing (no ``--chameleon``), and ``stock-tuned``, stock SGLang with the flags ``eval.tune_stock``
+found best for the workload (more LoRA slots per batch, SGLang's drainer), set per comparison. An
+arm's own flags come last, so they override the shared ones (e.g. ``--max-loras-per-batch``).
 """
 
 from __future__ import annotations
@@ -28,16 +28,36 @@ ARM_FLAGS: Dict[str, Tuple[str, ...]] = {
     "evict-fairshare": ("--chameleon", "--chameleon-eviction-policy", "fairshare"),
     "evict-gdsf": ("--chameleon", "--chameleon-eviction-policy", "gdsf"),
     "chameleon-predictive": ("--chameleon", "--chameleon-prefetch-policy", "predictive"),
-    "predictor-100": ("--chameleon", "--chameleon-predictor", "synthetic",
-                      "--chameleon-predictor-accuracy", "1.0"),
-    "predictor-80": ("--chameleon", "--chameleon-predictor", "synthetic",
-                     "--chameleon-predictor-accuracy", "0.8"),
-    "predictor-60": ("--chameleon", "--chameleon-predictor", "synthetic",
-                     "--chameleon-predictor-accuracy", "0.6"),
+    "predictor-100": (
+        "--chameleon",
+        "--chameleon-predictor",
+        "synthetic",
+        "--chameleon-predictor-accuracy",
+        "1.0",
+    ),
+    "predictor-80": (
+        "--chameleon",
+        "--chameleon-predictor",
+        "synthetic",
+        "--chameleon-predictor-accuracy",
+        "0.8",
+    ),
+    "predictor-60": (
+        "--chameleon",
+        "--chameleon-predictor",
+        "synthetic",
+        "--chameleon-predictor-accuracy",
+        "0.6",
+    ),
     # Data parallelism: Chameleon on each of 2 replicas; only the controller's dispatch differs
     "dp-round-robin": ("--chameleon", "--dp-size", "2", "--load-balance-method", "round_robin"),
-    "dp-shortest-queue": ("--chameleon", "--dp-size", "2",
-                          "--load-balance-method", "total_requests"),
+    "dp-shortest-queue": (
+        "--chameleon",
+        "--dp-size",
+        "2",
+        "--load-balance-method",
+        "total_requests",
+    ),
     "dp-affinity": ("--chameleon", "--dp-size", "2", "--load-balance-method", "chameleon"),
 }
 DP_ARMS: Tuple[str, ...] = ("dp-round-robin", "dp-shortest-queue", "dp-affinity")
@@ -89,7 +109,11 @@ def parse_arms(text: str) -> List[str]:
 
 
 def arm_command(
-    arm: str, assets: Assets, port: int, adapters: Sequence[str], flags: ServerFlags,
+    arm: str,
+    assets: Assets,
+    port: int,
+    adapters: Sequence[str],
+    flags: ServerFlags,
     own: Optional[Sequence[str]] = None,
 ) -> List[str]:
     """The launch command of ``arm``: the shared command plus the arm's own flags (``own``, by
@@ -99,7 +123,8 @@ def arm_command(
             raise ValueError(f"arm {arm!r} has no fixed flags: pass them")
         own = ARM_FLAGS[arm]
     return server_command(
-        assets, port,
+        assets,
+        port,
         chameleon=False,
         dtype=flags.dtype,
         max_lora_rank=flags.max_lora_rank,

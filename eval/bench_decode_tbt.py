@@ -44,8 +44,12 @@ ARMS = {
 
 
 def _stream_gaps(url: str, ids: List[int], adapter: Optional[str], new: int) -> List[float]:
-    body = {"input_ids": ids, "stream": True, "lora_path": adapter,
-            "sampling_params": {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}}
+    body = {
+        "input_ids": ids,
+        "stream": True,
+        "lora_path": adapter,
+        "sampling_params": {"max_new_tokens": new, "temperature": 0, "ignore_eos": True},
+    }
     stamps: List[float] = []
     with requests.post(url + "/generate", json=body, stream=True, timeout=600) as resp:
         resp.raise_for_status()
@@ -59,15 +63,24 @@ def _point(url: str, adapters: Sequence[str], batch: int, n: int, new: int) -> D
     chosen = list(adapters[:n])
     jobs = [([(7 * i + j) % 1900 + 5 for j in range(32)], chosen[i % n]) for i in range(batch)]
     with ThreadPoolExecutor(batch) as pool:
-        gaps = [g for gs in pool.map(lambda job: _stream_gaps(url, job[0], job[1], new), jobs)
-                for g in gs]
-    return {"adapters": n, "batch": batch, "tbt_p50_s": statistics.median(gaps),
-            "tbt_p90_s": float(np.percentile(gaps, 90)), "gaps": len(gaps)}
+        gaps = [
+            g
+            for gs in pool.map(lambda job: _stream_gaps(url, job[0], job[1], new), jobs)
+            for g in gs
+        ]
+    return {
+        "adapters": n,
+        "batch": batch,
+        "tbt_p50_s": statistics.median(gaps),
+        "tbt_p90_s": float(np.percentile(gaps, 90)),
+        "gaps": len(gaps),
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.bench_decode_tbt",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m eval.bench_decode_tbt", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--adapters", default="1,8,32,64")
     p.add_argument("--new-tokens", type=int, default=48)
@@ -78,9 +91,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     dtype = auto_dtype() if args.dtype == "auto" else args.dtype
     machine = machine_info()
-    print(json.dumps({"dtype": dtype, "cpu_model": machine["cpu_model"],
-                      "cpu_flags": machine["cpu_flags"], "git_commit": machine["git_commit"]}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "dtype": dtype,
+                "cpu_model": machine["cpu_model"],
+                "cpu_flags": machine["cpu_flags"],
+                "git_commit": machine["git_commit"],
+            }
+        ),
+        flush=True,
+    )
     assets = build("eval")
     names = [a.name for a in assets.adapters]
     counts = [int(v) for v in args.adapters.split(",")]
@@ -88,25 +109,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results: Dict[str, Dict[int, List[Dict]]] = {}
     for arm in args.arms.split(","):
         port = free_port()
-        cmd = server_command(assets, port, chameleon=False, dtype=dtype, max_total_tokens=65536,
-                             extra_args=ARMS[arm])
+        cmd = server_command(
+            assets, port, chameleon=False, dtype=dtype, max_total_tokens=65536, extra_args=ARMS[arm]
+        )
         with ServerProcess(cmd, port, log_path=args.log_dir / f"{arm}-{dtype}.log") as srv:
             most = max(counts)  # warm up: every adapter a point uses is loaded once
             _point(srv.url, names, max(most, min(args.batch, 8)), most, 8)
             for round_ in range(args.rounds):
                 for n in counts:
-                    point = {"arm": arm, "round": round_,
-                             **_point(srv.url, names, args.batch, n, args.new_tokens)}
+                    point = {
+                        "arm": arm,
+                        "round": round_,
+                        **_point(srv.url, names, args.batch, n, args.new_tokens),
+                    }
                     results.setdefault(arm, {}).setdefault(n, []).append(point)
                     print(json.dumps(point), flush=True)
     for arm, points in results.items():
-        summary: Dict = {"arm": arm, "dtype": dtype, "cpu_flags": machine["cpu_flags"],
-                         "tbt_p50_s": {
-            n: statistics.median(p["tbt_p50_s"] for p in rounds) for n, rounds in points.items()}}
+        summary: Dict = {
+            "arm": arm,
+            "dtype": dtype,
+            "cpu_flags": machine["cpu_flags"],
+            "tbt_p50_s": {
+                n: statistics.median(p["tbt_p50_s"] for p in rounds) for n, rounds in points.items()
+            },
+        }
         if 1 in points and 32 in points:
             ratios = [b["tbt_p50_s"] / a["tbt_p50_s"] for a, b in zip(points[1], points[32])]
-            summary.update(tbt_p50_32_over_1=statistics.median(ratios),
-                           per_round=ratios, target=1.3)
+            summary.update(
+                tbt_p50_32_over_1=statistics.median(ratios), per_round=ratios, target=1.3
+            )
         print(json.dumps(summary))
     return 0
 

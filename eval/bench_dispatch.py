@@ -37,16 +37,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for i, name in enumerate(stream):
         if i % args.report_every == 0:
             for r in range(args.replicas):
-                d.report(ReplicaReport(r, frozenset(rng.sample(names, 20)),
-                                       rng.randint(0, 20_000)))
+                d.report(ReplicaReport(r, frozenset(rng.sample(names, 20)), rng.randint(0, 20_000)))
         t = clock()
         d.dispatch(name, 300)
         times[i] = clock() - t
     us = times / 1000
-    print(f"{args.replicas} replicas, {args.adapters} adapters, {args.requests} requests: "
-          f"dispatch mean {us.mean():.1f} us, p50 {np.percentile(us, 50):.1f} us, "
-          f"p99 {np.percentile(us, 99):.1f} us; {d.num_affinity} by residency, "
-          f"{d.num_missed} to a replica without the adapter")
+    print(
+        f"{args.replicas} replicas, {args.adapters} adapters, {args.requests} requests: "
+        f"dispatch mean {us.mean():.1f} us, p50 {np.percentile(us, 50):.1f} us, "
+        f"p99 {np.percentile(us, 99):.1f} us; {d.num_affinity} by residency, "
+        f"{d.num_missed} to a replica without the adapter"
+    )
     return 0
 
 

@@ -33,8 +33,12 @@ from eval.summary import ratio
 
 REFERENCE = "dp-round-robin"
 CANDIDATE = "dp-affinity"
-TARGETS = {"bytes_loaded": 0.5, "bytes_after_warm": 0.5, "ttft_p99": 0.8,
-           "ttft_p99_after_warm": 0.8}
+TARGETS = {
+    "bytes_loaded": 0.5,
+    "bytes_after_warm": 0.5,
+    "ttft_p99": 0.8,
+    "ttft_p99_after_warm": 0.8,
+}
 WARM_FRACTION = 1.0 / 3.0
 MAX_IMBALANCE = 1.25
 
@@ -45,10 +49,16 @@ def replica_stats(server_info: Dict[str, Any]) -> List[Dict[str, Any]]:
     for state in server_info.get("internal_states") or []:
         live = (state or {}).get("chameleon") or {}
         cache, dp = live.get("adapter_cache") or {}, live.get("dp") or {}
-        rows.append({"dp_rank": dp.get("dp_rank", len(rows)), "hit_rate": cache.get("hit_rate"),
-                     "bytes_loaded": cache.get("bytes_loaded"),
-                     "num_loads": cache.get("num_loads"),
-                     "num_requests": dp.get("num_requests"), "num_tokens": dp.get("num_tokens")})
+        rows.append(
+            {
+                "dp_rank": dp.get("dp_rank", len(rows)),
+                "hit_rate": cache.get("hit_rate"),
+                "bytes_loaded": cache.get("bytes_loaded"),
+                "num_loads": cache.get("num_loads"),
+                "num_requests": dp.get("num_requests"),
+                "num_tokens": dp.get("num_tokens"),
+            }
+        )
     return sorted(rows, key=lambda r: r["dp_rank"])
 
 
@@ -89,12 +99,17 @@ def ttft_after_warm(rows: Sequence[Dict[str, Any]]) -> Dict[str, Optional[float]
     cut = warm_cut(rows)
     if cut is None:
         return none
-    ttfts = [r["ttft_s"] for r in rows if r.get("arrival_s") is not None
-             and r["arrival_s"] >= cut and r.get("ttft_s") is not None]
+    ttfts = [
+        r["ttft_s"]
+        for r in rows
+        if r.get("arrival_s") is not None and r["arrival_s"] >= cut and r.get("ttft_s") is not None
+    ]
     if not ttfts:
         return none
-    return {"ttft_mean_after_warm": float(np.mean(ttfts)),
-            "ttft_p99_after_warm": float(np.percentile(ttfts, 99))}
+    return {
+        "ttft_mean_after_warm": float(np.mean(ttfts)),
+        "ttft_p99_after_warm": float(np.percentile(ttfts, 99)),
+    }
 
 
 def _bytes_of(status: Optional[Dict[str, Any]]) -> Optional[int]:
@@ -104,8 +119,9 @@ def _bytes_of(status: Optional[Dict[str, Any]]) -> Optional[int]:
     return sum(loaded) if loaded and None not in loaded else None
 
 
-def bytes_after_warm(run_dir: Path, rows: Sequence[Dict[str, Any]],
-                     total: Optional[int]) -> Dict[str, Optional[float]]:
+def bytes_after_warm(
+    run_dir: Path, rows: Sequence[Dict[str, Any]], total: Optional[int]
+) -> Dict[str, Optional[float]]:
     """Bytes loaded after the warm-up cut (:func:`warm_cut`; module docs), and the time (s from
     the run's start) it is counted from; None where the run has no such sample."""
     none: Dict[str, Optional[float]] = {"bytes_after_warm": None, "warm_s": None}
@@ -131,28 +147,53 @@ def arm_row(out: Path, arm: str, metrics: Dict[str, Any]) -> Dict[str, Any]:
     total = sum(loaded) if loaded and None not in loaded else None
     rows = request_rows(run_dir / "requests.jsonl")
     # requests a replica took before the measured load (warm-up) are counted too: same for all
-    return {"arm": arm, "ttft_p50": metrics.get("ttft_p50"), "ttft_p99": metrics.get("ttft_p99"),
-            "throughput_rps": metrics.get("throughput_rps"), "completed": metrics.get("completed"),
-            "failed": metrics.get("failed"), "replicas": replicas,
-            **ttft_spread(rows), **ttft_after_warm(rows),
-            "bytes_loaded": total, **bytes_after_warm(run_dir, rows, total),
-            "imbalance_tokens": imbalance([r["num_tokens"] for r in replicas]),
-            "imbalance_requests": imbalance([r["num_requests"] for r in replicas])}
+    return {
+        "arm": arm,
+        "ttft_p50": metrics.get("ttft_p50"),
+        "ttft_p99": metrics.get("ttft_p99"),
+        "throughput_rps": metrics.get("throughput_rps"),
+        "completed": metrics.get("completed"),
+        "failed": metrics.get("failed"),
+        "replicas": replicas,
+        **ttft_spread(rows),
+        **ttft_after_warm(rows),
+        "bytes_loaded": total,
+        **bytes_after_warm(run_dir, rows, total),
+        "imbalance_tokens": imbalance([r["num_tokens"] for r in replicas]),
+        "imbalance_requests": imbalance([r["num_requests"] for r in replicas]),
+    }
 
 
 def dp_summary(out: Path) -> Dict[str, Any]:
     summary = json.loads((out / "summary.json").read_text())
     rows = {arm: arm_row(out, arm, m) for arm, m in summary["arms"].items()}
     ref, cand = rows.get(REFERENCE, {}), rows.get(CANDIDATE, {})
-    ratios = {k: ratio(cand.get(k), ref.get(k))
-              for k in ("bytes_loaded", "bytes_after_warm", "ttft_p99", "ttft_p90", "ttft_p50",
-                        "ttft_mean", "ttft_p99_after_warm", "ttft_mean_after_warm")}
-    checks = {f"{k} <= {t}x": (ratios[k] is not None and ratios[k] <= t)
-              for k, t in TARGETS.items()}
-    checks[f"imbalance <= {MAX_IMBALANCE}"] = (cand.get("imbalance_tokens") is not None
-                                               and cand["imbalance_tokens"] <= MAX_IMBALANCE)
-    return {"workload": summary.get("workload"), "machine": summary.get("machine"),
-            "arms": rows, "ratios_vs_round_robin": ratios, "targets_met": checks}
+    ratios = {
+        k: ratio(cand.get(k), ref.get(k))
+        for k in (
+            "bytes_loaded",
+            "bytes_after_warm",
+            "ttft_p99",
+            "ttft_p90",
+            "ttft_p50",
+            "ttft_mean",
+            "ttft_p99_after_warm",
+            "ttft_mean_after_warm",
+        )
+    }
+    checks = {
+        f"{k} <= {t}x": (ratios[k] is not None and ratios[k] <= t) for k, t in TARGETS.items()
+    }
+    checks[f"imbalance <= {MAX_IMBALANCE}"] = (
+        cand.get("imbalance_tokens") is not None and cand["imbalance_tokens"] <= MAX_IMBALANCE
+    )
+    return {
+        "workload": summary.get("workload"),
+        "machine": summary.get("machine"),
+        "arms": rows,
+        "ratios_vs_round_robin": ratios,
+        "targets_met": checks,
+    }
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -166,10 +207,12 @@ def _mb(num_bytes: Optional[float]) -> str:
 
 
 def format_markdown(s: Dict[str, Any]) -> str:
-    lines = ["| arm | TTFT mean s | TTFT P50 s | TTFT P90 s | TTFT P99 s | after warm-up: TTFT "
-             "mean s, P99 s | req/s | hit rate per replica | MB loaded | MB loaded after warm-up "
-             "| requests per replica | imbalance (tokens) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | TTFT mean s | TTFT P50 s | TTFT P90 s | TTFT P99 s | after warm-up: TTFT "
+        "mean s, P99 s | req/s | hit rate per replica | MB loaded | MB loaded after warm-up "
+        "| requests per replica | imbalance (tokens) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for arm, r in s["arms"].items():
         reps = r["replicas"]
         lines.append(
@@ -182,12 +225,17 @@ def format_markdown(s: Dict[str, Any]) -> str:
             f" | {_mb(r.get('bytes_after_warm'))}"
             f"{' (from ' + _f(r['warm_s'], 0) + ' s)' if r.get('warm_s') is not None else ''}"
             f" | {', '.join(_f(x['num_requests']) for x in reps) or '-'}"
-            f" | {_f(r['imbalance_tokens'], 2)} |")
+            f" | {_f(r['imbalance_tokens'], 2)} |"
+        )
     lines.append("")
-    lines.append(f"{CANDIDATE} / {REFERENCE}: " + ", ".join(
-        f"{k} {_f(v, 2)}" for k, v in s["ratios_vs_round_robin"].items()))
-    lines.append("targets: " + ", ".join(f"{k}: {'met' if ok else 'NOT met'}"
-                                         for k, ok in s["targets_met"].items()))
+    lines.append(
+        f"{CANDIDATE} / {REFERENCE}: "
+        + ", ".join(f"{k} {_f(v, 2)}" for k, v in s["ratios_vs_round_robin"].items())
+    )
+    lines.append(
+        "targets: "
+        + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in s["targets_met"].items())
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -44,8 +44,9 @@ MODULES = {
 }
 
 
-def _adapters(n: int, gen: torch.Generator, dtype: torch.dtype = torch.float32
-              ) -> Tuple[List[Dict[int, Dict[str, Dict[str, torch.Tensor]]]], MatrixLocations]:
+def _adapters(
+    n: int, gen: torch.Generator, dtype: torch.dtype = torch.float32
+) -> Tuple[List[Dict[int, Dict[str, Dict[str, torch.Tensor]]]], MatrixLocations]:
     """Per layer, per adapter id (1..n), per module: rank-exact A and B as views of one buffer,
     laid out as the adapter cache lays them out on CPU (A ``[stack * r, in]`` rows, B stored as
     an ``[r, out]`` block and viewed as ``[out, r]``), and the location table the server keeps."""
@@ -57,26 +58,34 @@ def _adapters(n: int, gen: torch.Generator, dtype: torch.dtype = torch.float32
                 shapes += [(i, module, "A", (stack * r, din)), (i, module, "B", (r, offs[-1]))]
     flat = (torch.randn(sum(a * b for *_, (a, b) in shapes), generator=gen) * 0.02).to(dtype)
     storage = storage_array(flat)
-    table = MatrixLocations([(storage, storage)] * LAYERS,
-                            [(m, kind) for m in MODULES for kind in "AB"], capacity=n + 1)
+    table = MatrixLocations(
+        [(storage, storage)] * LAYERS, [(m, kind) for m in MODULES for kind in "AB"], capacity=n + 1
+    )
     views: List[Dict] = [dict() for _ in range(LAYERS)]
     pos = 0
     counters: Dict[Tuple[int, str, str], int] = {}
     for i, module, kind, (a, b) in shapes:
         layer = counters.get((i, module, kind), 0)
         counters[(i, module, kind)] = layer + 1
-        block = flat[pos:pos + a * b].view(a, b)
-        views[layer].setdefault(i + 1, {}).setdefault(module, {})[kind] = \
+        block = flat[pos : pos + a * b].view(a, b)
+        views[layer].setdefault(i + 1, {}).setdefault(module, {})[kind] = (
             block if kind == "A" else block.t()
+        )
         table.set(i + 1, (module, kind), layer, 0, pos, a)
         pos += a * b
     return views, table
 
 
-def _base_weights(gen: torch.Generator, dtype: torch.dtype = torch.float32
-                  ) -> List[Dict[str, torch.Tensor]]:
-    return [{m: (torch.randn(offs[-1], din, generator=gen) * 0.02).to(dtype)
-             for m, (din, offs, _) in MODULES.items()} for _ in range(LAYERS)]
+def _base_weights(
+    gen: torch.Generator, dtype: torch.dtype = torch.float32
+) -> List[Dict[str, torch.Tensor]]:
+    return [
+        {
+            m: (torch.randn(offs[-1], din, generator=gen) * 0.02).to(dtype)
+            for m, (din, offs, _) in MODULES.items()
+        }
+        for _ in range(LAYERS)
+    ]
 
 
 def _time(fn: Callable[[], None], reps: int) -> float:
@@ -92,13 +101,25 @@ def _time(fn: Callable[[], None], reps: int) -> float:
 def ours_step(x: torch.Tensor, xd: torch.Tensor, base, views, table, groups) -> None:
     """As the server's backend calls the kernels (plans from the location table)."""
     for layer in range(LAYERS):
-        for module, (din, offs, stack) in MODULES.items():
+        for module, (_din, offs, stack) in MODULES.items():
             inp = xd if module == "down_proj" else x
             out = inp @ base[layer][module].t()
-            a = shrink(inp, groups, lambda i: views[layer][i][module]["A"], stack, MAX_RANK,
-                       lambda batch: table.plan((module, "A"), layer, batch))
-            expand(a, groups, lambda i: views[layer][i][module]["B"], offs, out,
-                   lambda batch: table.plan((module, "B"), layer, batch))
+            a = shrink(
+                inp,
+                groups,
+                lambda i: views[layer][i][module]["A"],
+                stack,
+                MAX_RANK,
+                lambda batch: table.plan((module, "A"), layer, batch),
+            )
+            expand(
+                a,
+                groups,
+                lambda i: views[layer][i][module]["B"],
+                offs,
+                out,
+                lambda batch: table.plan((module, "B"), layer, batch),
+            )
 
 
 def base_step(x: torch.Tensor, xd: torch.Tensor, base) -> None:
@@ -107,8 +128,9 @@ def base_step(x: torch.Tensor, xd: torch.Tensor, base) -> None:
             _ = (xd if module == "down_proj" else x) @ base[layer][module].t()
 
 
-def _torch_native(n: int, tokens: int, views, scalings: Dict[int, float],
-                  dtype: torch.dtype = torch.float32):
+def _torch_native(
+    n: int, tokens: int, views, scalings: Dict[int, float], dtype: torch.dtype = torch.float32
+):
     """SGLang's torch_native backend with n+1 padded slots (slot 0 = base) holding the same
     adapters, and a batch of ``tokens`` decode requests mapped round-robin."""
     from sglang.srt.lora.backend.torch_backend import TorchNativeLoRABackend
@@ -126,8 +148,12 @@ def _torch_native(n: int, tokens: int, views, scalings: Dict[int, float],
                 B[i, :, : b.shape[1]] = b
             per[module] = (A, B, torch.tensor(offs, dtype=torch.int32))
         buffers.append(per)
-    mode = SimpleNamespace(is_idle=lambda: False, is_decode=lambda: True,
-                           is_target_verify=lambda: False, is_extend=lambda: False)
+    mode = SimpleNamespace(
+        is_idle=lambda: False,
+        is_decode=lambda: True,
+        is_target_verify=lambda: False,
+        is_extend=lambda: False,
+    )
     batch = SimpleNamespace(forward_mode=mode, batch_size=tokens)
     ranks = [0] + [RANK_CYCLE[(i - 1) % len(RANK_CYCLE)] for i in range(1, n + 1)]
     scale = [0.0] + [scalings[i] for i in range(1, n + 1)]
@@ -137,7 +163,7 @@ def _torch_native(n: int, tokens: int, views, scalings: Dict[int, float],
 
 def native_step(x, xd, base, backend, buffers) -> None:
     for layer in range(LAYERS):
-        for module, (din, offs, stack) in MODULES.items():
+        for module, (_din, offs, stack) in MODULES.items():
             inp = xd if module == "down_proj" else x
             out = inp @ base[layer][module].t()
             A, B, off = buffers[layer][module]
@@ -151,8 +177,9 @@ def native_step(x, xd, base, backend, buffers) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.bench_lora_kernels",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m eval.bench_lora_kernels", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--adapters", default="1,8,32,64")
     p.add_argument("--reps", type=int, default=20)
@@ -163,8 +190,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     machine = machine_info()
-    print(json.dumps({"dtype": args.dtype, "cpu_model": machine["cpu_model"],
-                      "cpu_flags": machine["cpu_flags"], "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "dtype": args.dtype,
+                "cpu_model": machine["cpu_model"],
+                "cpu_flags": machine["cpu_flags"],
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
     gen = torch.Generator().manual_seed(0)
     base = _base_weights(gen, dtype)
     x = torch.randn(args.tokens, HIDDEN, generator=gen).to(dtype)
@@ -175,22 +210,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in [int(v) for v in args.adapters.split(",")]:
         views, table = _adapters(n, gen, dtype)
         scalings = {i: 2.0 for i in range(1, n + 1)}
-        groups = group_tokens([1 + t % n for t in range(args.tokens)], [1] * args.tokens,
-                              scalings)
+        groups = group_tokens([1 + t % n for t in range(args.tokens)], [1] * args.tokens, scalings)
         ours = _time(lambda: ours_step(x, xd, base, views, table, groups), args.reps)
         backend, buffers = _torch_native(n, args.tokens, views, scalings, dtype)
         native = _time(lambda: native_step(x, xd, base, backend, buffers), args.reps)
         results[n] = {"ours": ours, "torch_native": native}
-        print(json.dumps({"point": f"adapters-{n}", "dtype": args.dtype, "tokens": args.tokens,
-                          "adapters": n,
-                          "ranks": [RANK_CYCLE[i % len(RANK_CYCLE)] for i in range(n)],
-                          "layers": LAYERS, "hidden": HIDDEN, "ours_step_s": ours,
-                          "torch_native_step_s": native, "base_only_step_s": base_s}))
+        print(
+            json.dumps(
+                {
+                    "point": f"adapters-{n}",
+                    "dtype": args.dtype,
+                    "tokens": args.tokens,
+                    "adapters": n,
+                    "ranks": [RANK_CYCLE[i % len(RANK_CYCLE)] for i in range(n)],
+                    "layers": LAYERS,
+                    "hidden": HIDDEN,
+                    "ours_step_s": ours,
+                    "torch_native_step_s": native,
+                    "base_only_step_s": base_s,
+                }
+            )
+        )
     if 1 in results and 32 in results:
-        print(json.dumps({
-            "ours_32_over_ours_1": results[32]["ours"] / results[1]["ours"],
-            "ours_over_torch_native_at_32": results[32]["ours"] / results[32]["torch_native"],
-            "targets": {"ours_32_over_ours_1": 1.3, "ours_over_torch_native_at_32": 0.5}}))
+        print(
+            json.dumps(
+                {
+                    "ours_32_over_ours_1": results[32]["ours"] / results[1]["ours"],
+                    "ours_over_torch_native_at_32": results[32]["ours"]
+                    / results[32]["torch_native"],
+                    "targets": {"ours_32_over_ours_1": 1.3, "ours_over_torch_native_at_32": 0.5},
+                }
+            )
+        )
     return 0
 
 

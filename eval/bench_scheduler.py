@@ -2,14 +2,14 @@
 
 ``python -m eval.bench_scheduler [--waiting 1000 10000] [--passes 2000] [--refit-samples 10000]``
 
-The pass benchmark drives :class:`chameleon_sglang.integration.scheduler_bridge.SchedulerBridge` (the code
-SGLang's prefill loop calls under ``--chameleon``) with a stand-in for SGLang's scheduler: a
-waiting queue of N requests of mixed sizes and ranks (held at N by new arrivals), an adder that
+The pass benchmark drives :class:`chameleon_sglang.integration.scheduler_bridge.SchedulerBridge`
+(the code SGLang's prefill loop calls under ``--chameleon``) with a stand-in for SGLang's scheduler:
+a waiting queue of N requests of mixed sizes and ranks (held at N by new arrivals), an adder that
 admits ``--admit-per-pass`` requests per pass, and requests that finish after ``--run-passes``
-passes (so about their product are running). The time counted
-is the bridge's own: reconciliation, Algorithm 1, and handing candidates to the loop — not the
-model or SGLang's budget checks. The refit benchmark times one K-means fit (K = 1..4, elbow)
-plus quota planning on ``--refit-samples`` recent requests. Prints one JSON line per point.
+passes (so about their product are running). The time counted is the bridge's own: reconciliation,
+Algorithm 1, and handing candidates to the loop — not the model or SGLang's budget checks. The refit
+benchmark times one K-means fit (K = 1..4, elbow) plus quota planning on ``--refit-samples`` recent
+requests. Prints one JSON line per point.
 """
 
 from __future__ import annotations
@@ -128,8 +128,11 @@ def bench_refit(samples: int, repeats: int, seed: int = 0) -> dict:
     policy = ChameleonPolicy(config, SizeLimits(4096, 4096, 128, 8), total_tokens=65536)
     for i in range(samples):
         policy.on_arrival(
-            f"r{i}", adapter_id="a", input_len=rng.choice((16, 64, 256, 1024, 3000)),
-            max_new_tokens=rng.choice((8, 32, 128, 512)), now=i * 0.01,
+            f"r{i}",
+            adapter_id="a",
+            input_len=rng.choice((16, 64, 256, 1024, 3000)),
+            max_new_tokens=rng.choice((8, 32, 128, 512)),
+            now=i * 0.01,
             rank=rng.choice(RANKS),
         )
     timings = []
@@ -152,8 +155,9 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--waiting", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--passes", type=int, default=2000)
     parser.add_argument("--admit-per-pass", type=int, default=4)
-    parser.add_argument("--run-passes", type=int, default=32,
-                        help="passes a request runs before it finishes")
+    parser.add_argument(
+        "--run-passes", type=int, default=32, help="passes a request runs before it finishes"
+    )
     parser.add_argument("--refit-samples", type=int, default=10000)
     parser.add_argument("--refit-repeats", type=int, default=20)
     args = parser.parse_args(argv)

@@ -36,8 +36,12 @@ TARGET_RATIO = 1.05
 
 def stream(url: str, ids: List[int], adapter: Optional[str], new: int) -> Tuple[float, float]:
     """``(ttft_s, median gap between later tokens in s)`` of one streaming /generate request."""
-    body = {"input_ids": ids, "stream": True, "lora_path": adapter,
-            "sampling_params": {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}}
+    body = {
+        "input_ids": ids,
+        "stream": True,
+        "lora_path": adapter,
+        "sampling_params": {"max_new_tokens": new, "temperature": 0, "ignore_eos": True},
+    }
     sent = time.perf_counter()
     stamps: List[float] = []
     with requests.post(url + "/generate", json=body, stream=True, timeout=600) as resp:
@@ -64,7 +68,8 @@ def summarize(records: Sequence[Dict]) -> Dict:
             mine = [r for r in records if r["arm"] == arm and r["prompt_len"] == length]
             medians.setdefault(arm, {})[length] = {
                 "ttft_s": statistics.median(r["ttft_s"] for r in mine),
-                "tbt_s": statistics.median(r["tbt_s"] for r in mine)}
+                "tbt_s": statistics.median(r["tbt_s"] for r in mine),
+            }
     ratios: Dict[int, Dict[str, float]] = {}
     if "stock" in medians and "chameleon" in medians:
         for length, stock in medians["stock"].items():
@@ -74,8 +79,9 @@ def summarize(records: Sequence[Dict]) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.bench_unloaded",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m eval.bench_unloaded", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--prompt-lens", default="32,128,512")
@@ -86,9 +92,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     dtype = auto_dtype() if args.dtype == "auto" else args.dtype
     machine = machine_info()
-    print(json.dumps({"dtype": dtype, "cpu_model": machine["cpu_model"],
-                      "cpu_flags": machine["cpu_flags"], "git_commit": machine["git_commit"]}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "dtype": dtype,
+                "cpu_model": machine["cpu_model"],
+                "cpu_flags": machine["cpu_flags"],
+                "git_commit": machine["git_commit"],
+            }
+        ),
+        flush=True,
+    )
     assets = build("eval")
     adapter = args.adapter or next(a.name for a in assets.adapters if a.rank == assets.max_rank)
     lengths = [int(v) for v in args.prompt_lens.split(",")]
@@ -99,10 +113,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         urls = {}
         for arm in arms:
             port = free_port()
-            cmd = server_command(assets, port, chameleon=False, dtype=dtype,
-                                 max_total_tokens=65536, extra_args=SHARED_FLAGS + ARMS[arm])
+            cmd = server_command(
+                assets,
+                port,
+                chameleon=False,
+                dtype=dtype,
+                max_total_tokens=65536,
+                extra_args=SHARED_FLAGS + ARMS[arm],
+            )
             server = stack.enter_context(
-                ServerProcess(cmd, port, log_path=args.log_dir / f"{arm}-{dtype}.log"))
+                ServerProcess(cmd, port, log_path=args.log_dir / f"{arm}-{dtype}.log")
+            )
             urls[arm] = server.url
         for arm in arms:  # warm up: first use of the adapter, compiled kernels, allocator
             for length in lengths:
@@ -113,12 +134,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 salt += 1
                 for arm in arms:
                     ttft, tbt = stream(urls[arm], prompt(length, salt), adapter, args.new_tokens)
-                    record = {"arm": arm, "round": round_, "prompt_len": length,
-                              "ttft_s": ttft, "tbt_s": tbt}
+                    record = {
+                        "arm": arm,
+                        "round": round_,
+                        "prompt_len": length,
+                        "ttft_s": ttft,
+                        "tbt_s": tbt,
+                    }
                     records.append(record)
                     print(json.dumps(record), flush=True)
-    print(json.dumps({"dtype": dtype, "cpu_flags": machine["cpu_flags"], "adapter": adapter,
-                      **summarize(records)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "dtype": dtype,
+                "cpu_flags": machine["cpu_flags"],
+                "adapter": adapter,
+                **summarize(records),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

@@ -24,39 +24,82 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from chameleon_sglang.dev.assets import build
 from eval.arms import ARM_NAMES, TUNED_STOCK_ARM, parse_arms
-from eval.tune_stock import DEFAULT_DRAIN_WAIT_S, parse_slots, tune
-from eval.cli import (add_run_args, add_server_args, add_workload_args, out_dir, resolve,
-                      run_config, spec_from_args)
-from eval.experiment import check_workload_adapters, run_interleaved, select_adapters
-from eval.experiment import workload_info, write_outputs
+from eval.cli import (
+    add_run_args,
+    add_server_args,
+    add_workload_args,
+    out_dir,
+    resolve,
+    run_config,
+    spec_from_args,
+)
+from eval.experiment import (
+    check_workload_adapters,
+    run_interleaved,
+    select_adapters,
+    workload_info,
+    write_outputs,
+)
 from eval.summary import pick_pair
-from eval.workload import (SPEC_FILE, build_workload, load_spec, load_workload, save_spec,
-                           save_workload)
+from eval.tune_stock import DEFAULT_DRAIN_WAIT_S, parse_slots, tune
+from eval.workload import (
+    SPEC_FILE,
+    build_workload,
+    load_spec,
+    load_workload,
+    save_spec,
+    save_workload,
+)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0],
-                                epilog="arms: " + ", ".join(ARM_NAMES))
+    p = argparse.ArgumentParser(
+        prog="python -m eval.compare",
+        description=__doc__.split("\n\n")[0],
+        epilog="arms: " + ", ".join(ARM_NAMES),
+    )
     add_workload_args(p)
     add_server_args(p)
     add_run_args(p)
     g = p.add_argument_group("stock-tuned arm (eval.tune_stock)")
-    g.add_argument("--stock-tuned-flags", default=None,
-                   help="flags of the stock-tuned arm, e.g. '--max-loras-per-batch 32' "
-                   "(default: tune them on the workload first)")
-    g.add_argument("--tune-slots", default="8,16,32,64,all",
-                   help="--max-loras-per-batch values the tuning tries")
-    g.add_argument("--tune-drain-wait", type=float, default=DEFAULT_DRAIN_WAIT_S,
-                   help="--lora-drain-wait-threshold the tuning tries (0: not tried)")
-    g.add_argument("--no-tune-overlap", action="store_true",
-                   help="do not try --enable-lora-overlap-loading")
+    g.add_argument(
+        "--stock-tuned-flags",
+        default=None,
+        help="flags of the stock-tuned arm, e.g. '--max-loras-per-batch 32' "
+        "(default: tune them on the workload first)",
+    )
+    g.add_argument(
+        "--tune-slots",
+        default="8,16,32,64,all",
+        help="--max-loras-per-batch values the tuning tries",
+    )
+    g.add_argument(
+        "--tune-drain-wait",
+        type=float,
+        default=DEFAULT_DRAIN_WAIT_S,
+        help="--lora-drain-wait-threshold the tuning tries (0: not tried)",
+    )
+    g.add_argument(
+        "--no-tune-overlap", action="store_true", help="do not try --enable-lora-overlap-loading"
+    )
     return p
 
 
 def format_summary(summary: Dict[str, Any]) -> str:
     """A short plain-text table of the per-arm medians and the ratios."""
-    keys = ["ttft_p50", "ttft_p99", "tbt_p50", "tbt_p99", "e2e_p50", "e2e_p99",
-            "throughput_rps", "completed", "failed", "retractions", "cache_hit_rate"]
+    keys = [
+        "ttft_p50",
+        "ttft_p99",
+        "tbt_p50",
+        "tbt_p99",
+        "e2e_p50",
+        "e2e_p99",
+        "throughput_rps",
+        "completed",
+        "failed",
+        "retractions",
+        "cache_hit_rate",
+    ]
     lines = ["arm".ljust(18) + "".join(k.rjust(15) for k in keys)]
     for arm, m in summary["arms"].items():
         lines.append(arm.ljust(18) + "".join(_cell(m[k]).rjust(15) for k in keys))
@@ -65,8 +108,9 @@ def format_summary(summary: Dict[str, Any]) -> str:
     tuned = ratios.pop("vs_tuned", None)
     lines.append(f"ratios {cand}/{ref}: " + ", ".join(f"{k} {_cell(v)}" for k, v in ratios.items()))
     if tuned:
-        lines.append(f"ratios {cand}/stock-tuned: " + ", ".join(
-            f"{k} {_cell(v)}" for k, v in tuned.items()))
+        lines.append(
+            f"ratios {cand}/stock-tuned: " + ", ".join(f"{k} {_cell(v)}" for k, v in tuned.items())
+        )
     return "\n".join(lines)
 
 
@@ -104,9 +148,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tuned = tuple(shlex.split(args.stock_tuned_flags))
         else:
             print("tuning stock SGLang on this workload", flush=True)
-            tuning = tune(workload, cfg, out, parse_slots(args.tune_slots),
-                          args.tune_drain_wait, not args.no_tune_overlap,
-                          log=lambda s: print(s, flush=True))
+            tuning = tune(
+                workload,
+                cfg,
+                out,
+                parse_slots(args.tune_slots),
+                args.tune_drain_wait,
+                not args.no_tune_overlap,
+                log=lambda s: print(s, flush=True),
+            )
             (out / "tune.json").write_text(json.dumps(tuning, indent=1) + "\n")
             if tuning["flags"] is None:
                 print("no stock candidate started: stock-tuned dropped", file=sys.stderr)
@@ -116,12 +166,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"stock-tuned: {' '.join(tuned)}", flush=True)
     repeats = resolve(args, "repeats")
     print(f"{len(workload)} requests, arms {arms}, {repeats} repeat(s)", flush=True)
-    outcomes = run_interleaved(arms, repeats, workload, cfg, out,
-                               log=lambda s: print(s, flush=True))
-    info = workload_info(spec, workload, assets, adapters, out / "workload.jsonl",
-                         cfg.flags.dtype, str(args.replay) if args.replay else None)
-    meta = {"command_line": _command_line(argv), "started": started,
-            "wall_s": time.perf_counter() - t0, "stock_tuning": tuning}
+    outcomes = run_interleaved(
+        arms, repeats, workload, cfg, out, log=lambda s: print(s, flush=True)
+    )
+    info = workload_info(
+        spec,
+        workload,
+        assets,
+        adapters,
+        out / "workload.jsonl",
+        cfg.flags.dtype,
+        str(args.replay) if args.replay else None,
+    )
+    meta = {
+        "command_line": _command_line(argv),
+        "started": started,
+        "wall_s": time.perf_counter() - t0,
+        "stock_tuning": tuning,
+    }
     summary = write_outputs(out, info, outcomes, meta)
     print(format_summary(summary), flush=True)
     print(f"wall time {time.perf_counter() - t0:.0f} s; results in {out}", flush=True)

@@ -72,7 +72,7 @@ class RequestResult:
         return d
 
     @classmethod
-    def from_json(cls, d: Dict[str, Any]) -> "RequestResult":
+    def from_json(cls, d: Dict[str, Any]) -> RequestResult:
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in fields}
         kwargs["tbt_s"] = tuple(d.get("tbt_s") or ())
@@ -103,9 +103,15 @@ def request_body(req: WorkloadRequest) -> Dict[str, Any]:
 
 def _base(req: WorkloadRequest, status: str, **kw: Any) -> RequestResult:
     return RequestResult(
-        index=req.index, adapter=req.adapter, rank=req.rank, size_class=req.size_class,
-        input_len=req.input_len, output_len=req.output_len, arrival_s=req.arrival_s,
-        status=status, **kw,
+        index=req.index,
+        adapter=req.adapter,
+        rank=req.rank,
+        size_class=req.size_class,
+        input_len=req.input_len,
+        output_len=req.output_len,
+        arrival_s=req.arrival_s,
+        status=status,
+        **kw,
     )
 
 
@@ -145,7 +151,8 @@ class _Stream:
         times = self.token_times
         queue = self.meta.get("queue_time")
         return _base(
-            req, STATUS_OK if ok else STATUS_ERROR,
+            req,
+            STATUS_OK if ok else STATUS_ERROR,
             sent_s=self.t_send - start,
             ttft_s=times[0] - self.t_send if times else None,
             e2e_s=(self.done_at - self.t_send) if ok and self.done_at else None,
@@ -168,23 +175,29 @@ async def send_one(
         async with session.post(url + "/generate", json=request_body(req)) as resp:
             if resp.status != 200:
                 body = (await resp.text())[:500]
-                return _base(req, STATUS_ERROR, sent_s=t_send - start,
-                             error=f"HTTP {resp.status}: {body}")
+                return _base(
+                    req, STATUS_ERROR, sent_s=t_send - start, error=f"HTTP {resp.status}: {body}"
+                )
             async for line in resp.content:
                 stream.feed(line, time.perf_counter())
                 if stream.done_at is not None:
                     break
     except asyncio.CancelledError:
         raise
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a record
-        return _base(req, STATUS_ERROR, sent_s=t_send - start,
-                     error=f"{type(exc).__name__}: {exc}"[:500])
+    except Exception as exc:
+        return _base(
+            req, STATUS_ERROR, sent_s=t_send - start, error=f"{type(exc).__name__}: {exc}"[:500]
+        )
     return stream.result(req, start)
 
 
 async def _dispatch(
-    session: aiohttp.ClientSession, url: str, requests: Sequence[WorkloadRequest],
-    start: float, tasks: Dict[int, "asyncio.Task[RequestResult]"], on_done: Any,
+    session: aiohttp.ClientSession,
+    url: str,
+    requests: Sequence[WorkloadRequest],
+    start: float,
+    tasks: Dict[int, asyncio.Task[RequestResult]],
+    on_done: Any,
 ) -> None:
     for req in requests:
         delay = start + req.arrival_s - time.perf_counter()
@@ -215,8 +228,9 @@ async def run_load(
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     connector = aiohttp.TCPConnector(limit=0)
     start = time.perf_counter()
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector,
-                                     read_bufsize=_READ_BUFSIZE) as session:
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=connector, read_bufsize=_READ_BUFSIZE
+    ) as session:
         dispatcher = asyncio.create_task(_dispatch(session, url, ordered, start, tasks, on_done))
         await _wait_all(dispatcher, tasks, start + deadline_s)
     if bar is not None:
@@ -224,8 +238,9 @@ async def run_load(
     return [_collect(req, tasks.get(req.index), start) for req in requests]
 
 
-async def _wait_all(dispatcher: asyncio.Task, tasks: Dict[int, asyncio.Task],
-                    deadline: float) -> None:
+async def _wait_all(
+    dispatcher: asyncio.Task, tasks: Dict[int, asyncio.Task], deadline: float
+) -> None:
     try:
         await asyncio.wait_for(asyncio.shield(dispatcher), max(0.0, deadline - time.perf_counter()))
         pending = [t for t in tasks.values() if not t.done()]
@@ -259,7 +274,12 @@ def _progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True, leave=False)
 
 
-def run_load_sync(url: str, requests: Sequence[WorkloadRequest], deadline_s: float,
-                  progress: bool = True, desc: str = "requests") -> List[RequestResult]:
+def run_load_sync(
+    url: str,
+    requests: Sequence[WorkloadRequest],
+    deadline_s: float,
+    progress: bool = True,
+    desc: str = "requests",
+) -> List[RequestResult]:
     """:func:`run_load` from synchronous code (a fresh event loop)."""
     return asyncio.run(run_load(url, requests, deadline_s, progress, desc))

@@ -36,7 +36,7 @@ def _machine_busy_s() -> float:
 
 
 def _proc_cpu_s(stat: str) -> float:
-    rest = stat[stat.rindex(")") + 2:].split()
+    rest = stat[stat.rindex(")") + 2 :].split()
     return (int(rest[11]) + int(rest[12])) / _TICKS  # utime, stime
 
 
@@ -49,7 +49,7 @@ def _group_cpu_s(pgid: Optional[int]) -> float:
             continue
         try:
             stat = (d / "stat").read_text()
-            if int(stat[stat.rindex(")") + 2:].split()[2]) == pgid:
+            if int(stat[stat.rindex(")") + 2 :].split()[2]) == pgid:
                 total += _proc_cpu_s(stat)
         except (OSError, ValueError, IndexError):
             continue
@@ -60,7 +60,9 @@ def snapshot(pgid: Optional[int]) -> Optional[LoadSnapshot]:
     """A snapshot for the server process group ``pgid``; None where /proc is unavailable."""
     try:
         return LoadSnapshot(
-            t=time.monotonic(), machine_busy_s=_machine_busy_s(), group_s=_group_cpu_s(pgid),
+            t=time.monotonic(),
+            machine_busy_s=_machine_busy_s(),
+            group_s=_group_cpu_s(pgid),
             self_s=_proc_cpu_s(Path("/proc/self/stat").read_text()),
             loadavg_1m=os.getloadavg()[0],
         )
@@ -82,8 +84,9 @@ def foreign_share(a: Optional[LoadSnapshot], b: Optional[LoadSnapshot]) -> Dict[
     }
 
 
-def wait_until_quiet(max_wait_s: float, threshold: float = 0.25,
-                     window_s: float = 5.0) -> Dict[str, object]:
+def wait_until_quiet(
+    max_wait_s: float, threshold: float = 0.25, window_s: float = 5.0
+) -> Dict[str, object]:
     """Sample other processes' CPU share over ``window_s`` windows until it is at most
     ``threshold`` or ``max_wait_s`` has passed; returns the last share and the time waited."""
     t0 = time.monotonic()
@@ -94,5 +97,8 @@ def wait_until_quiet(max_wait_s: float, threshold: float = 0.25,
         share = foreign_share(a, snapshot(None))["foreign_cpu_share"]  # type: ignore[assignment]
         waited = time.monotonic() - t0
         if share is None or share <= threshold or waited + window_s > max_wait_s:
-            return {"foreign_cpu_share": share, "waited_s": waited,
-                    "quiet": share is not None and share <= threshold}
+            return {
+                "foreign_cpu_share": share,
+                "waited_s": waited,
+                "quiet": share is not None and share <= threshold,
+            }

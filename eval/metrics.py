@@ -30,8 +30,17 @@ QUEUE_SOURCE_SERVER = "meta_info.queue_time"
 QUEUE_SOURCE_ESTIMATE = "ttft_minus_unloaded_prefill"
 
 ARM_KEYS: Tuple[str, ...] = (
-    "ttft_p50", "ttft_p99", "tbt_p50", "tbt_p99", "e2e_p50", "e2e_p99",
-    "throughput_rps", "completed", "failed", "retractions", "cache_hit_rate",
+    "ttft_p50",
+    "ttft_p99",
+    "tbt_p50",
+    "tbt_p99",
+    "e2e_p50",
+    "e2e_p99",
+    "throughput_rps",
+    "completed",
+    "failed",
+    "retractions",
+    "cache_hit_rate",
 )
 COUNT_KEYS: Tuple[str, ...] = ("completed", "failed", "retractions")
 
@@ -53,17 +62,21 @@ def throughput_rps(results: Sequence[RequestResult]) -> Optional[float]:
     return len(done) / span if span > 0 else None
 
 
-def run_metrics(results: Sequence[RequestResult],
-                cache_hit_rate: Optional[float] = None) -> Dict[str, Optional[float]]:
+def run_metrics(
+    results: Sequence[RequestResult], cache_hit_rate: Optional[float] = None
+) -> Dict[str, Optional[float]]:
     """The per-arm summary keys (:data:`ARM_KEYS`) for one run."""
     ok = [r for r in results if r.is_ok]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
     tbt = [g for r in ok for g in r.tbt_s]
     return {
-        "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
-        "tbt_p50": percentile(tbt, 50), "tbt_p99": percentile(tbt, 99),
-        "e2e_p50": percentile(e2e, 50), "e2e_p99": percentile(e2e, 99),
+        "ttft_p50": percentile(ttft, 50),
+        "ttft_p99": percentile(ttft, 99),
+        "tbt_p50": percentile(tbt, 50),
+        "tbt_p99": percentile(tbt, 99),
+        "e2e_p50": percentile(e2e, 50),
+        "e2e_p99": percentile(e2e, 99),
         "throughput_rps": throughput_rps(results),
         "completed": len(ok),
         "failed": len(results) - len(ok),
@@ -75,8 +88,10 @@ def run_metrics(results: Sequence[RequestResult],
 def client_lag(results: Sequence[RequestResult]) -> Dict[str, Optional[float]]:
     """P99 and largest client lag (send minus scheduled arrival, seconds; module contract)."""
     lags = [r.sent_s - r.arrival_s for r in results if r.sent_s is not None]
-    return {"client_lag_p99_s": percentile(lags, 99),
-            "client_lag_max_s": max(lags) if lags else None}
+    return {
+        "client_lag_p99_s": percentile(lags, 99),
+        "client_lag_max_s": max(lags) if lags else None,
+    }
 
 
 def median_metrics(runs: Sequence[Dict[str, Optional[float]]]) -> Dict[str, object]:
@@ -100,8 +115,9 @@ def queue_source(results: Sequence[RequestResult]) -> str:
     return QUEUE_SOURCE_ESTIMATE
 
 
-def queue_times(results: Sequence[RequestResult],
-                profile: Optional[UnloadedProfile]) -> List[Optional[float]]:
+def queue_times(
+    results: Sequence[RequestResult], profile: Optional[UnloadedProfile]
+) -> List[Optional[float]]:
     """Queueing time per result (None when not completed or not estimable)."""
     source = queue_source(results)
     out: List[Optional[float]] = []
@@ -117,8 +133,9 @@ def queue_times(results: Sequence[RequestResult],
     return out
 
 
-def queueing_share(results: Sequence[RequestResult],
-                   profile: Optional[UnloadedProfile]) -> Dict[str, Dict[str, object]]:
+def queueing_share(
+    results: Sequence[RequestResult], profile: Optional[UnloadedProfile]
+) -> Dict[str, Dict[str, object]]:
     """Per size class: n, mean queueing and e2e time, and queueing's share of e2e time."""
     return pooled_queueing_share([(results, profile)])
 

@@ -54,15 +54,24 @@ def _arm(summary: Dict[str, Any], arm: str, key: str) -> Optional[float]:
     return (summary.get("arms", {}).get(arm) or {}).get(key)
 
 
-def _compare_rows(claims: Sequence[Tuple[str, str, str, str, str]]
-                  ) -> Callable[[Dict[str, Any]], List[Row]]:
+def _compare_rows(
+    claims: Sequence[Tuple[str, str, str, str, str]],
+) -> Callable[[Dict[str, Any]], List[Row]]:
     """Rows of ``(claim, paper, arm, reference arm, metric)``: change of the arm over the
     reference."""
+
     def rows(result: Dict[str, Any]) -> List[Row]:
         s = result["summary"]
-        return [(claim, paper, _change(_arm(s, arm, key), _arm(s, ref, key)),
-                 f"{key}: {arm} / {ref} - 1")
-                for claim, paper, arm, ref, key in claims]
+        return [
+            (
+                claim,
+                paper,
+                _change(_arm(s, arm, key), _arm(s, ref, key)),
+                f"{key}: {arm} / {ref} - 1",
+            )
+            for claim, paper, arm, ref, key in claims
+        ]
+
     return rows
 
 
@@ -70,21 +79,44 @@ def _load_rows(result: Dict[str, Any]) -> List[Row]:
     sweep = result["sweep"]
     points = {(p["arm"], p["point"]): p["metrics"] for p in sweep.get("load_points", [])}
     out: List[Row] = []
-    paper = {"medium": ("-14.7% (6 RPS)", "-13.9%"), "high": ("-24.6% (8 RPS)", "-20.9%"),
-             "overload": ("-80.7% (9 RPS)", "-48.1%")}
+    paper = {
+        "medium": ("-14.7% (6 RPS)", "-13.9%"),
+        "high": ("-24.6% (8 RPS)", "-20.9%"),
+        "overload": ("-80.7% (9 RPS)", "-48.1%"),
+    }
     for level, (p99, p50) in paper.items():
         ours, stock = points.get(("chameleon", level), {}), points.get(("stock", level), {})
-        out.append((f"P99 TTFT at {level} load", p99,
-                    _change(ours.get("ttft_p99"), stock.get("ttft_p99")), "chameleon / stock - 1"))
-        out.append((f"P50 TTFT at {level} load", p50,
-                    _change(ours.get("ttft_p50"), stock.get("ttft_p50")), "chameleon / stock - 1"))
+        out.append(
+            (
+                f"P99 TTFT at {level} load",
+                p99,
+                _change(ours.get("ttft_p99"), stock.get("ttft_p99")),
+                "chameleon / stock - 1",
+            )
+        )
+        out.append(
+            (
+                f"P50 TTFT at {level} load",
+                p50,
+                _change(ours.get("ttft_p50"), stock.get("ttft_p50")),
+                "chameleon / stock - 1",
+            )
+        )
     tas = sweep.get("throughput_at_slo", {})
     base = (tas.get("stock") or {}).get("rps")
-    for arm, paper_x in (("chameleon", "1.5x"), ("cache-only", "1.2x"),
-                         ("scheduler-only", "1.05x")):
-        out.append((f"throughput at SLO, {arm}", paper_x,
-                    ratio((tas.get(arm) or {}).get("rps"), base), "highest rate meeting the "
-                    "SLO, over stock's (null: an arm met it at no swept rate)"))
+    for arm, paper_x in (
+        ("chameleon", "1.5x"),
+        ("cache-only", "1.2x"),
+        ("scheduler-only", "1.05x"),
+    ):
+        out.append(
+            (
+                f"throughput at SLO, {arm}",
+                paper_x,
+                ratio((tas.get(arm) or {}).get("rps"), base),
+                "highest rate meeting the SLO, over stock's (null: an arm met it at no swept rate)",
+            )
+        )
     return out
 
 
@@ -92,10 +124,19 @@ def _adapter_rows(result: Dict[str, Any]) -> List[Row]:
     sweep = result["sweep"]
     out: List[Row] = []
     for arm, paper in (("chameleon", "100-150 adapters (9.5 RPS)"), ("stock", "S-LoRA: 10")):
-        ok = [p["adapters"] for p in sweep.get("adapter_points", [])
-              if p["arm"] == arm and p["meets_slo"]]
-        out.append((f"most adapters within the TTFT SLO, {arm}", paper,
-                    float(max(ok)) if ok else None, "adapters (at the sweep's high rate)"))
+        ok = [
+            p["adapters"]
+            for p in sweep.get("adapter_points", [])
+            if p["arm"] == arm and p["meets_slo"]
+        ]
+        out.append(
+            (
+                f"most adapters within the TTFT SLO, {arm}",
+                paper,
+                float(max(ok)) if ok else None,
+                "adapters (at the sweep's high rate)",
+            )
+        )
     return out
 
 
@@ -105,10 +146,17 @@ def _queueing_rows(result: Dict[str, Any]) -> List[Row]:
     for size in ("small", "medium", "large"):
         ours = (shares.get("chameleon") or {}).get(size, {}).get("share")
         stock = (shares.get("stock") or {}).get(size, {}).get("share")
-        out.append((f"queueing share of e2e, {size} requests, ours",
-                    "< 8% every class (FIFO: 28.6% small)", ours, "share of e2e time"))
-        out.append((f"queueing share of e2e, {size} requests, stock", "-", stock,
-                    "share of e2e time"))
+        out.append(
+            (
+                f"queueing share of e2e, {size} requests, ours",
+                "< 8% every class (FIFO: 28.6% small)",
+                ours,
+                "share of e2e time",
+            )
+        )
+        out.append(
+            (f"queueing share of e2e, {size} requests, stock", "-", stock, "share of e2e time")
+        )
     return out
 
 
@@ -118,63 +166,149 @@ HIGH_LOAD = ("--rps", "4")
 # most of it, so the queue experiment fits after 50
 EARLY_FIT = ("--server-arg=--chameleon-warmup-requests=50",)
 EXPERIMENTS: Dict[str, Experiment] = {
-    "load": Experiment("sweep", ("--arms", "stock,chameleon,cache-only,scheduler-only",
-                                 "--no-adapter-sweep"),
-                       ("--quick", "--arms", "stock,chameleon,cache-only,scheduler-only",
-                        "--no-adapter-sweep"), _load_rows,
-                       "Fig. 11: TTFT vs load and throughput at SLO, with the ablations"),
-    "adapters": Experiment("sweep", ("--arms", "stock,chameleon", "--no-load-sweep"),
-                           ("--quick", "--arms", "stock,chameleon", "--no-load-sweep"),
-                           _adapter_rows, "Fig. 20: number of adapters"),
+    "load": Experiment(
+        "sweep",
+        ("--arms", "stock,chameleon,cache-only,scheduler-only", "--no-adapter-sweep"),
+        ("--quick", "--arms", "stock,chameleon,cache-only,scheduler-only", "--no-adapter-sweep"),
+        _load_rows,
+        "Fig. 11: TTFT vs load and throughput at SLO, with the ablations",
+    ),
+    "adapters": Experiment(
+        "sweep",
+        ("--arms", "stock,chameleon", "--no-load-sweep"),
+        ("--quick", "--arms", "stock,chameleon", "--no-load-sweep"),
+        _adapter_rows,
+        "Fig. 20: number of adapters",
+    ),
     "eviction": Experiment(
-        "compare", ("--arms", "stock,chameleon,evict-lru,evict-fairshare,evict-gdsf",
-                    *HIGH_LOAD, "--repeats", "1"),
+        "compare",
+        (
+            "--arms",
+            "stock,chameleon,evict-lru,evict-fairshare,evict-gdsf",
+            *HIGH_LOAD,
+            "--repeats",
+            "1",
+        ),
         ("--quick", "--arms", "stock,chameleon,evict-lru", *HIGH_LOAD),
-        _compare_rows([("P99 TTFT, Chameleon eviction", "-26% (8 RPS)", "chameleon", "stock",
-                        "ttft_p99"),
-                       ("P99 TTFT, LRU eviction", "-18%", "evict-lru", "stock", "ttft_p99"),
-                       ("P99 TTFT, FairShare eviction", "not reported", "evict-fairshare",
-                        "stock", "ttft_p99"),
-                       ("P99 TTFT, GDSF eviction", "not reported", "evict-gdsf", "stock",
-                        "ttft_p99")]),
-        "§5.3.3: eviction policies"),
+        _compare_rows(
+            [
+                ("P99 TTFT, Chameleon eviction", "-26% (8 RPS)", "chameleon", "stock", "ttft_p99"),
+                ("P99 TTFT, LRU eviction", "-18%", "evict-lru", "stock", "ttft_p99"),
+                (
+                    "P99 TTFT, FairShare eviction",
+                    "not reported",
+                    "evict-fairshare",
+                    "stock",
+                    "ttft_p99",
+                ),
+                ("P99 TTFT, GDSF eviction", "not reported", "evict-gdsf", "stock", "ttft_p99"),
+            ]
+        ),
+        "§5.3.3: eviction policies",
+    ),
     "queues": Experiment(
-        "compare", ("--arms", "stock,chameleon,chameleon-static", *HIGH_LOAD, "--repeats", "1",
-                    *EARLY_FIT),
+        "compare",
+        ("--arms", "stock,chameleon,chameleon-static", *HIGH_LOAD, "--repeats", "1", *EARLY_FIT),
         ("--quick", "--arms", "chameleon,chameleon-static", *HIGH_LOAD, *EARLY_FIT),
-        _compare_rows([("P99 TTFT, dynamic over static queues", "-10% (high load)",
-                        "chameleon", "chameleon-static", "ttft_p99")]),
-        "Fig. 22: dynamic vs static queues (first fit after 50 requests)"),
-    "queueing": Experiment("compare", ("--arms", "stock,chameleon", *HIGH_LOAD),
-                           ("--quick", "--arms", "stock,chameleon", *HIGH_LOAD),
-                           _queueing_rows, "Fig. 16: queueing share per size class"),
+        _compare_rows(
+            [
+                (
+                    "P99 TTFT, dynamic over static queues",
+                    "-10% (high load)",
+                    "chameleon",
+                    "chameleon-static",
+                    "ttft_p99",
+                )
+            ]
+        ),
+        "Fig. 22: dynamic vs static queues (first fit after 50 requests)",
+    ),
+    "queueing": Experiment(
+        "compare",
+        ("--arms", "stock,chameleon", *HIGH_LOAD),
+        ("--quick", "--arms", "stock,chameleon", *HIGH_LOAD),
+        _queueing_rows,
+        "Fig. 16: queueing share per size class",
+    ),
     "prefetch": Experiment(
-        "compare", ("--arms", "chameleon,chameleon-predictive", *HIGH_LOAD, "--repeats", "2"),
+        "compare",
+        ("--arms", "chameleon,chameleon-predictive", *HIGH_LOAD, "--repeats", "2"),
         ("--quick", "--arms", "chameleon,chameleon-predictive", *HIGH_LOAD),
-        _compare_rows([("P99 TTFT, predictive over queue-driven prefetch", "-8.8%",
-                        "chameleon-predictive", "chameleon", "ttft_p99")]),
-        "§4.2: histogram-based predictive prefetch"),
+        _compare_rows(
+            [
+                (
+                    "P99 TTFT, predictive over queue-driven prefetch",
+                    "-8.8%",
+                    "chameleon-predictive",
+                    "chameleon",
+                    "ttft_p99",
+                )
+            ]
+        ),
+        "§4.2: histogram-based predictive prefetch",
+    ),
     "predictor": Experiment(
-        "compare", ("--arms", "stock,predictor-100,predictor-80,predictor-60", *HIGH_LOAD,
-                    "--repeats", "1"),
+        "compare",
+        ("--arms", "stock,predictor-100,predictor-80,predictor-60", *HIGH_LOAD, "--repeats", "1"),
         ("--quick", "--arms", "predictor-100,predictor-60", *HIGH_LOAD),
-        _compare_rows([("P99 TTFT, 80% over 100% accurate predictor", "not in our notes of §5",
-                        "predictor-80", "predictor-100", "ttft_p99"),
-                       ("P99 TTFT, 60% over 100% accurate predictor", "not in our notes of §5",
-                        "predictor-60", "predictor-100", "ttft_p99"),
-                       ("P99 TTFT, 60%-accurate predictor over stock", "not in our notes of §5",
-                        "predictor-60", "stock", "ttft_p99")]),
-        "Fig. 19: sensitivity to the output-length predictor's accuracy"),
+        _compare_rows(
+            [
+                (
+                    "P99 TTFT, 80% over 100% accurate predictor",
+                    "not in our notes of §5",
+                    "predictor-80",
+                    "predictor-100",
+                    "ttft_p99",
+                ),
+                (
+                    "P99 TTFT, 60% over 100% accurate predictor",
+                    "not in our notes of §5",
+                    "predictor-60",
+                    "predictor-100",
+                    "ttft_p99",
+                ),
+                (
+                    "P99 TTFT, 60%-accurate predictor over stock",
+                    "not in our notes of §5",
+                    "predictor-60",
+                    "stock",
+                    "ttft_p99",
+                ),
+            ]
+        ),
+        "Fig. 19: sensitivity to the output-length predictor's accuracy",
+    ),
     "tuned": Experiment(
-        "compare", ("--arms", "stock,stock-tuned,chameleon", "--repeats", "1"),
+        "compare",
+        ("--arms", "stock,stock-tuned,chameleon", "--repeats", "1"),
         ("--quick", "--arms", "stock,stock-tuned,chameleon"),
-        _compare_rows([("P99 TTFT over stock (defaults)", "S-LoRA+FIFO baseline", "chameleon",
-                        "stock", "ttft_p99"),
-                       ("P99 TTFT over stock tuned for the workload", "not in the paper",
-                        "chameleon", "stock-tuned", "ttft_p99"),
-                       ("P50 TTFT over stock tuned", "not in the paper", "chameleon",
-                        "stock-tuned", "ttft_p50")]),
-        "our baseline question: stock SGLang as a user would tune it"),
+        _compare_rows(
+            [
+                (
+                    "P99 TTFT over stock (defaults)",
+                    "S-LoRA+FIFO baseline",
+                    "chameleon",
+                    "stock",
+                    "ttft_p99",
+                ),
+                (
+                    "P99 TTFT over stock tuned for the workload",
+                    "not in the paper",
+                    "chameleon",
+                    "stock-tuned",
+                    "ttft_p99",
+                ),
+                (
+                    "P50 TTFT over stock tuned",
+                    "not in the paper",
+                    "chameleon",
+                    "stock-tuned",
+                    "ttft_p50",
+                ),
+            ]
+        ),
+        "our baseline question: stock SGLang as a user would tune it",
+    ),
 }
 NOT_BUILT: Dict[str, str] = {}
 POPULARITY_MIXES: Dict[str, Tuple[str, ...]] = {
@@ -192,18 +326,32 @@ def run_popularity(out: Path, quick: bool, rest: List[str]) -> Tuple[List[Row], 
     base = ["--quick"] if quick else ["--repeats", "1"]
     argv: List[str] = []
     for mix, flags in POPULARITY_MIXES.items():
-        argv = [*base, "--arms", "stock,chameleon", *HIGH_LOAD, *flags, *rest,
-                "--out", str(out / mix)]
+        argv = [
+            *base,
+            "--arms",
+            "stock,chameleon",
+            *HIGH_LOAD,
+            *flags,
+            *rest,
+            "--out",
+            str(out / mix),
+        ]
         status = run_tool("compare", argv) or status
         summary = json.loads((out / mix / "summary.json").read_text())
-        rows.append((f"P99 TTFT, {mix}", "not in our notes of §5",
-                     _change(_arm(summary, "chameleon", "ttft_p99"),
-                             _arm(summary, "stock", "ttft_p99")), "chameleon / stock - 1"))
+        rows.append(
+            (
+                f"P99 TTFT, {mix}",
+                "not in our notes of §5",
+                _change(_arm(summary, "chameleon", "ttft_p99"), _arm(summary, "stock", "ttft_p99")),
+                "chameleon / stock - 1",
+            )
+        )
     return rows, argv, status
 
 
-POPULARITY = Experiment("compare", (), (), lambda result: [],
-                        "§5: popularity mixes U-U / U-P / P-P (rank, adapter)")
+POPULARITY = Experiment(
+    "compare", (), (), lambda result: [], "§5: popularity mixes U-U / U-P / P-P (rank, adapter)"
+)
 
 
 def run_tool(tool: str, argv: List[str]) -> int:
@@ -217,19 +365,32 @@ def run_tool(tool: str, argv: List[str]) -> int:
 def read_result(tool: str, out: Path) -> Dict[str, Any]:
     if tool == "sweep":
         return {"sweep": json.loads((out / "sweep.json").read_text())}
-    return {"summary": json.loads((out / "summary.json").read_text()),
-            "details": json.loads((out / "details.json").read_text())}
+    return {
+        "summary": json.loads((out / "summary.json").read_text()),
+        "details": json.loads((out / "details.json").read_text()),
+    }
 
 
-def write_paper_outputs(out: Path, name: str, experiment: Experiment,
-                        rows: Sequence[Row], argv: Sequence[str]) -> None:
+def write_paper_outputs(
+    out: Path, name: str, experiment: Experiment, rows: Sequence[Row], argv: Sequence[str]
+) -> None:
     """``paper.json``, ``paper.md`` and ``paper.png`` (ours per claim)."""
-    record = {"experiment": name, "about": experiment.about, "tool": experiment.tool,
-              "argv": list(argv), "rows": [{"claim": c, "paper": p, "ours": o, "unit": u}
-                                           for c, p, o, u in rows]}
+    record = {
+        "experiment": name,
+        "about": experiment.about,
+        "tool": experiment.tool,
+        "argv": list(argv),
+        "rows": [{"claim": c, "paper": p, "ours": o, "unit": u} for c, p, o, u in rows],
+    }
     (out / "paper.json").write_text(json.dumps(record, indent=1) + "\n")
-    lines = [f"# {experiment.about}", "", f"`python -m eval.{experiment.tool} "
-             f"{' '.join(argv)}`", "", "| claim | paper | ours | what ours is |", "|---|---|---|---|"]
+    lines = [
+        f"# {experiment.about}",
+        "",
+        f"`python -m eval.{experiment.tool} {' '.join(argv)}`",
+        "",
+        "| claim | paper | ours | what ours is |",
+        "|---|---|---|---|",
+    ]
     for claim, paper, ours, unit in rows:
         cell = "–" if ours is None else (f"{ours:+.1%}" if "- 1" in unit else f"{ours:.3g}")
         lines.append(f"| {claim} | {paper} | {cell} | {unit} |")
@@ -241,8 +402,11 @@ def write_paper_outputs(out: Path, name: str, experiment: Experiment,
 
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * max(1, len(rows))))
     values = [0.0 if o is None else o for _, _, o, _ in rows]
-    ax.barh([c for c, _, _, _ in rows], values, color=["#888" if o is None else "#3a7"
-                                                      for _, _, o, _ in rows])
+    ax.barh(
+        [c for c, _, _, _ in rows],
+        values,
+        color=["#888" if o is None else "#3a7" for _, _, o, _ in rows],
+    )
     ax.invert_yaxis()
     ax.set_title(f"{name}: ours (grey: not measured)")
     fig.tight_layout()
@@ -251,22 +415,26 @@ def write_paper_outputs(out: Path, name: str, experiment: Experiment,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.paper", description=__doc__.split("\n")[0],
-                                epilog="everything after -- goes to eval.compare / eval.sweep")
+    p = argparse.ArgumentParser(
+        prog="python -m eval.paper",
+        description=__doc__.split("\n")[0],
+        epilog="everything after -- goes to eval.compare / eval.sweep",
+    )
     p.add_argument("experiment", choices=sorted([*EXPERIMENTS, "popularity", *NOT_BUILT]))
     p.add_argument("--quick", action="store_true", help="the small variant")
     p.add_argument("--out", type=Path, default=None)
     given = list(sys.argv[1:] if argv is None else argv)
     cut = given.index("--") if "--" in given else len(given)
     args = p.parse_args(given[:cut])
-    args.rest = given[cut + 1:]
+    args.rest = given[cut + 1 :]
     if args.experiment in NOT_BUILT:
         print(NOT_BUILT[args.experiment], file=sys.stderr)
         return 2
     import datetime
 
-    out = args.out or RESULTS_DIR / (f"paper-{args.experiment}-"
-                                     + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = args.out or RESULTS_DIR / (
+        f"paper-{args.experiment}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    )
     out.mkdir(parents=True, exist_ok=True)
     rest = [a for a in args.rest if a != "--"]
     if args.experiment == "popularity":
@@ -275,11 +443,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print((out / "paper.md").read_text())
         return status
     experiment = EXPERIMENTS[args.experiment]
-    tool_argv = [*(experiment.quick_args if args.quick else experiment.args), *rest,
-                 "--out", str(out)]
+    tool_argv = [
+        *(experiment.quick_args if args.quick else experiment.args),
+        *rest,
+        "--out",
+        str(out),
+    ]
     status = run_tool(experiment.tool, tool_argv)
-    if status != 0 and not (out / ("sweep.json" if experiment.tool == "sweep"
-                                   else "summary.json")).exists():
+    if (
+        status != 0
+        and not (out / ("sweep.json" if experiment.tool == "sweep" else "summary.json")).exists()
+    ):
         return status
     rows = experiment.rows(read_result(experiment.tool, out))
     write_paper_outputs(out, args.experiment, experiment, rows, tool_argv)

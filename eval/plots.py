@@ -13,19 +13,20 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from eval.server_status import cache_hit_rate, memory_split  # noqa: E402
-from eval.workload import SIZE_CLASSES  # noqa: E402
+from eval.server_status import cache_hit_rate, memory_split
+from eval.workload import SIZE_CLASSES
 
 NOT_REPORTED = "not reported by this server version"
 Samples = Sequence[Tuple[float, Optional[Dict[str, Any]]]]
 
 
 def _note(ax: Any, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=11,
-            wrap=True)
+    ax.text(
+        0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=11, wrap=True
+    )
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -56,8 +57,11 @@ def ttft_cdf(ttfts: Mapping[str, Sequence[float]], path: Path, title: str = "") 
     return _save(fig, path)
 
 
-def ttft_vs_load(points: Mapping[str, Sequence[Tuple[float, Optional[float], Optional[float]]]],
-                 path: Path, slo_s: Optional[float] = None) -> Path:
+def ttft_vs_load(
+    points: Mapping[str, Sequence[Tuple[float, Optional[float], Optional[float]]]],
+    path: Path,
+    slo_s: Optional[float] = None,
+) -> Path:
     """P50 (dashed) and P99 (solid) TTFT against offered load, one colour per arm."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (arm, pts) in enumerate(points.items()):
@@ -77,8 +81,9 @@ def ttft_vs_load(points: Mapping[str, Sequence[Tuple[float, Optional[float], Opt
     return _save(fig, path)
 
 
-def queueing_share(shares: Mapping[str, Mapping[str, Mapping[str, object]]], path: Path,
-                   source: str) -> Path:
+def queueing_share(
+    shares: Mapping[str, Mapping[str, Mapping[str, object]]], path: Path, source: str
+) -> Path:
     """Grouped bars: queueing time as a share of end-to-end time per size class and arm."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     arms = list(shares)
@@ -112,8 +117,9 @@ def cache_and_memory(samples: Mapping[str, Samples], path: Path) -> Path:
             for key, v in memory_split(s).items():
                 series.setdefault(key, []).append((t, v / 2**20))
         for j, (key, pts) in enumerate(sorted(series.items())):
-            bottom.plot(*zip(*pts), color=f"C{i}", ls=["-", "--", ":", "-."][j % 4],
-                        label=f"{arm} {key}")
+            bottom.plot(
+                *zip(*pts), color=f"C{i}", ls=["-", "--", ":", "-."][j % 4], label=f"{arm} {key}"
+            )
             mem_drawn = True
     top.set_ylabel("adapter cache hit rate")
     bottom.set_ylabel("MiB")

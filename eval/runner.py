@@ -28,10 +28,21 @@ from eval.warmup import UnloadedProfile, warm_up
 from eval.workload import WorkloadRequest
 
 SERVER_SETTING_KEYS: Tuple[str, ...] = (
-    "version", "dtype", "lora_backend", "attention_backend", "max_loras_per_batch",
-    "max_loaded_loras", "max_lora_rank", "max_total_num_tokens", "schedule_policy",
-    "lora_eviction_policy", "enable_metrics", "chameleon", "chameleon_scheduler",
-    "chameleon_cache", "chameleon_eviction_policy",
+    "version",
+    "dtype",
+    "lora_backend",
+    "attention_backend",
+    "max_loras_per_batch",
+    "max_loaded_loras",
+    "max_lora_rank",
+    "max_total_num_tokens",
+    "schedule_policy",
+    "lora_eviction_policy",
+    "enable_metrics",
+    "chameleon",
+    "chameleon_scheduler",
+    "chameleon_cache",
+    "chameleon_eviction_policy",
 )
 
 
@@ -101,54 +112,76 @@ def arm_server(arm: str, cfg: RunConfig, log_dir: Path) -> Iterator[ArmServer]:
     if cfg.quiet_max_wait_s > 0:
         quiet = wait_until_quiet(cfg.quiet_max_wait_s, cfg.quiet_threshold)
     port = free_port()
-    cmd = arm_command(arm, cfg.assets, port, [a.name for a in cfg.adapters], cfg.flags,
-                      cfg.own_flags(arm))
+    cmd = arm_command(
+        arm, cfg.assets, port, [a.name for a in cfg.adapters], cfg.flags, cfg.own_flags(arm)
+    )
     t0 = time.perf_counter()
     server = ServerProcess(cmd, port, log_path=log_dir / "server.log")
     server.start(timeout_s=cfg.start_timeout_s)
     try:
         pgid = server.proc.pid if server.proc is not None else None
-        yield ArmServer(arm=arm, url=server.url, command=cmd, start_s=time.perf_counter() - t0,
-                        pgid=pgid, quiet=quiet)
+        yield ArmServer(
+            arm=arm,
+            url=server.url,
+            command=cmd,
+            start_s=time.perf_counter() - t0,
+            pgid=pgid,
+            quiet=quiet,
+        )
     finally:
         server.stop()
 
 
 def warm(server: ArmServer, cfg: RunConfig, max_input: int) -> UnloadedProfile:
     """Warm-up requests and the unloaded profile of ``server`` (see ``eval.warmup``)."""
-    return warm_up(server.url, cfg.adapters, cfg.assets.recipe.vocab_size, max_input,
-                   seed=cfg.seed)
+    return warm_up(server.url, cfg.adapters, cfg.assets.recipe.vocab_size, max_input, seed=cfg.seed)
 
 
-def measure(server: ArmServer, repeat: int, workload: Sequence[WorkloadRequest],
-            cfg: RunConfig, profile: UnloadedProfile, run_dir: Path) -> RunOutcome:
+def measure(
+    server: ArmServer,
+    repeat: int,
+    workload: Sequence[WorkloadRequest],
+    cfg: RunConfig,
+    profile: UnloadedProfile,
+    run_dir: Path,
+) -> RunOutcome:
     """Replay ``workload`` on a running server and write the run's files into ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     deadline = max((r.arrival_s for r in workload), default=0.0) + cfg.drain_s
     t1 = time.perf_counter()
     before = snapshot(server.pgid)
     with StatusSampler(server.url, cfg.status_interval_s) as sampler:
-        results = run_load_sync(server.url, workload, deadline, cfg.progress,
-                                desc=f"{server.arm} #{repeat}")
+        results = run_load_sync(
+            server.url, workload, deadline, cfg.progress, desc=f"{server.arm} #{repeat}"
+        )
     load_s = time.perf_counter() - t1
     machine = foreign_share(before, snapshot(server.pgid)) | client_lag(results)
     machine["before_server_start"] = server.quiet
     info = _safe_server_info(server.url)
     status = chameleon_status(info)
     outcome = RunOutcome(
-        arm=server.arm, repeat=repeat, run_dir=run_dir, results=results, profile=profile,
+        arm=server.arm,
+        repeat=repeat,
+        run_dir=run_dir,
+        results=results,
+        profile=profile,
         metrics=run_metrics(results, cache_hit_rate(status)),
-        queueing=queueing_share(results, profile), status_samples=sampler.samples,
+        queueing=queueing_share(results, profile),
+        status_samples=sampler.samples,
         settings={k: info.get(k) for k in SERVER_SETTING_KEYS} | {"chameleon_status": status},
-        command=server.command, start_s=server.start_s, load_s=load_s, machine_load=machine,
+        command=server.command,
+        start_s=server.start_s,
+        load_s=load_s,
+        machine_load=machine,
         own_flags=cfg.own_flags(server.arm),
     )
     _write(outcome, info)
     return outcome
 
 
-def run_arm(arm: str, repeat: int, workload: Sequence[WorkloadRequest], cfg: RunConfig,
-            run_dir: Path) -> RunOutcome:
+def run_arm(
+    arm: str, repeat: int, workload: Sequence[WorkloadRequest], cfg: RunConfig, run_dir: Path
+) -> RunOutcome:
     """Run ``workload`` once against a fresh server of ``arm`` (see the module contract)."""
     with arm_server(arm, cfg, run_dir) as server:
         profile = warm(server, cfg, max((r.input_len for r in workload), default=64))
@@ -158,7 +191,7 @@ def run_arm(arm: str, repeat: int, workload: Sequence[WorkloadRequest], cfg: Run
 def _safe_server_info(url: str) -> Dict[str, Any]:
     try:
         return server_info(url)
-    except Exception as exc:  # noqa: BLE001 - the run's results stand without it
+    except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -176,9 +209,16 @@ def _write(o: RunOutcome, info: Dict[str, Any]) -> None:
 def run_record(o: RunOutcome) -> Dict[str, Any]:
     """The JSON-able record of a run (everything but the per-request results)."""
     return {
-        "arm": o.arm, "repeat": o.repeat, "metrics": o.metrics,
-        "queueing": o.queueing, "queue_source": queue_source(o.results),
-        "profile": o.profile.to_json(), "settings": o.settings, "command": o.command,
-        "server_start_s": o.start_s, "load_s": o.load_s, "machine_load": o.machine_load,
+        "arm": o.arm,
+        "repeat": o.repeat,
+        "metrics": o.metrics,
+        "queueing": o.queueing,
+        "queue_source": queue_source(o.results),
+        "profile": o.profile.to_json(),
+        "settings": o.settings,
+        "command": o.command,
+        "server_start_s": o.start_s,
+        "load_s": o.load_s,
+        "machine_load": o.machine_load,
         "own_flags": list(o.own_flags),
     }

@@ -36,8 +36,11 @@ def chameleon_status(info: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     parallelism the server has no engine-wide ``chameleon_status``: then ``{"live": [...]}``,
     one entry per replica in SGLang's order, or None when no replica reports."""
     status = info.get(STATUS_KEY)
-    live = [state["chameleon"] for state in info.get("internal_states") or []
-            if isinstance(state, dict) and isinstance(state.get("chameleon"), dict)]
+    live = [
+        state["chameleon"]
+        for state in info.get("internal_states") or []
+        if isinstance(state, dict) and isinstance(state.get("chameleon"), dict)
+    ]
     if not isinstance(status, dict):
         return {"live": live} if live else None
     return {**status, "live": live} if live else status
@@ -111,7 +114,7 @@ class StatusSampler:
         self._thread: Optional[threading.Thread] = None
         self._t0 = 0.0
 
-    def start(self) -> "StatusSampler":
+    def start(self) -> StatusSampler:
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="status-sampler", daemon=True)
         self._thread.start()
@@ -127,12 +130,12 @@ class StatusSampler:
         while not self._stop.is_set() and len(self.samples) < self.max_samples:
             try:
                 status = chameleon_status(server_info(self.url, timeout_s=20))
-            except Exception:  # noqa: BLE001 - a missed sample is not an error
+            except Exception:
                 status = None
             self.samples.append((time.perf_counter() - self._t0, status))
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "StatusSampler":
+    def __enter__(self) -> StatusSampler:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -40,9 +40,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import aiohttp
 import requests
 
-from chameleon_sglang.integration import integrity
 from chameleon_sglang.dev.assets import Assets, build
 from chameleon_sglang.dev.serve import ServerProcess, free_port, server_command
+from chameleon_sglang.integration import integrity
 from eval.arms import auto_dtype
 from eval.summary import cpu_flags
 
@@ -64,8 +64,9 @@ SPARE_ADAPTERS = 2
 """The preset's last adapters: reloaded under traffic, named by no request (by default)."""
 
 
-def request_mix(assets: Assets, n: int, seed: int, max_input: int, max_output: int
-                ) -> List[Dict[str, Any]]:
+def request_mix(
+    assets: Assets, n: int, seed: int, max_input: int, max_output: int
+) -> List[Dict[str, Any]]:
     """``n`` requests over the adapters but the spare ones, with a skewed popularity; prompt
     and output lengths uniform."""
     rng = random.Random(seed)
@@ -74,25 +75,43 @@ def request_mix(assets: Assets, n: int, seed: int, max_input: int, max_output: i
     out = []
     for _ in range(n):
         length = rng.randint(8, max_input)
-        out.append({"adapter": rng.choices(names, weights)[0],
-                    "input_ids": [rng.randint(5, 1000) for _ in range(length)],
-                    "max_new_tokens": rng.randint(4, max_output)})
+        out.append(
+            {
+                "adapter": rng.choices(names, weights)[0],
+                "input_ids": [rng.randint(5, 1000) for _ in range(length)],
+                "max_new_tokens": rng.randint(4, max_output),
+            }
+        )
     return out
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, index: int,
-                      spec: Dict[str, Any], hang_up: bool, timeout_s: float) -> Outcome:
-    body = {"input_ids": spec["input_ids"], "lora_path": spec["adapter"], "stream": True,
-            "sampling_params": {"max_new_tokens": spec["max_new_tokens"], "temperature": 0,
-                                "ignore_eos": True}}
+async def one_request(
+    session: aiohttp.ClientSession,
+    url: str,
+    index: int,
+    spec: Dict[str, Any],
+    hang_up: bool,
+    timeout_s: float,
+) -> Outcome:
+    body = {
+        "input_ids": spec["input_ids"],
+        "lora_path": spec["adapter"],
+        "stream": True,
+        "sampling_params": {
+            "max_new_tokens": spec["max_new_tokens"],
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    }
     started = time.perf_counter()
 
     def done(kind: str, detail: str = "") -> Outcome:
         return Outcome(index, spec["adapter"], kind, detail, time.perf_counter() - started)
 
     try:
-        async with session.post(url + "/generate", json=body,
-                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        async with session.post(
+            url + "/generate", json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as resp:
             if resp.status != 200:
                 text = (await resp.text())[:200]
                 return done("error" if text.strip() else "lost", f"HTTP {resp.status} {text}")
@@ -119,12 +138,14 @@ async def one_request(session: aiohttp.ClientSession, url: str, index: int,
         return done("lost", f"{type(exc).__name__}: {exc}")
 
 
-async def closed_loop(url: str, mix: Sequence[Dict[str, Any]], clients: int,
-                      duration_s: float) -> float:
+async def closed_loop(
+    url: str, mix: Sequence[Dict[str, Any]], clients: int, duration_s: float
+) -> float:
     """Completed requests per second of ``clients`` back-to-back clients."""
     completed = 0
     deadline = time.perf_counter() + duration_s
     async with aiohttp.ClientSession() as session:
+
         async def client(c: int) -> None:
             nonlocal completed
             i = c
@@ -132,13 +153,20 @@ async def closed_loop(url: str, mix: Sequence[Dict[str, Any]], clients: int,
                 out = await one_request(session, url, i, mix[i % len(mix)], False, 300)
                 completed += out.kind == "completed"
                 i += clients
+
         started = time.perf_counter()
         await asyncio.gather(*(client(c) for c in range(clients)))
         return completed / (time.perf_counter() - started)
 
 
-async def reloader(url: str, assets: Assets, every_s: float, stop: asyncio.Event,
-                   log: List[Dict[str, Any]], in_use: bool) -> None:
+async def reloader(
+    url: str,
+    assets: Assets,
+    every_s: float,
+    stop: asyncio.Event,
+    log: List[Dict[str, Any]],
+    in_use: bool,
+) -> None:
     """Unload and reload an adapter every ``every_s``: the spare ones, or (``in_use``) the
     most popular ones, which requests are using."""
     popular = assets.adapters[:4] if in_use else assets.adapters[-SPARE_ADAPTERS:]
@@ -153,36 +181,54 @@ async def reloader(url: str, assets: Assets, every_s: float, stop: asyncio.Event
             adapter = popular[i % len(popular)]
             i += 1
             entry: Dict[str, Any] = {"adapter": adapter.name, "t": time.time()}
-            for op, body in (("unload", {"lora_name": adapter.name}),
-                             ("load", {"lora_name": adapter.name,
-                                       "lora_path": str(adapter.path)})):
-                async with session.post(f"{url}/{op}_lora_adapter", json=body,
-                                        timeout=aiohttp.ClientTimeout(total=300)) as resp:
+            for op, body in (
+                ("unload", {"lora_name": adapter.name}),
+                ("load", {"lora_name": adapter.name, "lora_path": str(adapter.path)}),
+            ):
+                async with session.post(
+                    f"{url}/{op}_lora_adapter", json=body, timeout=aiohttp.ClientTimeout(total=300)
+                ) as resp:
                     payload = await resp.json(content_type=None)
                     entry[op] = bool(resp.status == 200 and payload.get("success"))
             log.append(entry)
 
 
-async def open_loop(url: str, assets: Assets, mix: Sequence[Dict[str, Any]], rps: float,
-                    duration_s: float, hangup: float, reload_every_s: float, seed: int,
-                    timeout_s: float, reload_in_use: bool) -> Dict[str, Any]:
+async def open_loop(
+    url: str,
+    assets: Assets,
+    mix: Sequence[Dict[str, Any]],
+    rps: float,
+    duration_s: float,
+    hangup: float,
+    reload_every_s: float,
+    seed: int,
+    timeout_s: float,
+    reload_in_use: bool,
+) -> Dict[str, Any]:
     rng = random.Random(seed + 1)
     tasks: List[asyncio.Task] = []
     reloads: List[Dict[str, Any]] = []
     stop = asyncio.Event()
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        reload_task = asyncio.create_task(
-            reloader(url, assets, reload_every_s, stop, reloads, reload_in_use)) \
-            if reload_every_s > 0 else None
+        reload_task = (
+            asyncio.create_task(reloader(url, assets, reload_every_s, stop, reloads, reload_in_use))
+            if reload_every_s > 0
+            else None
+        )
         started = time.perf_counter()
         t, i = 0.0, 0
         while t < duration_s:
             delay = started + t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one_request(
-                session, url, i, mix[i % len(mix)], rng.random() < hangup, timeout_s)))
+            tasks.append(
+                asyncio.create_task(
+                    one_request(
+                        session, url, i, mix[i % len(mix)], rng.random() < hangup, timeout_s
+                    )
+                )
+            )
             i += 1
             t += rng.expovariate(rps)
         stop.set()
@@ -202,17 +248,19 @@ def group_rss_kb(pid: int) -> int:
         try:
             if os.getpgid(int(entry)) != pid:
                 continue
-            for line in open(f"/proc/{entry}/status"):
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+            with open(f"/proc/{entry}/status") as status:
+                total += sum(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
         except (OSError, ProcessLookupError):
             continue
     return total
 
 
 def probe(url: str, adapter: str) -> List[int]:
-    body = {"input_ids": PROBE_IDS, "lora_path": adapter,
-            "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}
+    body = {
+        "input_ids": PROBE_IDS,
+        "lora_path": adapter,
+        "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True},
+    }
     resp = requests.post(url + "/generate", json=body, timeout=300)
     resp.raise_for_status()
     return resp.json()["output_ids"]
@@ -224,8 +272,12 @@ def settle(url: str, timeout_s: float) -> Dict[str, Any]:
     while True:
         rank = requests.get(url + "/chameleon/stats", timeout=60).json()["ranks"][0]
         sched, cache = rank.get("scheduler") or {}, rank.get("adapter_cache") or {}
-        quiet = (not any(sched.get("usage", [])) and not any(sched.get("num_waiting", []))
-                 and cache.get("num_in_use", 0) == 0 and cache.get("num_holding_requests", 0) == 0)
+        quiet = (
+            not any(sched.get("usage", []))
+            and not any(sched.get("num_waiting", []))
+            and cache.get("num_in_use", 0) == 0
+            and cache.get("num_holding_requests", 0) == 0
+        )
         if quiet or time.monotonic() > deadline:
             return rank
         time.sleep(1.0)
@@ -234,23 +286,35 @@ def settle(url: str, timeout_s: float) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="eval")
-    parser.add_argument("--arm", default="chameleon", choices=["chameleon", "stock"],
-                        help="stock: the same soak on SGLang without --chameleon (the checks "
-                             "of Chameleon's own state are skipped)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16",
-                                                            "float16"])
+    parser.add_argument(
+        "--arm",
+        default="chameleon",
+        choices=["chameleon", "stock"],
+        help="stock: the same soak on SGLang without --chameleon (the checks "
+        "of Chameleon's own state are skipped)",
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
     parser.add_argument("--overload", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=600.0)
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="seconds of overload before the RSS baseline (default: --duration)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds of overload before the RSS baseline (default: --duration)",
+    )
     parser.add_argument("--capacity-rps", type=float, default=0.0)
     parser.add_argument("--capacity-seconds", type=float, default=30.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--hangup", type=float, default=0.1)
     parser.add_argument("--reload-every", type=float, default=20.0)
-    parser.add_argument("--reload-in-use", action="store_true",
-                        help="reload adapters the requests use (see the README: SGLang's "
-                             "unload waits for them and its registry races with reloads)")
+    parser.add_argument(
+        "--reload-in-use",
+        action="store_true",
+        help="reload adapters the requests use (see the README: SGLang's "
+        "unload waits for them and its registry races with reloads)",
+    )
     parser.add_argument("--max-input", type=int, default=256)
     parser.add_argument("--max-output", type=int, default=48)
     parser.add_argument("--request-timeout", type=float, default=1800.0)
@@ -266,33 +330,65 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     port = free_port()
     chameleon = args.arm == "chameleon"
     cmd = server_command(assets, port, chameleon=chameleon, dtype=dtype)
-    report: Dict[str, Any] = {"arm": args.arm, "preset": args.preset, "dtype": dtype,
-                              "cpu_flags": cpu_flags(),
-                              "command": cmd, "args": {k: str(v) for k, v in vars(args).items()}}
+    report: Dict[str, Any] = {
+        "arm": args.arm,
+        "preset": args.preset,
+        "dtype": dtype,
+        "cpu_flags": cpu_flags(),
+        "command": cmd,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     mix = request_mix(assets, 4096, args.seed, args.max_input, args.max_output)
     with ServerProcess(cmd, port, log_path=out_dir / "server.log") as server:
         url = server.url
         probe_adapter = assets.adapters[0].name
         before_probe = probe(url, probe_adapter)
         capacity = args.capacity_rps or asyncio.run(
-            closed_loop(url, mix, args.clients, args.capacity_seconds))
+            closed_loop(url, mix, args.clients, args.capacity_seconds)
+        )
         rss_start = group_rss_kb(server.proc.pid)
         rate = args.overload * capacity
         warmup = args.duration if args.warmup is None else args.warmup
         warm: Dict[str, Any] = {"outcomes": [], "reloads": [], "drain_s": 0.0}
         if warmup > 0:
-            print(f"capacity {capacity:.2f} req/s; warm-up at {rate:.2f} req/s for "
-                  f"{warmup:.0f} s", flush=True)
-            warm = asyncio.run(open_loop(url, assets, mix, rate, warmup, args.hangup,
-                                         args.reload_every, args.seed + 7, args.request_timeout,
-                                         args.reload_in_use))
+            print(
+                f"capacity {capacity:.2f} req/s; warm-up at {rate:.2f} req/s for {warmup:.0f} s",
+                flush=True,
+            )
+            warm = asyncio.run(
+                open_loop(
+                    url,
+                    assets,
+                    mix,
+                    rate,
+                    warmup,
+                    args.hangup,
+                    args.reload_every,
+                    args.seed + 7,
+                    args.request_timeout,
+                    args.reload_in_use,
+                )
+            )
             settle(url, timeout_s=300)
         rss_before = group_rss_kb(server.proc.pid)
-        print(f"capacity {capacity:.2f} req/s; soak at {rate:.2f} req/s for {args.duration:.0f} s",
-              flush=True)
-        run = asyncio.run(open_loop(url, assets, mix, rate, args.duration, args.hangup,
-                                    args.reload_every, args.seed, args.request_timeout,
-                                    args.reload_in_use))
+        print(
+            f"capacity {capacity:.2f} req/s; soak at {rate:.2f} req/s for {args.duration:.0f} s",
+            flush=True,
+        )
+        run = asyncio.run(
+            open_loop(
+                url,
+                assets,
+                mix,
+                rate,
+                args.duration,
+                args.hangup,
+                args.reload_every,
+                args.seed,
+                args.request_timeout,
+                args.reload_in_use,
+            )
+        )
         final = settle(url, timeout_s=300)
         after_probe = probe(url, probe_adapter)
         rss_after = group_rss_kb(server.proc.pid)
@@ -311,23 +407,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             integrity=final.get("integrity", ["not reported"]) == [],
             quota_usage_zero=not any(sched.get("usage", [1])),
             references_zero=cache.get("num_in_use", 1) == 0
-            and cache.get("num_holding_requests", 1) == 0)
+            and cache.get("num_holding_requests", 1) == 0,
+        )
     report.update(
-        capacity_rps=capacity, offered_rps=rate, duration_s=args.duration, warmup_s=warmup,
-        arrivals=len(outcomes), outcomes=counts, drain_s=round(run["drain_s"], 1),
-        warmup_drain_s=round(warm["drain_s"], 1), reloads=len(reloads),
+        capacity_rps=capacity,
+        offered_rps=rate,
+        duration_s=args.duration,
+        warmup_s=warmup,
+        arrivals=len(outcomes),
+        outcomes=counts,
+        drain_s=round(run["drain_s"], 1),
+        warmup_drain_s=round(warm["drain_s"], 1),
+        reloads=len(reloads),
         rss_kb={"start": rss_start, "before": rss_before, "after": rss_after},
-        integrity=final.get("integrity"), refused_requests=cache.get("num_refused_requests"),
+        integrity=final.get("integrity"),
+        refused_requests=cache.get("num_refused_requests"),
         refusals_repeated=cache.get("num_refusals_repeated"),
         refused_for_fragmentation=cache.get("refused_for_fragmentation"),
         lost=[dataclasses.asdict(o) for o in outcomes if o.kind == "lost"][:20],
         errors=[dataclasses.asdict(o) for o in outcomes if o.kind == "error"][:20],
-        checks=checks, passed=all(checks.values()))
+        checks=checks,
+        passed=all(checks.values()),
+    )
     (out_dir / "soak.json").write_text(json.dumps(report, indent=1, default=str))
-    print(json.dumps({k: report[k] for k in ("arm", "dtype", "capacity_rps", "offered_rps", "arrivals",
-                                              "outcomes", "drain_s", "reloads", "rss_kb",
-                                              "refused_requests", "refusals_repeated",
-                                              "checks")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "arm",
+                    "dtype",
+                    "capacity_rps",
+                    "offered_rps",
+                    "arrivals",
+                    "outcomes",
+                    "drain_s",
+                    "reloads",
+                    "rss_kb",
+                    "refused_requests",
+                    "refusals_repeated",
+                    "checks",
+                )
+            },
+            indent=1,
+        )
+    )
     print(("PASSED" if report["passed"] else "FAILED") + f" -> {out_dir / 'soak.json'}")
     return 0 if report["passed"] else 1
 

@@ -18,6 +18,7 @@ Any float may be null when it could not be measured (e.g. no request completed).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -67,10 +68,21 @@ def cpu_flags() -> List[str]:
 def git_commit() -> Optional[str]:
     """``HEAD`` of the repository, with ``+dirty`` when the work tree has changes."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -79,10 +91,8 @@ def git_commit() -> Optional[str]:
 def machine_info() -> Dict[str, Any]:
     """CPU count, model and SIMD flags, memory, python / torch / sglang versions, git commit."""
     mem = None
-    try:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        pass
     return {
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
@@ -107,8 +117,9 @@ def pick_pair(arms: Sequence[str]) -> Tuple[Optional[str], Optional[str]]:
     return ref, cand
 
 
-def ratios(arms: Dict[str, Dict[str, Any]], ref: Optional[str],
-           cand: Optional[str]) -> Dict[str, Optional[float]]:
+def ratios(
+    arms: Dict[str, Dict[str, Any]], ref: Optional[str], cand: Optional[str]
+) -> Dict[str, Optional[float]]:
     """candidate / reference for :data:`RATIO_KEYS` (None where either is missing)."""
     a = arms.get(cand or "", {})
     b = arms.get(ref or "", {})
@@ -120,17 +131,28 @@ def ratios(arms: Dict[str, Dict[str, Any]], ref: Optional[str],
     }
 
 
-def build_summary(workload: Dict[str, Any], machine: Dict[str, Any],
-                  runs: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
+def build_summary(
+    workload: Dict[str, Any], machine: Dict[str, Any], runs: Dict[str, List[Dict[str, Any]]]
+) -> Dict[str, Any]:
     """The summary from per-arm lists of per-run metrics (:func:`eval.metrics.run_metrics`)."""
     arms = {arm: median_metrics(per_run) for arm, per_run in runs.items()}
     ref, cand = pick_pair(list(runs))
     result = ratios(arms, ref, cand)
-    tuned = cand is not None and cand != TUNED_REFERENCE_ARM and TUNED_REFERENCE_ARM in arms \
+    tuned = (
+        cand is not None
+        and cand != TUNED_REFERENCE_ARM
+        and TUNED_REFERENCE_ARM in arms
         and ref != TUNED_REFERENCE_ARM
-    return {"workload": workload, "machine": machine, "arms": arms,
-            "ratios": {**result, "vs_tuned": ratios(arms, TUNED_REFERENCE_ARM, cand)
-                       if tuned else None}}
+    )
+    return {
+        "workload": workload,
+        "machine": machine,
+        "arms": arms,
+        "ratios": {
+            **result,
+            "vs_tuned": ratios(arms, TUNED_REFERENCE_ARM, cand) if tuned else None,
+        },
+    }
 
 
 def _is_num_or_none(v: Any) -> bool:
@@ -160,12 +182,16 @@ def validate_summary(summary: Any) -> List[str]:
     tuned = ratios_.pop("vs_tuned", None)
     if set(ratios_) != set(RATIO_KEYS):
         errors.append(f"ratios keys {sorted(ratios_)} != {sorted(RATIO_KEYS)}")
-    errors += [f"ratios.{k} is not a number or null" for k, v in ratios_.items()
-               if not _is_num_or_none(v)]
+    errors += [
+        f"ratios.{k} is not a number or null" for k, v in ratios_.items() if not _is_num_or_none(v)
+    ]
     if tuned is not None:
         if not isinstance(tuned, dict) or set(tuned) != set(RATIO_KEYS):
             errors.append(f"ratios.vs_tuned is not an object of {sorted(RATIO_KEYS)}")
         else:
-            errors += [f"ratios.vs_tuned.{k} is not a number or null"
-                       for k, v in tuned.items() if not _is_num_or_none(v)]
+            errors += [
+                f"ratios.vs_tuned.{k} is not a number or null"
+                for k, v in tuned.items()
+                if not _is_num_or_none(v)
+            ]
     return errors

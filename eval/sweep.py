@@ -35,8 +35,15 @@ import numpy as np
 
 from chameleon_sglang.dev.assets import Assets, build
 from eval.arms import parse_arms
-from eval.cli import add_run_args, add_server_args, add_workload_args, out_dir, resolve
-from eval.cli import run_config, spec_from_args
+from eval.cli import (
+    add_run_args,
+    add_server_args,
+    add_workload_args,
+    out_dir,
+    resolve,
+    run_config,
+    spec_from_args,
+)
 from eval.experiment import select_adapters
 from eval.runner import ArmServer, RunConfig, RunOutcome, arm_server, measure, warm
 from eval.summary import machine_info
@@ -59,13 +66,20 @@ def parser() -> argparse.ArgumentParser:
     add_server_args(p)
     add_run_args(p)
     g = p.add_argument_group("sweep")
-    g.add_argument("--levels", default=",".join(map(str, DEFAULT_LEVELS)),
-                   help="load levels as fractions of stock capacity (low,medium,high,overload)")
+    g.add_argument(
+        "--levels",
+        default=",".join(map(str, DEFAULT_LEVELS)),
+        help="load levels as fractions of stock capacity (low,medium,high,overload)",
+    )
     g.add_argument("--capacity-rps", type=float, default=None, help="skip the capacity probe")
     g.add_argument("--probe-rps", type=float, default=8.0, help="overload rate of the probe")
     g.add_argument("--slo-factor", type=float, default=5.0, help="SLO = factor x unloaded TTFT")
-    g.add_argument("--slo-ttft", type=float, default=None,
-                   help="the TTFT SLO in seconds (skips the unloaded measurement)")
+    g.add_argument(
+        "--slo-ttft",
+        type=float,
+        default=None,
+        help="the TTFT SLO in seconds (skips the unloaded measurement)",
+    )
     g.add_argument("--unloaded-requests", type=int, default=20)
     g.add_argument("--adapter-counts", default=None, help="comma-separated adapter counts")
     g.add_argument("--no-load-sweep", action="store_true")
@@ -91,24 +105,42 @@ class SweepState:
         return self.slo_ttft_s is not None and self.capacity_rps is not None
 
 
-def _workload(args: argparse.Namespace, assets: Assets, adapters: Sequence[Any], rps: float,
-              salt: int, n: int) -> List[WorkloadRequest]:
+def _workload(
+    args: argparse.Namespace, assets: Assets, adapters: Sequence[Any], rps: float, salt: int, n: int
+) -> List[WorkloadRequest]:
     spec = spec_from_args(args, rps=rps, prompt_salt=salt, max_requests=n)
     return build_workload(spec, adapters, assets.recipe.vocab_size)
 
 
-def _point(kind: str, name: str, rps: float, o: RunOutcome, adapters: int,
-           slo: Optional[float]) -> Dict[str, Any]:
+def _point(
+    kind: str, name: str, rps: float, o: RunOutcome, adapters: int, slo: Optional[float]
+) -> Dict[str, Any]:
     m = o.metrics
-    meets = (slo is not None and m["ttft_p99"] is not None and m["ttft_p99"] <= slo
-             and m["failed"] == 0)
-    return {"kind": kind, "point": name, "arm": o.arm, "rps": rps, "adapters": adapters,
-            "metrics": m, "queueing": o.queueing, "meets_slo": meets,
-            "server_start_s": o.start_s, "load_s": o.load_s, "machine_load": o.machine_load}
+    meets = (
+        slo is not None and m["ttft_p99"] is not None and m["ttft_p99"] <= slo and m["failed"] == 0
+    )
+    return {
+        "kind": kind,
+        "point": name,
+        "arm": o.arm,
+        "rps": rps,
+        "adapters": adapters,
+        "metrics": m,
+        "queueing": o.queueing,
+        "meets_slo": meets,
+        "server_start_s": o.start_s,
+        "load_s": o.load_s,
+        "machine_load": o.machine_load,
+    }
 
 
-def measure_unloaded(server: ArmServer, args: argparse.Namespace, assets: Assets,
-                     adapters: Sequence[Any], state: SweepState) -> None:
+def measure_unloaded(
+    server: ArmServer,
+    args: argparse.Namespace,
+    assets: Assets,
+    adapters: Sequence[Any],
+    state: SweepState,
+) -> None:
     """Sequential sample of the workload on ``server``: the unloaded means and the SLOs."""
     sample = _workload(args, assets, adapters, 1.0, UNLOADED_SALT, args.unloaded_requests)
     prof = fit_profile(asyncio.run(run_sequential(server.url, sample)))
@@ -119,8 +151,16 @@ def measure_unloaded(server: ArmServer, args: argparse.Namespace, assets: Assets
         state.slo_tbt_s = args.slo_factor * prof.tbt_mean_s
 
 
-def calibrate_on(server: ArmServer, profile: Any, args: argparse.Namespace, cfg: RunConfig,
-                 out: Path, n: int, state: SweepState, log: Any) -> None:
+def calibrate_on(
+    server: ArmServer,
+    profile: Any,
+    args: argparse.Namespace,
+    cfg: RunConfig,
+    out: Path,
+    n: int,
+    state: SweepState,
+    log: Any,
+) -> None:
     """The SLO (unless ``--slo-ttft``) and the capacity (unless ``--capacity-rps``), measured
     on ``server`` (stock's, the reference): step 1 of the module contract."""
     if state.slo_ttft_s is None:
@@ -129,20 +169,37 @@ def calibrate_on(server: ArmServer, profile: Any, args: argparse.Namespace, cfg:
         probe = _workload(args, cfg.assets, cfg.adapters, args.probe_rps, PROBE_SALT, n)
         o = measure(server, 0, probe, cfg, profile, out / "points" / "probe" / server.arm)
         state.capacity_rps = o.metrics["throughput_rps"]
-    log(f"[{server.arm}] unloaded TTFT {state.unloaded.get('ttft_mean_s')} s, SLO "
-        f"{state.slo_ttft_s} s, capacity {state.capacity_rps} req/s")
+    log(
+        f"[{server.arm}] unloaded TTFT {state.unloaded.get('ttft_mean_s')} s, SLO "
+        f"{state.slo_ttft_s} s, capacity {state.capacity_rps} req/s"
+    )
     time.sleep(SETTLE_S)
 
 
-def calibrate(args: argparse.Namespace, arm: str, cfg: RunConfig, out: Path, n: int,
-              state: SweepState, log: Any) -> None:
+def calibrate(
+    args: argparse.Namespace,
+    arm: str,
+    cfg: RunConfig,
+    out: Path,
+    n: int,
+    state: SweepState,
+    log: Any,
+) -> None:
     """:func:`calibrate_on` a fresh server of ``arm`` (an adapter sweep without a load sweep)."""
     with arm_server(arm, cfg, out / "points" / "calibrate" / arm) as server:
         calibrate_on(server, warm(server, cfg, args.max_input), args, cfg, out, n, state, log)
 
 
-def load_sweep(args: argparse.Namespace, arms: List[str], cfg: RunConfig, out: Path,
-               levels: List[float], n: int, state: SweepState, log: Any) -> None:
+def load_sweep(
+    args: argparse.Namespace,
+    arms: List[str],
+    cfg: RunConfig,
+    out: Path,
+    levels: List[float],
+    n: int,
+    state: SweepState,
+    log: Any,
+) -> None:
     """Stock first (unloaded, capacity), then every arm over the levels on one server each."""
     for arm in arms:
         with arm_server(arm, cfg, out / "points" / "load" / arm) as server:
@@ -155,15 +212,27 @@ def load_sweep(args: argparse.Namespace, arms: List[str], cfg: RunConfig, out: P
                 wl = _workload(args, cfg.assets, cfg.adapters, rps, i + 1, n)
                 save_workload(out / "points" / "load" / name / "workload.jsonl", wl)
                 o = measure(server, 0, wl, cfg, profile, out / "points" / "load" / name / arm)
-                state.load_points.append(_point("load", name, rps, o, len(cfg.adapters),
-                                                state.slo_ttft_s))
-                log(f"[{arm}] {name} {rps:.2f} req/s: TTFT p99 {o.metrics['ttft_p99']}, "
-                    f"completed {o.metrics['completed']}/{len(wl)}")
+                state.load_points.append(
+                    _point("load", name, rps, o, len(cfg.adapters), state.slo_ttft_s)
+                )
+                log(
+                    f"[{arm}] {name} {rps:.2f} req/s: TTFT p99 {o.metrics['ttft_p99']}, "
+                    f"completed {o.metrics['completed']}/{len(wl)}"
+                )
                 time.sleep(SETTLE_S)
 
 
-def adapter_sweep(args: argparse.Namespace, arms: List[str], cfg: RunConfig, out: Path,
-                  counts: List[int], rps: float, n: int, state: SweepState, log: Any) -> None:
+def adapter_sweep(
+    args: argparse.Namespace,
+    arms: List[str],
+    cfg: RunConfig,
+    out: Path,
+    counts: List[int],
+    rps: float,
+    n: int,
+    state: SweepState,
+    log: Any,
+) -> None:
     """Every arm at ``rps`` serving the first N adapters, for each N (fresh server each)."""
     assets = cfg.assets
     if max(counts) > len(assets.adapters):
@@ -177,10 +246,13 @@ def adapter_sweep(args: argparse.Namespace, arms: List[str], cfg: RunConfig, out
             run_dir = out / "points" / f"adapters-{count}" / arm
             with arm_server(arm, sub, run_dir) as server:
                 o = measure(server, 0, wl, sub, warm(server, sub, args.max_input), run_dir)
-            state.adapter_points.append(_point("adapters", f"adapters-{count}", rps, o, count,
-                                               state.slo_ttft_s))
-            log(f"[{arm}] {count} adapters at {rps:.2f} req/s: TTFT p99 "
-                f"{o.metrics['ttft_p99']}, completed {o.metrics['completed']}/{len(wl)}")
+            state.adapter_points.append(
+                _point("adapters", f"adapters-{count}", rps, o, count, state.slo_ttft_s)
+            )
+            log(
+                f"[{arm}] {count} adapters at {rps:.2f} req/s: TTFT p99 "
+                f"{o.metrics['ttft_p99']}, completed {o.metrics['completed']}/{len(wl)}"
+            )
 
 
 def throughput_at_slo(points: Sequence[Dict[str, Any]], arms: Sequence[str]) -> Dict[str, Any]:
@@ -189,9 +261,11 @@ def throughput_at_slo(points: Sequence[Dict[str, Any]], arms: Sequence[str]) -> 
     for arm in arms:
         ok = [p for p in points if p["arm"] == arm and p["meets_slo"]]
         best = max(ok, key=lambda p: p["rps"]) if ok else None
-        out[arm] = {"rps": best["rps"] if best else None,
-                    "throughput_rps": best["metrics"]["throughput_rps"] if best else None,
-                    "point": best["point"] if best else None}
+        out[arm] = {
+            "rps": best["rps"] if best else None,
+            "throughput_rps": best["metrics"]["throughput_rps"] if best else None,
+            "point": best["point"] if best else None,
+        }
     return out
 
 
@@ -228,10 +302,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         adapter_sweep(args, arms, cfg, out, counts, high, n, state, log)
         state.timings_s["adapter_sweep"] = time.perf_counter() - t
     state.timings_s["total"] = time.perf_counter() - t0
-    meta = {"arms": arms, "levels": dict(zip(LEVEL_NAMES, levels)), "requests_per_point": n,
-            "adapter_counts": counts, "machine": machine_info(), "preset": args.preset,
-            "command_line": "python -m eval.sweep " + " ".join(sys.argv[1:] if argv is None
-                                                                else argv)}
+    meta = {
+        "arms": arms,
+        "levels": dict(zip(LEVEL_NAMES, levels)),
+        "requests_per_point": n,
+        "adapter_counts": counts,
+        "machine": machine_info(),
+        "preset": args.preset,
+        "command_line": "python -m eval.sweep " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     result = {**meta, **dataclasses.asdict(state)}
     (out / "sweep.json").write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
     write_sweep_outputs(out, result)

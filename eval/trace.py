@@ -84,12 +84,19 @@ def read_jsonl_rows(path: Path, time_unit: str = "ms") -> Iterator[TraceRow]:
                 rec = json.loads(line)
                 values = [rec[k] for k in JSONL_KEYS]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{number}: not a trace row with {list(JSONL_KEYS)} "
-                                 f"({type(exc).__name__}: {exc})") from None
-            adapter = next((rec[k] for k in JSONL_ADAPTER_KEYS if rec.get(k) not in (None, "")),
-                           None)
-            yield TraceRow(float(values[0]) * scale, int(values[1]), int(values[2]),
-                           None if adapter is None else str(adapter))
+                raise ValueError(
+                    f"{path}:{number}: not a trace row with {list(JSONL_KEYS)} "
+                    f"({type(exc).__name__}: {exc})"
+                ) from None
+            adapter = next(
+                (rec[k] for k in JSONL_ADAPTER_KEYS if rec.get(k) not in (None, "")), None
+            )
+            yield TraceRow(
+                float(values[0]) * scale,
+                int(values[1]),
+                int(values[2]),
+                None if adapter is None else str(adapter),
+            )
 
 
 def read_trace(path: Path, start_row: int = 0, max_rows: Optional[int] = None) -> List[TraceRow]:
@@ -111,12 +118,14 @@ def read_trace(path: Path, start_row: int = 0, max_rows: Optional[int] = None) -
             if max_rows is not None and len(rows) >= max_rows:
                 break
             adapter = rec[ADAPTER_COLUMN].strip() if has_adapter else None
-            rows.append(TraceRow(
-                offset_s=parse_timestamp(rec["TIMESTAMP"]),
-                input_tokens=int(float(rec["ContextTokens"])),
-                output_tokens=int(float(rec["GeneratedTokens"])),
-                adapter_id=adapter or None,
-            ))
+            rows.append(
+                TraceRow(
+                    offset_s=parse_timestamp(rec["TIMESTAMP"]),
+                    input_tokens=int(float(rec["ContextTokens"])),
+                    output_tokens=int(float(rec["GeneratedTokens"])),
+                    adapter_id=adapter or None,
+                )
+            )
     return _relative(rows, path, start_row)
 
 
@@ -134,18 +143,26 @@ def write_csv(rows: Sequence[TraceRow], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(list(REQUIRED_COLUMNS) + ([ADAPTER_COLUMN] if with_adapter else []))
         for r in rows:
-            writer.writerow([f"{r.offset_s:.6f}", r.input_tokens, r.output_tokens]
-                            + ([r.adapter_id or ""] if with_adapter else []))
+            writer.writerow(
+                [f"{r.offset_s:.6f}", r.input_tokens, r.output_tokens]
+                + ([r.adapter_id or ""] if with_adapter else [])
+            )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.trace",
-                                description="Convert a JSONL trace (timestamp, input_length, "
-                                "output_length[, adapter]) to the CSV trace shape.")
+    p = argparse.ArgumentParser(
+        prog="python -m eval.trace",
+        description="Convert a JSONL trace (timestamp, input_length, "
+        "output_length[, adapter]) to the CSV trace shape.",
+    )
     p.add_argument("jsonl", type=Path)
     p.add_argument("csv", type=Path)
-    p.add_argument("--time-unit", choices=sorted(TIME_UNITS), default="ms",
-                   help="unit of the JSONL timestamps (Mooncake: ms)")
+    p.add_argument(
+        "--time-unit",
+        choices=sorted(TIME_UNITS),
+        default="ms",
+        help="unit of the JSONL timestamps (Mooncake: ms)",
+    )
     args = p.parse_args(argv)
     rows = _relative(list(read_jsonl_rows(args.jsonl, args.time_unit)), args.jsonl, 0)
     write_csv(rows, args.csv)

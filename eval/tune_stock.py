@@ -31,12 +31,20 @@ from eval.workload import WorkloadRequest
 
 SLOT_CANDIDATES: Tuple[Union[int, str], ...] = (8, 16, 32, 64, "all")
 DEFAULT_DRAIN_WAIT_S = 1.0
-METRIC_KEYS = ("ttft_p50", "ttft_p99", "tbt_p50", "tbt_p99", "throughput_rps", "completed",
-               "failed")
+METRIC_KEYS = (
+    "ttft_p50",
+    "ttft_p99",
+    "tbt_p50",
+    "tbt_p99",
+    "throughput_rps",
+    "completed",
+    "failed",
+)
 
 
-def slot_counts(num_adapters: int, wanted: Sequence[Union[int, str]] = SLOT_CANDIDATES
-                ) -> List[int]:
+def slot_counts(
+    num_adapters: int, wanted: Sequence[Union[int, str]] = SLOT_CANDIDATES
+) -> List[int]:
     """The distinct ``--max-loras-per-batch`` values to try, ascending: ``"all"`` is
     ``num_adapters``; values above it are dropped."""
     counts = {num_adapters if w == "all" else int(w) for w in wanted}
@@ -53,8 +61,9 @@ def parse_slots(text: str) -> List[Union[int, str]]:
     return out
 
 
-def candidate_flags(slots: int, drain_wait_s: Optional[float] = None,
-                    overlap: bool = False) -> Tuple[str, ...]:
+def candidate_flags(
+    slots: int, drain_wait_s: Optional[float] = None, overlap: bool = False
+) -> Tuple[str, ...]:
     """Stock flags of one candidate (they override the shared ``--max-loras-per-batch``)."""
     flags: Tuple[str, ...] = ("--max-loras-per-batch", str(slots))
     if drain_wait_s:
@@ -77,10 +86,15 @@ def best(records: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     return min(ranked, key=rank_key) if ranked else None
 
 
-def tune(workload: Sequence[WorkloadRequest], cfg: RunConfig, out: Path,
-         slots: Sequence[Union[int, str]] = SLOT_CANDIDATES,
-         drain_wait_s: float = DEFAULT_DRAIN_WAIT_S, try_overlap: bool = True,
-         log: Callable[[str], None] = print) -> Dict[str, Any]:
+def tune(
+    workload: Sequence[WorkloadRequest],
+    cfg: RunConfig,
+    out: Path,
+    slots: Sequence[Union[int, str]] = SLOT_CANDIDATES,
+    drain_wait_s: float = DEFAULT_DRAIN_WAIT_S,
+    try_overlap: bool = True,
+    log: Callable[[str], None] = print,
+) -> Dict[str, Any]:
     """Run the candidates (module contract); ``{"candidates": [...], "flags": [...]}``."""
     num_adapters = len(cfg.adapters)
     records: List[Dict[str, Any]] = []
@@ -92,10 +106,12 @@ def tune(workload: Sequence[WorkloadRequest], cfg: RunConfig, out: Path,
         try:
             outcome = run_arm(TUNED_STOCK_ARM, 0, workload, tuned_cfg, out / "tune" / name)
             record.update({k: outcome.metrics.get(k) for k in METRIC_KEYS})
-        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is recorded
+        except Exception as exc:
             record["error"] = f"{type(exc).__name__}: {str(exc)[-600:]}"
-        log(f"[tune] {' '.join(flags)}: " + (record.get("error") or
-            f"TTFT p99 {record['ttft_p99']}, failed {record['failed']}"))
+        log(
+            f"[tune] {' '.join(flags)}: "
+            + (record.get("error") or f"TTFT p99 {record['ttft_p99']}, failed {record['failed']}")
+        )
         records.append(record)
         return record
 
@@ -113,5 +129,9 @@ def tune(workload: Sequence[WorkloadRequest], cfg: RunConfig, out: Path,
     top = best(records)
     for r in records:
         r["chosen"] = r is top
-    return {"candidates": records, "flags": list(top["flags"]) if top else None,
-            "drain_wait_s": drain_wait_s, "slot_candidates": [str(s) for s in slots]}
+    return {
+        "candidates": records,
+        "flags": list(top["flags"]) if top else None,
+        "drain_wait_s": drain_wait_s,
+        "slot_candidates": [str(s) for s in slots],
+    }

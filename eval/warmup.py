@@ -50,8 +50,12 @@ def probe_lengths(max_input: int, count: int = 6) -> List[int]:
 
 
 def probe_requests(
-    adapters: Sequence[AdapterInfo], vocab_size: int, lengths: Sequence[int],
-    output_len: int, repeats: int = 2, seed: int = 0,
+    adapters: Sequence[AdapterInfo],
+    vocab_size: int,
+    lengths: Sequence[int],
+    output_len: int,
+    repeats: int = 2,
+    seed: int = 0,
 ) -> List[WorkloadRequest]:
     """Sequential probes: every length ``repeats`` times, adapters cycling over the ranks."""
     by_rank: Dict[int, AdapterInfo] = {}
@@ -60,20 +64,31 @@ def probe_requests(
     cycle = [by_rank[r] for r in sorted(by_rank)] or [None]
     rng = np.random.default_rng([seed, WARMUP_SALT])
     out: List[WorkloadRequest] = []
-    for k in range(repeats):
+    for _ in range(repeats):
         for n in lengths:
             a = cycle[len(out) % len(cycle)]
-            out.append(WorkloadRequest(
-                index=len(out), arrival_s=0.0, adapter=a.name if a else "", rank=a.rank if a else 0,
-                input_len=n, output_len=output_len, size_class="probe", wrs=0.0, trace_row=-1,
-                trace_input=n, trace_output=output_len,
-                input_ids=tuple(int(t) for t in rng.integers(MIN_TOKEN_ID, vocab_size, n)),
-            ))
+            out.append(
+                WorkloadRequest(
+                    index=len(out),
+                    arrival_s=0.0,
+                    adapter=a.name if a else "",
+                    rank=a.rank if a else 0,
+                    input_len=n,
+                    output_len=output_len,
+                    size_class="probe",
+                    wrs=0.0,
+                    trace_row=-1,
+                    trace_input=n,
+                    trace_output=output_len,
+                    input_ids=tuple(int(t) for t in rng.integers(MIN_TOKEN_ID, vocab_size, n)),
+                )
+            )
     return out
 
 
-async def run_sequential(url: str, requests: Sequence[WorkloadRequest],
-                         timeout_s: float = 120.0) -> List[RequestResult]:
+async def run_sequential(
+    url: str, requests: Sequence[WorkloadRequest], timeout_s: float = 120.0
+) -> List[RequestResult]:
     """Send ``requests`` one after another (each waits for the previous to finish)."""
     url = check_loopback(url)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -97,7 +112,9 @@ def fit_profile(results: Sequence[RequestResult]) -> UnloadedProfile:
         slope, intercept = 0.0, float(y.mean())
     gaps = [g for r in ok for g in r.tbt_s]
     return UnloadedProfile(
-        intercept_s=float(intercept), per_token_s=float(slope), num_probes=len(ok),
+        intercept_s=float(intercept),
+        per_token_s=float(slope),
+        num_probes=len(ok),
         ttft_mean_s=float(y.mean()),
         tbt_mean_s=float(np.mean(gaps)) if gaps else None,
         e2e_mean_s=float(np.mean([r.e2e_s for r in ok if r.e2e_s is not None])),
@@ -105,8 +122,13 @@ def fit_profile(results: Sequence[RequestResult]) -> UnloadedProfile:
 
 
 def warm_up(
-    url: str, adapters: Sequence[AdapterInfo], vocab_size: int, max_input: int,
-    num_discard: int = 3, output_len: int = 8, seed: int = 0,
+    url: str,
+    adapters: Sequence[AdapterInfo],
+    vocab_size: int,
+    max_input: int,
+    num_discard: int = 3,
+    output_len: int = 8,
+    seed: int = 0,
 ) -> UnloadedProfile:
     """Warm the server, then probe it sequentially (see the module contract)."""
     lengths = probe_lengths(max_input)

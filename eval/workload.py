@@ -84,7 +84,7 @@ class WorkloadRequest:
         return d
 
     @classmethod
-    def from_json(cls, d: Dict[str, object]) -> "WorkloadRequest":
+    def from_json(cls, d: Dict[str, object]) -> WorkloadRequest:
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in fields}
         kwargs["input_ids"] = tuple(int(t) for t in d["input_ids"])  # type: ignore[union-attr]
@@ -121,7 +121,10 @@ def poisson_arrivals_until(duration_s: float, rps: float, rng: np.random.Generat
 
 
 def assign_adapters(
-    n: int, adapters: Sequence[AdapterInfo], zipf_s: float, rng: np.random.Generator,
+    n: int,
+    adapters: Sequence[AdapterInfo],
+    zipf_s: float,
+    rng: np.random.Generator,
     rank_zipf_s: float = 0.0,
 ) -> List[AdapterInfo]:
     """Rank uniform over the ranks present (``rank_zipf_s`` > 0: Zipf over them, the smallest
@@ -174,8 +177,9 @@ def size_classes(wrs: np.ndarray) -> List[str]:
     if len(wrs) == 0:
         return []
     lo, hi = np.quantile(wrs, [1 / 3, 2 / 3])
-    return [SIZE_CLASSES[0] if w <= lo else SIZE_CLASSES[1] if w <= hi else SIZE_CLASSES[2]
-            for w in wrs]
+    return [
+        SIZE_CLASSES[0] if w <= lo else SIZE_CLASSES[1] if w <= hi else SIZE_CLASSES[2] for w in wrs
+    ]
 
 
 def _rng(spec: WorkloadSpec, stream: int) -> np.random.Generator:
@@ -214,12 +218,20 @@ def build_workload(
     if all(r.adapter_id is not None for r in picked):
         chosen = map_adapter_ids([str(r.adapter_id) for r in picked], adapters)
     else:
-        chosen = assign_adapters(n, adapters, spec.zipf_s, _rng(spec, _STREAM_ADAPTERS),
-                                 spec.rank_zipf_s)
-    ins = np.asarray([scale_length(r.input_tokens, spec.length_divisor, 1, spec.max_input)
-                      for r in picked], dtype=float)
-    outs = np.asarray([scale_length(r.output_tokens, spec.length_divisor, spec.min_output,
-                                    spec.max_output) for r in picked], dtype=float)
+        chosen = assign_adapters(
+            n, adapters, spec.zipf_s, _rng(spec, _STREAM_ADAPTERS), spec.rank_zipf_s
+        )
+    ins = np.asarray(
+        [scale_length(r.input_tokens, spec.length_divisor, 1, spec.max_input) for r in picked],
+        dtype=float,
+    )
+    outs = np.asarray(
+        [
+            scale_length(r.output_tokens, spec.length_divisor, spec.min_output, spec.max_output)
+            for r in picked
+        ],
+        dtype=float,
+    )
     ranks = np.asarray([a.rank for a in chosen], dtype=float)
     wrs = wrs_scores(ins, outs, ranks) if n else np.zeros(0)
     classes = size_classes(wrs)

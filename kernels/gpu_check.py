@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -44,7 +45,8 @@ def _import_package() -> None:
 
     here = Path(__file__).resolve().parent
     spec = importlib.util.spec_from_file_location(
-        "chameleon_kernels", here / "__init__.py", submodule_search_locations=[str(here)])
+        "chameleon_kernels", here / "__init__.py", submodule_search_locations=[str(here)]
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["chameleon_kernels"] = module
@@ -67,12 +69,17 @@ class Shapes:
     def modules(self) -> Dict[str, Tuple[int, List[int]]]:
         """module -> (input features, output slice bounds)."""
         q, kv, h, i = self.q, self.kv, self.hidden, self.intermediate
-        return {"qkv_proj": (h, [0, q, q + kv, q + 2 * kv]), "o_proj": (q, [0, h]),
-                "gate_up_proj": (h, [0, i, 2 * i]), "down_proj": (i, [0, h])}
+        return {
+            "qkv_proj": (h, [0, q, q + kv, q + 2 * kv]),
+            "o_proj": (q, [0, h]),
+            "gate_up_proj": (h, [0, i, 2 * i]),
+            "down_proj": (i, [0, h]),
+        }
 
 
-LLAMA3_8B = Shapes(4096, 14336, 4096, 1024, 32, (8, 16, 32, 64, 128), 32, (1, 16, 64),
-                   (8, 256), (0, 13, 31))
+LLAMA3_8B = Shapes(
+    4096, 14336, 4096, 1024, 32, (8, 16, 32, 64, 128), 32, (1, 16, 64), (8, 256), (0, 13, 31)
+)
 TINY = Shapes(32, 64, 32, 16, 2, (8, 16, 32), 6, (1, 4, 8), (2, 8), (0, 1))
 TOLERANCE = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-4}  # relative Frobenius error
 
@@ -83,23 +90,30 @@ class Storage:
 
     def __init__(self, shapes: Shapes, dtype, device, capacity: int) -> None:
         import torch
+
         from chameleon_kernels.lora_table import DeviceLocationTable, alignment_for
 
         self.shapes, self.dtype, self.device = shapes, dtype, device
         self.modules = shapes.modules()
-        per_rank = {part: sum(((len(b) - 1) * f if part == 0 else b[-1])
-                              for f, b in self.modules.values()) for part in (0, 1)}
+        per_rank = {
+            part: sum(((len(b) - 1) * f if part == 0 else b[-1]) for f, b in self.modules.values())
+            for part in (0, 1)
+        }
         self.align = alignment_for(dtype, 64)
-        slot = {part: max(shapes.ranks) * per_rank[part] + 64 * len(self.modules)
-                for part in (0, 1)}
+        slot = {
+            part: max(shapes.ranks) * per_rank[part] + 64 * len(self.modules) for part in (0, 1)
+        }
         self.slot = slot
-        self.k = [torch.full((slot[0] * capacity,), float("nan"), dtype=dtype, device=device)
-                  for _ in range(shapes.layers)]
-        self.v = [torch.full((slot[1] * capacity,), float("nan"), dtype=dtype, device=device)
-                  for _ in range(shapes.layers)]
+        self.k = [
+            torch.full((slot[0] * capacity,), float("nan"), dtype=dtype, device=device)
+            for _ in range(shapes.layers)
+        ]
+        self.v = [
+            torch.full((slot[1] * capacity,), float("nan"), dtype=dtype, device=device)
+            for _ in range(shapes.layers)
+        ]
         kinds = [(m, k) for m in sorted(self.modules) for k in ("A", "B")]
-        self.table = DeviceLocationTable(kinds, shapes.layers, capacity + 1, device,
-                                         self.align)
+        self.table = DeviceLocationTable(kinds, shapes.layers, capacity + 1, device, self.align)
         self.weights: Dict[int, Dict[Tuple[str, int], Tuple[Any, Any]]] = {}
         self.ranks: Dict[int, int] = {}
         self.scalings: Dict[int, float] = {}
@@ -117,12 +131,22 @@ class Storage:
             for module in sorted(self.modules):
                 fan_in, bounds = self.modules[module]
                 stack = len(bounds) - 1
-                a = torch.randn(stack * rank, fan_in, generator=gen, device=self.device,
-                                dtype=torch.float32).div_(fan_in ** 0.5).to(self.dtype)
-                b = torch.randn(bounds[-1], rank, generator=gen, device=self.device,
-                                dtype=torch.float32).div_(rank ** 0.5).to(self.dtype)
-                a_view = k[cursor[0]:cursor[0] + a.numel()].view(a.shape)
-                b_view = v[cursor[1]:cursor[1] + b.numel()].view(b.shape)
+                a = (
+                    torch.randn(
+                        stack * rank, fan_in, generator=gen, device=self.device, dtype=torch.float32
+                    )
+                    .div_(fan_in**0.5)
+                    .to(self.dtype)
+                )
+                b = (
+                    torch.randn(
+                        bounds[-1], rank, generator=gen, device=self.device, dtype=torch.float32
+                    )
+                    .div_(rank**0.5)
+                    .to(self.dtype)
+                )
+                a_view = k[cursor[0] : cursor[0] + a.numel()].view(a.shape)
+                b_view = v[cursor[1] : cursor[1] + b.numel()].view(b.shape)
                 a_view.copy_(a)
                 b_view.copy_(b)
                 entries[((module, "A"), layer)] = (cursor[0], rank)
@@ -143,8 +167,9 @@ class Storage:
         self.scalings.pop(adapter)
 
 
-def lora_step(storage: Storage, plan, xs: Dict[str, Any], outs: Dict[str, Any],
-              layers: Sequence[int]) -> None:
+def lora_step(
+    storage: Storage, plan, xs: Dict[str, Any], outs: Dict[str, Any], layers: Sequence[int]
+) -> None:
     """Our kernels over every module of ``layers``: ``outs[module]`` (per layer) += LoRA(x)."""
     from chameleon_kernels import lora_table_triton as ltt
 
@@ -152,14 +177,32 @@ def lora_step(storage: Storage, plan, xs: Dict[str, Any], outs: Dict[str, Any],
     for layer in layers:
         base = storage.k[layer]
         for module, (_, bounds) in storage.modules.items():
-            a = ltt.table_shrink(xs[module], plan, storage.table, (module, "A"), layer, base,
-                                 len(bounds) - 1, max_rank)
-            ltt.table_expand(a, plan, storage.table, (module, "B"), layer, base, bounds,
-                             outs[module][layer], max_rank)
+            a = ltt.table_shrink(
+                xs[module],
+                plan,
+                storage.table,
+                (module, "A"),
+                layer,
+                base,
+                len(bounds) - 1,
+                max_rank,
+            )
+            ltt.table_expand(
+                a,
+                plan,
+                storage.table,
+                (module, "B"),
+                layer,
+                base,
+                bounds,
+                outs[module][layer],
+                max_rank,
+            )
 
 
-def reference(storage: Storage, segments: Dict[int, List[int]], xs, module: str, layer: int,
-              base_out):
+def reference(
+    storage: Storage, segments: Dict[int, List[int]], xs, module: str, layer: int, base_out
+):
     """float32 ``base_out + LoRA(x)`` computed per adapter segment."""
     import torch
 
@@ -174,19 +217,22 @@ def reference(storage: Storage, segments: Dict[int, List[int]], xs, module: str,
         shrunk = storage.scalings[adapter] * (xs[module][idx].float() @ a_w.T)
         for i in range(len(bounds) - 1):
             lo, hi = bounds[i], bounds[i + 1]
-            out[idx, lo:hi] += shrunk[:, i * r:(i + 1) * r] @ b_w[lo:hi].T
+            out[idx, lo:hi] += shrunk[:, i * r : (i + 1) * r] @ b_w[lo:hi].T
     return out
 
 
 def rel_error(actual, expected) -> float:
     import torch
 
-    return float(torch.linalg.vector_norm(actual.float() - expected)
-                 / torch.linalg.vector_norm(expected).clamp_min(1e-30))
+    return float(
+        torch.linalg.vector_norm(actual.float() - expected)
+        / torch.linalg.vector_norm(expected).clamp_min(1e-30)
+    )
 
 
-def token_segments(adapter_per_request: Sequence[int], tokens_per_request: Sequence[int]
-                   ) -> Dict[int, List[int]]:
+def token_segments(
+    adapter_per_request: Sequence[int], tokens_per_request: Sequence[int]
+) -> Dict[int, List[int]]:
     segments: Dict[int, List[int]] = {}
     row = 0
     for adapter, count in zip(adapter_per_request, tokens_per_request):
@@ -218,11 +264,17 @@ class Check:
     def batch(self, adapter_per_request: Sequence[int], tokens_per_request: Sequence[int]):
         torch = self.torch
         n = sum(tokens_per_request)
-        xs = {m: torch.randn(n, fan_in, device=self.device, dtype=self.dtype)
-              for m, (fan_in, _) in self.storage.modules.items()}
-        outs = {m: [torch.randn(n, b[-1], device=self.device, dtype=self.dtype)
-                    for _ in range(self.shapes.layers)]
-                for m, (_, b) in self.storage.modules.items()}
+        xs = {
+            m: torch.randn(n, fan_in, device=self.device, dtype=self.dtype)
+            for m, (fan_in, _) in self.storage.modules.items()
+        }
+        outs = {
+            m: [
+                torch.randn(n, b[-1], device=self.device, dtype=self.dtype)
+                for _ in range(self.shapes.layers)
+            ]
+            for m, (_, b) in self.storage.modules.items()
+        }
         return xs, outs
 
     def mix(self, num_requests: int, distinct: int) -> List[int]:
@@ -234,23 +286,25 @@ class Check:
         self.rng.shuffle(mix)
         return [0 if num_requests > 1 and i % 8 == 7 else a for i, a in enumerate(mix)]
 
-    def verify(self, label: str, segments, xs, before, after, rows: Optional[int] = None
-               ) -> List[Dict[str, Any]]:
+    def verify(
+        self, label: str, segments, xs, before, after, rows: Optional[int] = None
+    ) -> List[Dict[str, Any]]:
         results = []
         for layer in self.shapes.check_layers:
             for module in self.storage.modules:
-                expected = reference(self.storage, segments, xs, module, layer,
-                                     before[module][layer])
+                expected = reference(
+                    self.storage, segments, xs, module, layer, before[module][layer]
+                )
                 actual = after[module][layer]
                 if rows is not None:
                     expected, actual = expected[:rows], actual[:rows]
                 err = rel_error(actual, expected)
-                ok = err <= TOLERANCE[self.dtype_name] and bool(
-                    self.torch.isfinite(actual).all())
+                ok = err <= TOLERANCE[self.dtype_name] and bool(self.torch.isfinite(actual).all())
                 if not ok:
                     self.failures.append(f"{label} {module} layer {layer}: rel error {err:.2e}")
-                results.append({"case": label, "module": module, "layer": layer,
-                                "rel_error": err, "ok": ok})
+                results.append(
+                    {"case": label, "module": module, "layer": layer, "rel_error": err, "ok": ok}
+                )
         return results
 
     # -- part 1 --------------------------------------------------------------------------------
@@ -259,9 +313,10 @@ class Check:
 
         results = []
         requests, each = self.shapes.prefill
-        cases = [("decode", self.mix(max(self.shapes.decode_bs), self.shapes.num_adapters),
-                  None),
-                 ("prefill", self.mix(requests, requests), each)]
+        cases = [
+            ("decode", self.mix(max(self.shapes.decode_bs), self.shapes.num_adapters), None),
+            ("prefill", self.mix(requests, requests), each),
+        ]
         for label, mix, each_tokens in cases:
             counts = [each_tokens or 1] * len(mix)
             buffers = SegmentBuffers(len(mix), sum(counts), self.device)
@@ -313,7 +368,7 @@ class Check:
                     r = self.storage.ranks[adapter]
                     s = self.storage.scalings[adapter]
                     for i in range(stack):
-                        a_pad[adapter, i * big_r:i * big_r + r] = a_w[i * r:(i + 1) * r] * s
+                        a_pad[adapter, i * big_r : i * big_r + r] = a_w[i * r : (i + 1) * r] * s
                     b_pad[adapter, :, :r] = b_w
                 per_module[module] = (a_pad, b_pad)
             layers.append(per_module)
@@ -331,8 +386,9 @@ class Check:
                 out = outs[module][layer]
                 for i in range(len(bounds) - 1):
                     lo, hi = bounds[i], bounds[i + 1]
-                    out[:, lo:hi] += torch.bmm(b_pad[idx, lo:hi],
-                                               shrunk[:, i * big_r:(i + 1) * big_r]).squeeze(-1)
+                    out[:, lo:hi] += torch.bmm(
+                        b_pad[idx, lo:hi], shrunk[:, i * big_r : (i + 1) * big_r]
+                    ).squeeze(-1)
 
     def dense_segments(self, padded, segments: Dict[int, List[int]], xs, outs) -> None:
         """Per adapter segment (host loop): padded matmuls, as SGLang's torch backend does."""
@@ -348,8 +404,9 @@ class Check:
                     shrunk = xs[module][idx] @ a_pad[adapter].T
                     for i in range(len(bounds) - 1):
                         lo, hi = bounds[i], bounds[i + 1]
-                        out[idx, lo:hi] += shrunk[:, i * big_r:(i + 1) * big_r] @ \
-                            b_pad[adapter, lo:hi].T
+                        out[idx, lo:hi] += (
+                            shrunk[:, i * big_r : (i + 1) * big_r] @ b_pad[adapter, lo:hi].T
+                        )
 
     def timing(self, reps: int) -> List[Dict[str, Any]]:
         from chameleon_kernels.lora_table import SegmentBuffers
@@ -359,9 +416,11 @@ class Check:
         layers = range(self.shapes.layers)
         results = []
         requests, each = self.shapes.prefill
-        cases = [(f"decode bs={bs} adapters={d}", bs, 1, d)
-                 for bs in self.shapes.decode_bs
-                 for d in sorted({1, min(8, bs), min(self.shapes.num_adapters, bs)})]
+        cases = [
+            (f"decode bs={bs} adapters={d}", bs, 1, d)
+            for bs in self.shapes.decode_bs
+            for d in sorted({1, min(8, bs), min(self.shapes.num_adapters, bs)})
+        ]
         cases.append((f"prefill {requests}x{each} adapters={requests}", requests, each, requests))
         for label, bs, each_tokens, distinct in cases:
             mix = self.mix(bs, distinct)
@@ -370,17 +429,25 @@ class Check:
             decode = each_tokens == 1
             plan = buffers.fill(mix, counts, graph=decode)
             xs, outs = self.batch(mix, counts)
-            idx = torch.tensor([a for a, c in zip(mix, counts) for _ in range(c)],
-                               device=self.device)
+            idx = torch.tensor(
+                [a for a, c in zip(mix, counts) for _ in range(c)], device=self.device
+            )
             segments = token_segments(mix, counts)
-            row = {"case": label, "tokens": sum(counts), "distinct_adapters": len(set(mix) - {0}),
-                   "ours_eager_s": self._time(lambda: lora_step(self.storage, plan, xs, outs,
-                                                                layers), reps),
-                   "dense_segments_s": self._time(
-                       lambda: self.dense_segments(padded, segments, xs, outs), reps)}
+            row = {
+                "case": label,
+                "tokens": sum(counts),
+                "distinct_adapters": len(set(mix) - {0}),
+                "ours_eager_s": self._time(
+                    functools.partial(lora_step, self.storage, plan, xs, outs, layers), reps
+                ),
+                "dense_segments_s": self._time(
+                    functools.partial(self.dense_segments, padded, segments, xs, outs), reps
+                ),
+            }
             if decode:
                 row["dense_gather_s"] = self._time(
-                    lambda: self.dense_gather(padded, idx, xs, outs), reps)
+                    functools.partial(self.dense_gather, padded, idx, xs, outs), reps
+                )
                 if self.cuda:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
@@ -389,7 +456,8 @@ class Check:
                     del graph
             best_dense = min(v for k, v in row.items() if k.startswith("dense"))
             row["speedup_vs_best_dense"] = best_dense / min(
-                row["ours_eager_s"], row.get("ours_graph_s", float("inf")))
+                row["ours_eager_s"], row.get("ours_graph_s", float("inf"))
+            )
             results.append(row)
             del xs, outs
         del padded
@@ -416,8 +484,9 @@ class Check:
         captured_plan = plan
         fixed = None
         results, events = [], []
-        free_ids = [a for a in range(1, self.shapes.num_adapters + 3)
-                    if a not in self.storage.weights]
+        free_ids = [
+            a for a in range(1, self.shapes.num_adapters + 3) if a not in self.storage.weights
+        ]
         for replay in range(replays):
             if replay % 2 == 1:  # evict one adapter; load another (other rank) in its place
                 victim = self.rng.choice(sorted(self.storage.weights))
@@ -427,8 +496,7 @@ class Check:
                     free_ids.append(victim)
                 rank = self.rng.choice(self.shapes.ranks)
                 self.storage.load(new_id, rank, self.rng.uniform(0.25, 2.0), 1000 + replay)
-                events.append({"replay": replay, "evicted": victim, "loaded": new_id,
-                               "rank": rank})
+                events.append({"replay": replay, "evicted": victim, "loaded": new_id, "rank": rank})
             raw_bs = self.rng.randint(1, bs)
             mix = self.mix(raw_bs, self.rng.randint(1, self.shapes.num_adapters))
             new_plan = buffers.fill(mix, [1] * raw_bs, graph=True)
@@ -436,8 +504,9 @@ class Check:
             for module, (fan_in, bounds) in self.storage.modules.items():
                 xs[module].copy_(torch.randn(bs, fan_in, device=self.device, dtype=self.dtype))
                 for layer in layers:
-                    outs[module][layer].copy_(torch.randn(bs, bounds[-1], device=self.device,
-                                                          dtype=self.dtype))
+                    outs[module][layer].copy_(
+                        torch.randn(bs, bounds[-1], device=self.device, dtype=self.dtype)
+                    )
             before = {m: [o.clone() for o in layer_outs] for m, layer_outs in outs.items()}
             if captured is not None:
                 captured.replay()
@@ -449,19 +518,31 @@ class Check:
                     fixed = guard.addresses()
                 elif guard.addresses() != fixed:
                     self.failures.append(f"replay {replay} read buffers of other addresses")
-            results += self.verify(f"replay {replay} bs={raw_bs}", token_segments(mix, [1] * raw_bs),
-                                   xs, before, outs, rows=raw_bs)
-        return {"captured_bs": bs, "replays": replays, "cuda_graph": captured is not None,
-                "events": events, "max_rel_error": max(r["rel_error"] for r in results),
-                "ok": all(r["ok"] for r in results)}
+            results += self.verify(
+                f"replay {replay} bs={raw_bs}",
+                token_segments(mix, [1] * raw_bs),
+                xs,
+                before,
+                outs,
+                rows=raw_bs,
+            )
+        return {
+            "captured_bs": bs,
+            "replays": replays,
+            "cuda_graph": captured is not None,
+            "events": events,
+            "max_rel_error": max(r["rel_error"] for r in results),
+            "ok": all(r["ok"] for r in results),
+        }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="gpu-check.json")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(TOLERANCE))
-    parser.add_argument("--cpu", action="store_true",
-                        help="tiny shapes on the CPU under the Triton interpreter")
+    parser.add_argument(
+        "--cpu", action="store_true", help="tiny shapes on the CPU under the Triton interpreter"
+    )
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--replays", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
@@ -481,13 +562,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report: Dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "device": "cpu (Triton interpreter)" if args.cpu else torch.cuda.get_device_name(),
-        "torch": torch.__version__, "triton": triton.__version__,
-        "python": platform.python_version(), "dtype": args.dtype,
-        "shapes": dataclasses.asdict(shapes)}
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "dtype": args.dtype,
+        "shapes": dataclasses.asdict(shapes),
+    }
     parts: List[Tuple[str, Callable[[], Any]]] = [
         ("correctness", check.correctness),
         ("graph", lambda: check.graph(args.replays)),
-        ("timing", lambda: check.timing(args.reps))]
+        ("timing", lambda: check.timing(args.reps)),
+    ]
     for name, part in parts:
         t0 = time.perf_counter()
         try:
@@ -504,11 +589,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cpu:
         print("(interpreted kernels: the timings say nothing about a GPU)")
     for row in report.get("timing", []) if isinstance(report.get("timing"), list) else []:
-        print(f"{row['case']:>34}: ours {row['ours_eager_s'] * 1e3:8.3f} ms"
-              + (f" (graph {row['ours_graph_s'] * 1e3:.3f})" if "ours_graph_s" in row else "")
-              + f", {row['speedup_vs_best_dense']:.2f}x faster than dense padded")
-    print(("PASSED" if report["passed"] else "FAILED: " + "; ".join(check.failures[:5]))
-          + f" ({report['seconds']} s) -> {args.out}")
+        print(
+            f"{row['case']:>34}: ours {row['ours_eager_s'] * 1e3:8.3f} ms"
+            + (f" (graph {row['ours_graph_s'] * 1e3:.3f})" if "ours_graph_s" in row else "")
+            + f", {row['speedup_vs_best_dense']:.2f}x faster than dense padded"
+        )
+    print(
+        ("PASSED" if report["passed"] else "FAILED: " + "; ".join(check.failures[:5]))
+        + f" ({report['seconds']} s) -> {args.out}"
+    )
     return 0 if report["passed"] else 1
 
 

@@ -27,13 +27,32 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-FORBIDDEN_FUNCTIONS = frozenset({
-    "item", "tolist", "cpu", "numpy", "tensor", "as_tensor", "__int__", "__float__",
-    "__bool__", "__index__", "nonzero", "unique", "masked_select",
-})
-FORBIDDEN_OPS = frozenset({"aten._local_scalar_dense.default", "aten.lift_fresh.default",
-                           "aten.lift_fresh_copy.default", "aten.nonzero.default",
-                           "aten.masked_select.default"})
+FORBIDDEN_FUNCTIONS = frozenset(
+    {
+        "item",
+        "tolist",
+        "cpu",
+        "numpy",
+        "tensor",
+        "as_tensor",
+        "__int__",
+        "__float__",
+        "__bool__",
+        "__index__",
+        "nonzero",
+        "unique",
+        "masked_select",
+    }
+)
+FORBIDDEN_OPS = frozenset(
+    {
+        "aten._local_scalar_dense.default",
+        "aten.lift_fresh.default",
+        "aten.lift_fresh_copy.default",
+        "aten.nonzero.default",
+        "aten.masked_select.default",
+    }
+)
 
 
 class GraphDisciplineError(RuntimeError):
@@ -41,7 +60,7 @@ class GraphDisciplineError(RuntimeError):
 
 
 class _Functions(TorchFunctionMode):
-    def __init__(self, guard: "GraphDisciplineGuard") -> None:
+    def __init__(self, guard: GraphDisciplineGuard) -> None:
         super().__init__()
         self.guard = guard
 
@@ -53,7 +72,7 @@ class _Functions(TorchFunctionMode):
 
 
 class _Dispatch(TorchDispatchMode):
-    def __init__(self, guard: "GraphDisciplineGuard") -> None:
+    def __init__(self, guard: GraphDisciplineGuard) -> None:
         super().__init__()
         self.guard = guard
 
@@ -64,8 +83,9 @@ class _Dispatch(TorchDispatchMode):
             if name in FORBIDDEN_OPS:
                 self.guard.fail(f"{name} in the forward path")
             if name.startswith(("aten._to_copy", "aten.copy_")):
-                devices = {a.device for a in (*args, *kwargs.values())
-                           if isinstance(a, torch.Tensor)}
+                devices = {
+                    a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)
+                }
                 target = kwargs.get("device")
                 if len(devices) > 1 or (target is not None and {torch.device(target)} != devices):
                     self.guard.fail(f"{name} between devices in the forward path")
@@ -83,7 +103,7 @@ class GraphDisciplineGuard:
     def fail(self, what: str) -> None:
         raise GraphDisciplineError(what)
 
-    def __enter__(self) -> "GraphDisciplineGuard":
+    def __enter__(self) -> GraphDisciplineGuard:
         global _ACTIVE
         if _ACTIVE is not None:
             raise RuntimeError("graph discipline guards do not nest")
@@ -112,8 +132,9 @@ _ACTIVE: Optional[GraphDisciplineGuard] = None
 
 
 @contextlib.contextmanager
-def _paused(guard: GraphDisciplineGuard, site: str, fixed: Tuple[torch.Tensor, ...]
-            ) -> Iterator[None]:
+def _paused(
+    guard: GraphDisciplineGuard, site: str, fixed: Tuple[torch.Tensor, ...]
+) -> Iterator[None]:
     guard.launches.append((site, frozenset(t.data_ptr() for t in fixed)))
     guard.paused = True
     try:

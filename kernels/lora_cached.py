@@ -11,9 +11,9 @@ Contract shared by every implementation of these ops:
   and zeros elsewhere; :func:`expand` adds each slice's ``a_i @ B_i.T`` into the output columns
   ``[offsets[i], offsets[i+1])``.
 
-This module is the CPU path (also the fallback on any device). Groups of few tokens (decode) go
-to the compiled loop of :mod:`chameleon_kernels.lora_cached_numba` when it can take them (CPU,
-float32, bf16 or fp16): one call for all of them, no per-adapter Python work. The other groups (prefill) are
+This module is the CPU path (also the fallback on any device). Groups of few tokens (decode) go to
+the compiled loop of :mod:`chameleon_kernels.lora_cached_numba` when it can take them (CPU, float32,
+bf16 or fp16): one call for all of them, no per-adapter Python work. The other groups (prefill) are
 brought into adapter order once per call, then one ``addmm`` per adapter (shrink) and per adapter
 and slice (expand) writes straight into the output.
 """
@@ -61,7 +61,7 @@ class AdapterGroups:
         return self.order.numpy().astype(np.int64, copy=False)
 
     @functools.cached_property
-    def by_size(self) -> Tuple[Tuple[Tuple[int, int, int], ...], "AdapterGroups"]:
+    def by_size(self) -> Tuple[Tuple[Tuple[int, int, int], ...], AdapterGroups]:
         """``(small groups, the rest as AdapterGroups)``: groups of fewer than
         ``SMALL_GROUP_TOKENS`` tokens, and the others with an order of their own."""
         limit = lora_cached_numba.SMALL_GROUP_TOKENS
@@ -74,7 +74,7 @@ class AdapterGroups:
         """The small groups (see :attr:`by_size`) as the compiled kernels' arrays."""
         return SmallBatch.of(self.by_size[0], self.row_index, self.scalings)
 
-    def restricted(self, groups: Sequence[Tuple[int, int, int]]) -> "AdapterGroups":
+    def restricted(self, groups: Sequence[Tuple[int, int, int]]) -> AdapterGroups:
         """The same batch with only ``groups`` (which must be groups of this one)."""
         if self.order is None or len(groups) == len(self.groups):
             return AdapterGroups(self.num_tokens, self.order, tuple(groups), self.scalings)
@@ -87,8 +87,11 @@ class AdapterGroups:
         return AdapterGroups(self.num_tokens, order, tuple(renumbered), self.scalings)
 
 
-def group_tokens(adapter_per_request: Sequence[int], tokens_per_request: Sequence[int],
-                 scalings: Dict[int, float]) -> AdapterGroups:
+def group_tokens(
+    adapter_per_request: Sequence[int],
+    tokens_per_request: Sequence[int],
+    scalings: Dict[int, float],
+) -> AdapterGroups:
     """Group the tokens of requests (in batch order) by adapter; adapters not in ``scalings``
     (the base model) are left out. Stable: tokens keep their order within a group."""
     runs: List[Tuple[int, int, int]] = []
@@ -120,20 +123,32 @@ def group_tokens(adapter_per_request: Sequence[int], tokens_per_request: Sequenc
     return AdapterGroups(position, torch.cat(pieces), tuple(groups), dict(scalings))
 
 
-def _small_plan(t: torch.Tensor, small: Sequence[Tuple[int, int, int]], groups: AdapterGroups,
-                weights_of: WeightsOf, small_plan: Optional[SmallPlanOf], for_expand: bool
-                ) -> Optional[lora_cached_numba.SmallGroupPlan]:
+def _small_plan(
+    t: torch.Tensor,
+    small: Sequence[Tuple[int, int, int]],
+    groups: AdapterGroups,
+    weights_of: WeightsOf,
+    small_plan: Optional[SmallPlanOf],
+    for_expand: bool,
+) -> Optional[lora_cached_numba.SmallGroupPlan]:
     """The compiled path's plan for the small groups, or None (the torch path serves them)."""
     if not small or not lora_cached_numba.accepts(t):
         return None
     if small_plan is not None:
         return small_plan(groups.small_batch)
-    return lora_cached_numba.plan_small_groups(t, small, groups.row_index, weights_of,
-                                               groups.scalings, for_expand=for_expand)
+    return lora_cached_numba.plan_small_groups(
+        t, small, groups.row_index, weights_of, groups.scalings, for_expand=for_expand
+    )
 
 
-def shrink(x: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf, stack: int,
-           max_rank: int, small_plan: Optional[SmallPlanOf] = None) -> torch.Tensor:
+def shrink(
+    x: torch.Tensor,
+    groups: AdapterGroups,
+    weights_of: WeightsOf,
+    stack: int,
+    max_rank: int,
+    small_plan: Optional[SmallPlanOf] = None,
+) -> torch.Tensor:
     """``scaling * x @ A.T`` per token, rank-exact columns first (see the module docstring).
 
     Small groups: the compiled loop (``small_plan``, when given, builds its plan from the
@@ -156,38 +171,47 @@ def shrink(x: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf, stack:
     return out
 
 
-def _shrink_blas(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups,
-                 weights_of: WeightsOf) -> None:
+def _shrink_blas(
+    x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf
+) -> None:
     if not groups.groups:
         return
     width = out.shape[1]
     order = groups.order
     src = x if order is None else x.index_select(0, order)
-    dst = out if order is None else torch.zeros((src.shape[0], width), dtype=x.dtype,
-                                                 device=x.device)
+    dst = (
+        out if order is None else torch.zeros((src.shape[0], width), dtype=x.dtype, device=x.device)
+    )
     scalings = groups.scalings
     for start, stop, adapter in groups.groups:
         a_weight = weights_of(adapter)
         if a_weight is None:
             continue
         view = dst[start:stop, : a_weight.shape[0]]
-        torch.addmm(view, src[start:stop], a_weight.t(), beta=0, alpha=scalings[adapter],
-                    out=view)
+        torch.addmm(view, src[start:stop], a_weight.t(), beta=0, alpha=scalings[adapter], out=view)
     if order is not None:
         out.index_copy_(0, order, dst)
 
 
-def expand(a: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf,
-           offsets: Sequence[int], base_output: Optional[torch.Tensor],
-           small_plan: Optional[SmallPlanOf] = None) -> torch.Tensor:
+def expand(
+    a: torch.Tensor,
+    groups: AdapterGroups,
+    weights_of: WeightsOf,
+    offsets: Sequence[int],
+    base_output: Optional[torch.Tensor],
+    small_plan: Optional[SmallPlanOf] = None,
+) -> torch.Tensor:
     """Add ``a_i @ B_i.T`` of every slice into ``base_output`` (a new zero tensor if None).
 
     Small groups as in :func:`shrink`; other groups one in-place ``addmm_`` per adapter and
     slice, into the output's rows and columns.
     """
     total = int(offsets[-1])
-    out = base_output if base_output is not None else torch.zeros(
-        (a.shape[0], total), dtype=a.dtype, device=a.device)
+    out = (
+        base_output
+        if base_output is not None
+        else torch.zeros((a.shape[0], total), dtype=a.dtype, device=a.device)
+    )
     if not groups.groups:
         return out
     small, large = groups.by_size
@@ -201,14 +225,22 @@ def expand(a: torch.Tensor, groups: AdapterGroups, weights_of: WeightsOf,
     return out
 
 
-def _expand_blas(a: torch.Tensor, out: torch.Tensor, groups: AdapterGroups,
-                 weights_of: WeightsOf, offsets: Sequence[int]) -> None:
+def _expand_blas(
+    a: torch.Tensor,
+    out: torch.Tensor,
+    groups: AdapterGroups,
+    weights_of: WeightsOf,
+    offsets: Sequence[int],
+) -> None:
     if not groups.groups:
         return
     order = groups.order
     src = a if order is None else a.index_select(0, order)
-    dst = out if order is None else torch.zeros((src.shape[0], out.shape[1]), dtype=out.dtype,
-                                                 device=out.device)
+    dst = (
+        out
+        if order is None
+        else torch.zeros((src.shape[0], out.shape[1]), dtype=out.dtype, device=out.device)
+    )
     bounds = [(int(offsets[i]), int(offsets[i + 1])) for i in range(len(offsets) - 1)]
     for start, stop, adapter in groups.groups:
         b_weight = weights_of(adapter)
@@ -218,6 +250,6 @@ def _expand_blas(a: torch.Tensor, out: torch.Tensor, groups: AdapterGroups,
         rows = src[start:stop]
         target = dst[start:stop]
         for i, (lo, hi) in enumerate(bounds):
-            target[:, lo:hi].addmm_(rows[:, i * rank:(i + 1) * rank], b_weight[lo:hi].t())
+            target[:, lo:hi].addmm_(rows[:, i * rank : (i + 1) * rank], b_weight[lo:hi].t())
     if order is not None:  # rows are distinct: gather, add, put back (no scatter-add)
         out.index_copy_(0, order, out.index_select(0, order).add_(dst))

@@ -36,26 +36,35 @@ class SmallBatch:
     scalings: np.ndarray
 
     @classmethod
-    def of(cls, groups: Sequence[Tuple[int, int, int]], rows: np.ndarray,
-           scalings: Dict[int, float]) -> "SmallBatch":
+    def of(
+        cls, groups: Sequence[Tuple[int, int, int]], rows: np.ndarray, scalings: Dict[int, float]
+    ) -> SmallBatch:
         """From ``(start, stop, adapter)`` groups over the batch rows ``rows``."""
         table = np.array(groups, dtype=np.int64).reshape(-1, 3)
-        return cls(rows=rows,
-                   starts=np.ascontiguousarray(table[:, 0]),
-                   stops=np.ascontiguousarray(table[:, 1]),
-                   ids=np.ascontiguousarray(table[:, 2]),
-                   scalings=np.array([scalings.get(int(a), 1.0) for a in table[:, 2]],
-                                     dtype=np.float32))
+        return cls(
+            rows=rows,
+            starts=np.ascontiguousarray(table[:, 0]),
+            stops=np.ascontiguousarray(table[:, 1]),
+            ids=np.ascontiguousarray(table[:, 2]),
+            scalings=np.array([scalings.get(int(a), 1.0) for a in table[:, 2]], dtype=np.float32),
+        )
 
 
 class MatrixLocations:
     """Per matrix kind (e.g. ``("qkv_proj", "A")``), layer and adapter id: where it lies."""
 
-    def __init__(self, storages: Sequence[Tuple[np.ndarray, np.ndarray]],
-                 kinds: Sequence[Hashable], capacity: int = 64) -> None:
+    def __init__(
+        self,
+        storages: Sequence[Tuple[np.ndarray, np.ndarray]],
+        kinds: Sequence[Hashable],
+        capacity: int = 64,
+    ) -> None:
         dtypes = {s.dtype for pair in storages for s in pair}
-        if len(dtypes) > 1 or not dtypes <= {np.dtype(np.float32), np.dtype(np.uint16)} \
-                or any(s.ndim != 1 for pair in storages for s in pair):
+        if (
+            len(dtypes) > 1
+            or not dtypes <= {np.dtype(np.float32), np.dtype(np.uint16)}
+            or any(s.ndim != 1 for pair in storages for s in pair)
+        ):
             raise ValueError("storages must be flat arrays, all float32 or all uint16")
         self.storages = [tuple(pair) for pair in storages]
         self._kind_index = {kind: i for i, kind in enumerate(kinds)}
@@ -68,8 +77,9 @@ class MatrixLocations:
     def capacity(self) -> int:
         return self._dim.shape[2]
 
-    def set(self, adapter_id: int, kind: Hashable, layer: int, part: int, offset: int,
-            dim: int) -> None:
+    def set(
+        self, adapter_id: int, kind: Hashable, layer: int, part: int, offset: int, dim: int
+    ) -> None:
         """Record a matrix: in storage ``part`` of ``layer``, from element ``offset``."""
         if part not in (0, 1) or offset < 0 or dim < 0:
             raise ValueError(f"bad location part={part} offset={offset} dim={dim}")

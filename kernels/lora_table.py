@@ -43,8 +43,14 @@ def alignment_for(dtype: torch.dtype, row_elements: int) -> int:
 class DeviceLocationTable:
     """Where each resident adapter's matrices lie, on the device (see the module docstring)."""
 
-    def __init__(self, kinds: Sequence[Hashable], num_layers: int, capacity: int,
-                 device: torch.device, align: int = 1) -> None:
+    def __init__(
+        self,
+        kinds: Sequence[Hashable],
+        num_layers: int,
+        capacity: int,
+        device: torch.device,
+        align: int = 1,
+    ) -> None:
         if capacity < 2 or num_layers < 1 or not kinds:
             raise ValueError("a table needs kinds, layers and room for at least one adapter")
         self.kinds = list(kinds)
@@ -63,8 +69,12 @@ class DeviceLocationTable:
         a kernel adds the adapter id."""
         return (self.kind_index[kind] * self.num_layers + int(layer)) * self.capacity
 
-    def set_adapter(self, adapter_id: int, entries: Mapping[Tuple[Hashable, int], Tuple[int, int]],
-                    scaling: float) -> None:
+    def set_adapter(
+        self,
+        adapter_id: int,
+        entries: Mapping[Tuple[Hashable, int], Tuple[int, int]],
+        scaling: float,
+    ) -> None:
         """Record adapter ``adapter_id``: ``entries[(kind, layer)] = (offset, rank)``; kinds and
         layers it has no entry for get rank 0. Raises ValueError (nothing written) for an id out
         of range or an offset/rank that breaks the table's alignment."""
@@ -74,9 +84,11 @@ class DeviceLocationTable:
         ranks = torch.zeros((len(self.kinds), self.num_layers), dtype=torch.int32)
         for (kind, layer), (offset, rank) in entries.items():
             if offset % self.align or rank % self.align or rank < 0:
-                raise ValueError(f"adapter {adapter_id}: {kind} of layer {layer} at offset "
-                                 f"{offset} with rank {rank} breaks {self.align}-element "
-                                 f"alignment")
+                raise ValueError(
+                    f"adapter {adapter_id}: {kind} of layer {layer} at offset "
+                    f"{offset} with rank {rank} breaks {self.align}-element "
+                    f"alignment"
+                )
             offsets[self.kind_index[kind], layer] = int(offset)
             ranks[self.kind_index[kind], layer] = int(rank)
         self.offsets[:, :, adapter_id].copy_(offsets)
@@ -107,8 +119,9 @@ class BatchPlan:
     active: bool  # some token uses an adapter
 
 
-def group_by_adapter(adapter_per_request: Sequence[int], tokens_per_request: Sequence[int]
-                     ) -> Tuple[List[int], List[int], List[int]]:
+def group_by_adapter(
+    adapter_per_request: Sequence[int], tokens_per_request: Sequence[int]
+) -> Tuple[List[int], List[int], List[int]]:
     """``(segment adapters, segment starts + end, token order)``: the tokens of requests with an
     adapter (id > 0), grouped by adapter id (ascending), batch order kept within a group."""
     rows: Dict[int, List[int]] = {}
@@ -138,12 +151,16 @@ class SegmentBuffers:
         self._size = 2 * self.max_segments + 1 + self.max_tokens
         self.packed = torch.zeros(self._size, dtype=torch.int32, device=self.device)
         self.seg_adapter = self.packed[: self.max_segments]
-        self.seg_start = self.packed[self.max_segments: 2 * self.max_segments + 1]
-        self.order = self.packed[2 * self.max_segments + 1:]
+        self.seg_start = self.packed[self.max_segments : 2 * self.max_segments + 1]
+        self.order = self.packed[2 * self.max_segments + 1 :]
         self._pin = self.device.type == "cuda"
 
-    def fill(self, adapter_per_request: Sequence[int], tokens_per_request: Sequence[int],
-             graph: bool = False) -> BatchPlan:
+    def fill(
+        self,
+        adapter_per_request: Sequence[int],
+        tokens_per_request: Sequence[int],
+        graph: bool = False,
+    ) -> BatchPlan:
         """Group the batch's tokens (host lists) and copy the result in with one host-to-device
         copy. ``graph``: the plan's grid is sized by the batch's shape alone (a segment per
         request, every token), not by how its requests share adapters, so launches captured
@@ -152,26 +169,33 @@ class SegmentBuffers:
         adapters, starts, order = group_by_adapter(adapter_per_request, tokens_per_request)
         num_tokens = sum(int(c) for c in tokens_per_request)
         if len(adapter_per_request) > self.max_segments or num_tokens > self.max_tokens:
-            raise ValueError(f"batch of {num_tokens} tokens in {len(adapter_per_request)} "
-                             f"requests exceeds {self.max_tokens} tokens / "
-                             f"{self.max_segments} segments")
+            raise ValueError(
+                f"batch of {num_tokens} tokens in {len(adapter_per_request)} "
+                f"requests exceeds {self.max_tokens} tokens / "
+                f"{self.max_segments} segments"
+            )
         end = starts[-1]
         host = torch.empty(self._size, dtype=torch.int32, pin_memory=self._pin)
         host[: len(adapters)] = torch.as_tensor(adapters, dtype=torch.int32)
-        host[len(adapters): self.max_segments] = BASE_ADAPTER
-        seg = host[self.max_segments: 2 * self.max_segments + 1]
+        host[len(adapters) : self.max_segments] = BASE_ADAPTER
+        seg = host[self.max_segments : 2 * self.max_segments + 1]
         seg[: len(starts)] = torch.as_tensor(starts, dtype=torch.int32)
-        seg[len(starts):] = end  # empty segments past the batch's own
-        host[2 * self.max_segments + 1: 2 * self.max_segments + 1 + len(order)] = \
-            torch.as_tensor(order, dtype=torch.int32)
-        host[2 * self.max_segments + 1 + len(order):] = 0
+        seg[len(starts) :] = end  # empty segments past the batch's own
+        host[2 * self.max_segments + 1 : 2 * self.max_segments + 1 + len(order)] = torch.as_tensor(
+            order, dtype=torch.int32
+        )
+        host[2 * self.max_segments + 1 + len(order) :] = 0
         self.packed.copy_(host, non_blocking=self._pin)
         longest = max((b - a for a, b in zip(starts, starts[1:])), default=0)
         return BatchPlan(
-            seg_adapter=self.seg_adapter, seg_start=self.seg_start, order=self.order,
+            seg_adapter=self.seg_adapter,
+            seg_start=self.seg_start,
+            order=self.order,
             num_segments=len(adapter_per_request) if graph else len(adapters),
             max_segment_tokens=num_tokens if graph else longest,
-            num_tokens=num_tokens, active=bool(adapters))
+            num_tokens=num_tokens,
+            active=bool(adapters),
+        )
 
     def buffers(self) -> Tuple[torch.Tensor, ...]:
         return (self.packed,)

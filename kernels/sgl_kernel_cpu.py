@@ -53,9 +53,7 @@ def assign_req_to_token_pool_cpu(
     for row, start, end in zip(rows, starts, ends):
         n = end - start
         if n > 0:
-            req_to_token[row, start:end] = out_cache_loc[offset : offset + n].to(
-                req_to_token.dtype
-            )
+            req_to_token[row, start:end] = out_cache_loc[offset : offset + n].to(req_to_token.dtype)
         offset += n
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Iterator
 
 import pytest
 
-from chameleon_sglang.integration import integrity
 from chameleon_sglang.dev.assets import Assets, build
 from chameleon_sglang.dev.serve import ServerProcess, free_port, server_command
+from chameleon_sglang.integration import integrity
 
 MAX_SERVERS = 2
 # every server the suite starts publishes the invariant checker's findings (/chameleon/stats)

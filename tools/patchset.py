@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import csv
 import dataclasses
 import hashlib
 import importlib.metadata as md
-import io
 import os
 import py_compile
 import re
@@ -55,7 +53,7 @@ class Pin:
     sha256: str
 
     @staticmethod
-    def read(path: Path = ROOT / "sglang.pin") -> "Pin":
+    def read(path: Path = ROOT / "sglang.pin") -> Pin:
         values: Dict[str, str] = {}
         for line in path.read_text().splitlines():
             line = line.strip()
@@ -117,7 +115,7 @@ class Installed:
     record: Dict[str, str]  # relative path -> urlsafe-b64 sha256 (RECORD format)
 
     @staticmethod
-    def find(site_packages: Optional[Path]) -> "Installed":
+    def find(site_packages: Optional[Path]) -> Installed:
         if site_packages is not None:
             dists = list(md.distributions(name="sglang", path=[str(site_packages)]))
             dist = dists[0] if dists else None
@@ -210,7 +208,8 @@ class PatchSet:
         current, stock = self.current(), self.stock()
         target = self.patched(stock)
         if current == target:
-            return f"already applied ({len(self.patches)} patches, {len(self.files)} files): nothing changed"
+            num = f"{len(self.patches)} patches, {len(self.files)} files"
+            return f"already applied ({num}): nothing changed"
         if current != stock:
             changed = [r for r in self.files if current[r] != stock[r] and current[r] != target[r]]
             raise PatchError(
@@ -219,7 +218,8 @@ class PatchSet:
                 + ". Run `make revert-patches` (or reinstall sglang) and apply again."
             )
         self._write(target, current)
-        return f"applied {len(self.patches)} patches to {len(self.files)} files in {self.installed.site}"
+        num = f"{len(self.patches)} patches to {len(self.files)} files"
+        return f"applied {num} in {self.installed.site}"
 
     def revert(self) -> str:
         current, stock = self.current(), self.stock()
@@ -247,7 +247,7 @@ class PatchSet:
                     try:
                         py_compile.compile(str(src), doraise=True)
                     except py_compile.PyCompileError as exc:
-                        raise PatchError(f"{rel} does not compile once patched: {exc.msg}")
+                        raise PatchError(f"{rel} does not compile once patched: {exc.msg}") from exc
         state = self.state()
         return (
             f"series OK: {len(self.patches)} patches apply with no fuzz to sglang "
@@ -255,7 +255,9 @@ class PatchSet:
         )
 
     # -- helpers --------------------------------------------------------------------------
-    def _write(self, target: Dict[str, Optional[bytes]], before: Dict[str, Optional[bytes]]) -> None:
+    def _write(
+        self, target: Dict[str, Optional[bytes]], before: Dict[str, Optional[bytes]]
+    ) -> None:
         """Write ``target`` over the installed files; on any error put ``before`` back."""
         written: List[str] = []
         try:
@@ -273,8 +275,15 @@ class PatchSet:
         if not path.is_file():
             self.wheel_dir.mkdir(parents=True, exist_ok=True)
             cmd = [
-                sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                "-d", str(self.wheel_dir), f"sglang=={self.pin.version}",
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                "-d",
+                str(self.wheel_dir),
+                f"sglang=={self.pin.version}",
             ]
             if subprocess.run(cmd).returncode != 0 or not path.is_file():
                 raise PatchError(f"could not obtain {self.pin.wheel} (needed for stock bytes)")
@@ -308,8 +317,17 @@ def _put(path: Path, data: Optional[bytes]) -> None:
 
 def _run_patch(patch: Patch, scratch: Path) -> None:
     cmd = [
-        "patch", "-p1", "--batch", "--forward", "--fuzz=0", "--no-backup-if-mismatch",
-        "--reject-file=-", "-d", str(scratch), "-i", str(patch.path),
+        "patch",
+        "-p1",
+        "--batch",
+        "--forward",
+        "--fuzz=0",
+        "--no-backup-if-mismatch",
+        "--reject-file=-",
+        "-d",
+        str(scratch),
+        "-i",
+        str(patch.path),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -327,7 +345,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("command", choices=["apply", "revert", "check", "status"])
     parser.add_argument("--patches-dir", type=Path, default=ROOT / "patches")
     parser.add_argument(
-        "--site-packages", type=Path, default=None,
+        "--site-packages",
+        type=Path,
+        default=None,
         help="site-packages holding sglang (default: this interpreter's environment)",
     )
     parser.add_argument("--wheel-dir", type=Path, default=ROOT / ".cache" / "wheels")

@@ -5,14 +5,14 @@ and gives memory back when an admission or the KV cache needs it, evicting in ti
 (1) never an adapter with refcount > 0; (2) first idle adapters no queued request uses, in the
 policy's order; (3) idle adapters of queued requests, only when memory forces it.
 
-Check-then-act, exact: ``can_admit`` is True exactly when ``admit`` succeeds, also over a store
-that needs contiguous runs (the victims are planned against the store's own placement of the
-adapter, in one run or in its ``pieces``, before any is evicted: an admission that cannot
-succeed evicts nothing), and ``reclaimable_slots`` before
-``evict_for``; the acts raise ``CacheFullError`` (changing nothing) when the check said no.
-:attr:`AdapterCache.version` changes whenever an answer of ``can_admit`` may have changed
-(entries loaded, removed, becoming idle or busy), apart from the store's own free slots. Time comes only from the ``now`` arguments (non-decreasing); nothing is random, and every
-decision iterates adapter ids in sorted order.
+Check-then-act, exact: ``can_admit`` is True exactly when ``admit`` succeeds, also over a store that
+needs contiguous runs (the victims are planned against the store's own placement of the adapter, in
+one run or in its ``pieces``, before any is evicted: an admission that cannot succeed evicts
+nothing), and ``reclaimable_slots`` before ``evict_for``; the acts raise ``CacheFullError``
+(changing nothing) when the check said no. :attr:`AdapterCache.version` changes whenever an answer
+of ``can_admit`` may have changed (entries loaded, removed, becoming idle or busy), apart from the
+store's own free slots. Time comes only from the ``now`` arguments (non-decreasing); nothing is
+random, and every decision iterates adapter ids in sorted order.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class AdapterCache:
         self._version = 0
 
     @classmethod
-    def from_config(cls, store: SlotStore, config: ChameleonConfig) -> "AdapterCache":
+    def from_config(cls, store: SlotStore, config: ChameleonConfig) -> AdapterCache:
         """A cache with the configured eviction policy, score weights and frequency window."""
         policy = create_eviction_policy(
             config.eviction_policy, config.score_weights, config.frequency_window_s
@@ -129,9 +129,16 @@ class AdapterCache:
 
     # Admission
 
-    def can_admit(self, adapter_id: str, num_bytes: int, now: float,
-                  queued: AbstractSet[str] = _NO_QUEUE, *, prefetch: bool = False,
-                  pieces: Sequence[int] = ()) -> bool:
+    def can_admit(
+        self,
+        adapter_id: str,
+        num_bytes: int,
+        now: float,
+        queued: AbstractSet[str] = _NO_QUEUE,
+        *,
+        prefetch: bool = False,
+        pieces: Sequence[int] = (),
+    ) -> bool:
         """True when ``admit`` with the same arguments would succeed.
 
         That is: the adapter is resident, or the store has room for it, or evicting idle entries
@@ -147,20 +154,29 @@ class AdapterCache:
             _check_size(entry, num_bytes)
             return not entry.is_dropping
         num_slots = self._slots_for(num_bytes)
-        return self._plan(num_slots, tuple(pieces), now, queued,
-                          allow_queued=not prefetch) is not None
+        return (
+            self._plan(num_slots, tuple(pieces), now, queued, allow_queued=not prefetch) is not None
+        )
 
-    def admit(self, adapter_id: str, num_bytes: int, rank: int, now: float,
-              queued: AbstractSet[str] = _NO_QUEUE, *, prefetch: bool = False,
-              pieces: Sequence[int] = ()) -> CacheEntry:
+    def admit(
+        self,
+        adapter_id: str,
+        num_bytes: int,
+        rank: int,
+        now: float,
+        queued: AbstractSet[str] = _NO_QUEUE,
+        *,
+        prefetch: bool = False,
+        pieces: Sequence[int] = (),
+    ) -> CacheEntry:
         """Make ``adapter_id`` resident and return its entry (refcount unchanged: ``acquire`` next).
 
-        Already resident: a hit (not counted for a prefetch), nothing else changes. Otherwise a
-        miss (or a prefetch load): evicts the planned victims (reason "make_room"), allocates
-        (one run, or ``pieces``: the entry's ``num_slots`` is what the store holds) and counts
-        ``num_bytes`` as loaded; the caller then copies the weights into the handle's memory. Raises ``CacheFullError`` when ``can_admit`` is False, changing
-        nothing (no eviction); ``ValueError`` when the adapter is being dropped or is resident
-        with another size.
+        Already resident: a hit (not counted for a prefetch), nothing else changes. Otherwise a miss
+        (or a prefetch load): evicts the planned victims (reason "make_room"), allocates (one run,
+        or ``pieces``: the entry's ``num_slots`` is what the store holds) and counts ``num_bytes``
+        as loaded; the caller then copies the weights into the handle's memory. Raises
+        ``CacheFullError`` when ``can_admit`` is False, changing nothing (no eviction);
+        ``ValueError`` when the adapter is being dropped or is resident with another size.
         """
         entry = self._entries.get(adapter_id)
         if entry is not None:
@@ -170,15 +186,19 @@ class AdapterCache:
         if plan is None:
             raise CacheFullError(
                 f"no room for adapter {adapter_id!r} ({num_slots} slots): "
-                f"{self._store.num_free_slots()} free, idle adapters cannot make room for it")
+                f"{self._store.num_free_slots()} free, idle adapters cannot make room for it"
+            )
         for victim, tier in plan:
             self._remove(victim, "make_room", tier)
         handle = self._store.alloc(num_slots, tuple(pieces))
         if handle is None:  # the plan said it fits: a store breaking its contract
-            raise RuntimeError(f"the slot store refused {num_slots} slots after a plan that "
-                               f"fits (adapter {adapter_id!r})")
-        return self._insert(adapter_id, num_bytes, rank, self._store.slots_held(handle), handle,
-                            now, prefetch)
+            raise RuntimeError(
+                f"the slot store refused {num_slots} slots after a plan that "
+                f"fits (adapter {adapter_id!r})"
+            )
+        return self._insert(
+            adapter_id, num_bytes, rank, self._store.slots_held(handle), handle, now, prefetch
+        )
 
     # References
 
@@ -218,8 +238,9 @@ class AdapterCache:
 
     # Memory
 
-    def evict_for(self, num_slots: int, now: float,
-                  queued: AbstractSet[str] = _NO_QUEUE) -> List[str]:
+    def evict_for(
+        self, num_slots: int, now: float, queued: AbstractSet[str] = _NO_QUEUE
+    ) -> List[str]:
         """Evict idle entries, tier by tier, until at least ``num_slots`` slots are freed.
 
         All or nothing: raises ``CacheFullError`` without evicting when idle entries hold fewer
@@ -227,8 +248,9 @@ class AdapterCache:
         """
         return self._evict(num_slots, now, queued, "make_room", allow_queued=True)
 
-    def shrink_to_free(self, num_slots: int, now: float,
-                       queued: AbstractSet[str] = _NO_QUEUE) -> int:
+    def shrink_to_free(
+        self, num_slots: int, now: float, queued: AbstractSet[str] = _NO_QUEUE
+    ) -> int:
         """Evict idle entries until the store has ``num_slots`` free; returns slots freed.
 
         For the KV allocator before an allocation would fail (reason "kv_pressure"). Stops as
@@ -293,15 +315,24 @@ class AdapterCache:
 
     def _hit(self, entry: CacheEntry, num_bytes: int, prefetch: bool) -> CacheEntry:
         if entry.is_dropping:
-            raise ValueError(f"adapter {entry.adapter_id!r} is being unloaded; admit it after "
-                             f"its last release")
+            raise ValueError(
+                f"adapter {entry.adapter_id!r} is being unloaded; admit it after its last release"
+            )
         _check_size(entry, num_bytes)
         if not prefetch:
             self._hits += 1
         return entry
 
-    def _insert(self, adapter_id: str, num_bytes: int, rank: int, num_slots: int,
-                handle: object, now: float, prefetch: bool) -> CacheEntry:
+    def _insert(
+        self,
+        adapter_id: str,
+        num_bytes: int,
+        rank: int,
+        num_slots: int,
+        handle: object,
+        now: float,
+        prefetch: bool,
+    ) -> CacheEntry:
         entry = CacheEntry(adapter_id, num_bytes, rank, num_slots, handle, last_use=now)
         self._entries[adapter_id] = entry
         self._num_slots_held += num_slots
@@ -316,12 +347,19 @@ class AdapterCache:
 
     def _evictable_slots(self, queued: AbstractSet[str], allow_queued: bool) -> int:
         return sum(
-            e.num_slots for e in self._entries.values()
+            e.num_slots
+            for e in self._entries.values()
             if e.is_idle and (allow_queued or e.adapter_id not in queued)
         )
 
-    def _evict(self, num_slots: int, now: float, queued: AbstractSet[str],
-               reason: EvictionReason, allow_queued: bool) -> List[str]:
+    def _evict(
+        self,
+        num_slots: int,
+        now: float,
+        queued: AbstractSet[str],
+        reason: EvictionReason,
+        allow_queued: bool,
+    ) -> List[str]:
         if num_slots <= 0:
             return []
         available = self._evictable_slots(queued, allow_queued)
@@ -333,8 +371,14 @@ class AdapterCache:
         evicted, _ = self._evict_up_to(num_slots, now, queued, reason, allow_queued)
         return evicted
 
-    def _evict_up_to(self, num_slots: int, now: float, queued: AbstractSet[str],
-                     reason: EvictionReason, allow_queued: bool) -> Tuple[List[str], int]:
+    def _evict_up_to(
+        self,
+        num_slots: int,
+        now: float,
+        queued: AbstractSet[str],
+        reason: EvictionReason,
+        allow_queued: bool,
+    ) -> Tuple[List[str], int]:
         evicted: List[str] = []
         freed = 0
         for entry, tier in self._victims(now, queued, allow_queued):
@@ -345,8 +389,9 @@ class AdapterCache:
             freed += entry.num_slots
         return evicted, freed
 
-    def _victims(self, now: float, queued: AbstractSet[str],
-                 allow_queued: bool) -> Iterator[Tuple[CacheEntry, EvictionTier]]:
+    def _victims(
+        self, now: float, queued: AbstractSet[str], allow_queued: bool
+    ) -> Iterator[Tuple[CacheEntry, EvictionTier]]:
         """Idle entries in eviction order: tier 2 by policy order, then (if allowed) tier 3."""
         idle = [self._entries[i] for i in sorted(self._entries) if self._entries[i].is_idle]
         unused = [e for e in idle if e.adapter_id not in queued]
@@ -356,9 +401,14 @@ class AdapterCache:
             for entry in self._policy.order([e for e in idle if e.adapter_id in queued], now):
                 yield entry, "queued"
 
-    def _plan(self, num_slots: int, pieces: Tuple[int, ...], now: float,
-              queued: AbstractSet[str], allow_queued: bool
-              ) -> Optional[List[Tuple[CacheEntry, EvictionTier]]]:
+    def _plan(
+        self,
+        num_slots: int,
+        pieces: Tuple[int, ...],
+        now: float,
+        queued: AbstractSet[str],
+        allow_queued: bool,
+    ) -> Optional[List[Tuple[CacheEntry, EvictionTier]]]:
         """The idle entries to evict so that the store can allocate ``num_slots`` (or
         ``pieces``), or None when no choice of them can (nothing is changed either way).
 
@@ -375,8 +425,10 @@ class AdapterCache:
         def fits(chosen: List[Tuple[CacheEntry, EvictionTier]]) -> bool:
             if free + sum(e.num_slots for e, _ in chosen) < least:
                 return False
-            return runs_after is None or runs_after(
-                [e.handle for e, _ in chosen]).place(num_slots, pieces) is not None
+            return (
+                runs_after is None
+                or runs_after([e.handle for e, _ in chosen]).place(num_slots, pieces) is not None
+            )
 
         if fits([]):
             return []
@@ -395,8 +447,15 @@ class AdapterCache:
                 return None
             runs = runs_after([e.handle for e, _ in chosen])
             tier = victims[0][1]
-            closer = next((v for v in victims if v[1] == tier and runs.with_freed(
-                v[0].handle).place(num_slots, pieces) is not None), None)
+            closer = next(
+                (
+                    v
+                    for v in victims
+                    if v[1] == tier
+                    and runs.with_freed(v[0].handle).place(num_slots, pieces) is not None
+                ),
+                None,
+            )
             if closer is not None:
                 victims.remove(closer)
                 chosen.append(closer)
@@ -408,8 +467,9 @@ class AdapterCache:
                 chosen = rest
         return chosen
 
-    def _remove(self, entry: CacheEntry, reason: EvictionReason,
-                tier: Optional[EvictionTier]) -> None:
+    def _remove(
+        self, entry: CacheEntry, reason: EvictionReason, tier: Optional[EvictionTier]
+    ) -> None:
         self._store.free(entry.handle)
         del self._entries[entry.adapter_id]
         self._num_slots_held -= entry.num_slots
@@ -422,5 +482,7 @@ class AdapterCache:
 
 def _check_size(entry: CacheEntry, num_bytes: int) -> None:
     if entry.num_bytes != num_bytes:
-        raise ValueError(f"adapter {entry.adapter_id!r} is resident with {entry.num_bytes} "
-                         f"bytes, not {num_bytes}")
+        raise ValueError(
+            f"adapter {entry.adapter_id!r} is resident with {entry.num_bytes} "
+            f"bytes, not {num_bytes}"
+        )

@@ -35,8 +35,15 @@ class _Adapter:
 class ArrivalHistogram:
     """Gap histograms per adapter and the adapters due for a prefetch (module docstring)."""
 
-    def __init__(self, bin_s: float = 0.5, range_s: float = 600.0, head: float = 0.05,
-                 tail: float = 0.99, min_gaps: int = 4, max_out_of_bounds: float = 0.5) -> None:
+    def __init__(
+        self,
+        bin_s: float = 0.5,
+        range_s: float = 600.0,
+        head: float = 0.05,
+        tail: float = 0.99,
+        min_gaps: int = 4,
+        max_out_of_bounds: float = 0.5,
+    ) -> None:
         if bin_s <= 0 or range_s <= bin_s:
             raise ValueError("need 0 < bin_s < range_s")
         if not 0 <= head < tail <= 1:
@@ -69,8 +76,7 @@ class ArrivalHistogram:
         entry = self._adapters.get(adapter_id)
         return entry.window if entry is not None else None
 
-    def due(self, now: float, lead_s: float = 0.0,
-            skip: Iterable[str] = ()) -> List[str]:
+    def due(self, now: float, lead_s: float = 0.0, skip: Iterable[str] = ()) -> List[str]:
         """Adapters (not in ``skip``) whose next arrival is predicted now: ``now - last`` within
         ``[head - lead_s, tail]``; most observed first."""
         excluded = set(skip)
@@ -89,8 +95,11 @@ class ArrivalHistogram:
 
     def _window(self, entry: _Adapter) -> Optional[Tuple[float, float]]:
         in_bounds = int(entry.counts.sum())
-        if entry.num_gaps < self.min_gaps or \
-                entry.out_of_bounds > self.max_out_of_bounds * entry.num_gaps or in_bounds == 0:
+        if (
+            entry.num_gaps < self.min_gaps
+            or entry.out_of_bounds > self.max_out_of_bounds * entry.num_gaps
+            or in_bounds == 0
+        ):
             return None
         cumulative = np.cumsum(entry.counts) / in_bounds
         head_bin = int(np.searchsorted(cumulative, self.head, side="left"))

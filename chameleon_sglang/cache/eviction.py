@@ -31,13 +31,14 @@ class EvictionPolicy(abc.ABC):
     def order(self, candidates: Sequence[CacheEntry], now: float) -> List[CacheEntry]:
         """``candidates`` sorted first-to-evict first."""
 
-    def on_admit(self, entry: CacheEntry, now: float) -> None:
+    # Optional notifications (a policy that keeps state of its own overrides them).
+    def on_admit(self, entry: CacheEntry, now: float) -> None:  # noqa: B027
         """``entry`` was just loaded."""
 
-    def on_use(self, entry: CacheEntry, now: float) -> None:
+    def on_use(self, entry: CacheEntry, now: float) -> None:  # noqa: B027
         """``entry`` was just acquired by a request (its use is already recorded)."""
 
-    def on_remove(self, entry: CacheEntry, is_eviction: bool) -> None:
+    def on_remove(self, entry: CacheEntry, is_eviction: bool) -> None:  # noqa: B027
         """``entry`` left the cache: evicted by the policy's order, or else unloaded."""
 
 
@@ -54,8 +55,9 @@ class ScorePolicy(EvictionPolicy):
 
     name = "chameleon"
 
-    def __init__(self, weights: ScoreWeights = DEFAULT_SCORE_WEIGHTS,
-                 window_s: float = DEFAULT_WINDOW_S) -> None:
+    def __init__(
+        self, weights: ScoreWeights = DEFAULT_SCORE_WEIGHTS, window_s: float = DEFAULT_WINDOW_S
+    ) -> None:
         _check_weights(weights)
         if window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {window_s}")
@@ -83,8 +85,9 @@ class FairSharePolicy(ScorePolicy):
 
     name = "fairshare"
 
-    def __init__(self, weights: ScoreWeights = DEFAULT_SCORE_WEIGHTS,
-                 window_s: float = DEFAULT_WINDOW_S) -> None:
+    def __init__(
+        self, weights: ScoreWeights = DEFAULT_SCORE_WEIGHTS, window_s: float = DEFAULT_WINDOW_S
+    ) -> None:
         super().__init__((1 / 3, 1 / 3, 1 / 3), window_s)
 
 
@@ -110,8 +113,9 @@ class GDSFPolicy(EvictionPolicy):
 
     name = "gdsf"
 
-    def __init__(self, weights: ScoreWeights = DEFAULT_SCORE_WEIGHTS,
-                 window_s: float = DEFAULT_WINDOW_S) -> None:
+    def __init__(
+        self, weights: ScoreWeights = DEFAULT_SCORE_WEIGHTS, window_s: float = DEFAULT_WINDOW_S
+    ) -> None:
         if window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {window_s}")
         self.window_s = float(window_s)
@@ -154,8 +158,9 @@ _POLICIES: Dict[str, PolicyFactory] = {
 EVICTION_POLICY_NAMES: Tuple[str, ...] = tuple(sorted(_POLICIES))
 
 
-def create_eviction_policy(name: str, weights: ScoreWeights = DEFAULT_SCORE_WEIGHTS,
-                           window_s: float = DEFAULT_WINDOW_S) -> EvictionPolicy:
+def create_eviction_policy(
+    name: str, weights: ScoreWeights = DEFAULT_SCORE_WEIGHTS, window_s: float = DEFAULT_WINDOW_S
+) -> EvictionPolicy:
     """A new policy by name (``EVICTION_POLICY_NAMES``).
 
     ``weights`` (frequency, recency, size) are used by "chameleon" only; ``window_s`` by the

@@ -70,8 +70,9 @@ def _largest_first(shapes: Sequence[Tuple[Hashable, Tuple[int, ...]]]) -> List[i
     return sorted(range(len(shapes)), key=lambda i: (-_numel(shapes[i][1]), i))
 
 
-def _pack(shapes: Sequence[Tuple[Hashable, Tuple[int, ...]]], k_capacity: int,
-          v_capacity: int) -> Dict[Hashable, Placement] | None:
+def _pack(
+    shapes: Sequence[Tuple[Hashable, Tuple[int, ...]]], k_capacity: int, v_capacity: int
+) -> Dict[Hashable, Placement] | None:
     """First-fit decreasing into one run's K rows, then its V rows; None if they do not fit."""
     placements: Dict[Hashable, Placement] = {}
     used = [0, 0]
@@ -87,8 +88,9 @@ def _pack(shapes: Sequence[Tuple[Hashable, Tuple[int, ...]]], k_capacity: int,
     return placements
 
 
-def plan_layout(layer_shapes: Sequence[Sequence[Tuple[Hashable, Tuple[int, ...]]]],
-                k_row: int, v_row: int) -> AdapterLayout:
+def plan_layout(
+    layer_shapes: Sequence[Sequence[Tuple[Hashable, Tuple[int, ...]]]], k_row: int, v_row: int
+) -> AdapterLayout:
     """The smallest run that holds every layer's matrices, packed first-fit decreasing.
 
     ``layer_shapes[l]`` lists ``(key, shape)`` of layer ``l``'s matrices; ``k_row``/``v_row``
@@ -114,8 +116,9 @@ def plan_layout(layer_shapes: Sequence[Sequence[Tuple[Hashable, Tuple[int, ...]]
         num_slots += 1
 
 
-def plan_split_layout(layer_shapes: Sequence[Sequence[Tuple[Hashable, Tuple[int, ...]]]],
-                      k_row: int, v_row: int) -> AdapterLayout:
+def plan_split_layout(
+    layer_shapes: Sequence[Sequence[Tuple[Hashable, Tuple[int, ...]]]], k_row: int, v_row: int
+) -> AdapterLayout:
     """The adapter in as many pieces as first-fit decreasing makes, for fragmented memory.
 
     Per layer, matrices largest first go into the first piece whose K or V rows have room
@@ -139,15 +142,23 @@ def plan_split_layout(layer_shapes: Sequence[Sequence[Tuple[Hashable, Tuple[int,
         for i in _largest_first(layer):
             key, shape = layer[i]
             numel = _numel(shape)
-            spot = next(((p, part) for p in range(len(used)) for part in (K_PART, V_PART)
-                         if used[p][part] + numel <= capacity[part]), None)
+            spot = next(
+                (
+                    (p, part)
+                    for p in range(len(used))
+                    for part in (K_PART, V_PART)
+                    if used[p][part] + numel <= capacity[part]
+                ),
+                None,
+            )
             if spot is None:
                 used.append([0, 0])
                 part = K_PART if numel <= capacity[K_PART] else V_PART
                 spot = (len(used) - 1, part)
             piece, part = spot
-            placements[key] = Placement(part, used[piece][part], tuple(int(d) for d in shape),
-                                        piece)
+            placements[key] = Placement(
+                part, used[piece][part], tuple(int(d) for d in shape), piece
+            )
             used[piece][part] += numel
         packed.append(placements)
         for piece, (k_used, v_used) in enumerate(used):

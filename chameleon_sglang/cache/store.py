@@ -43,4 +43,3 @@ class SlotStore(Protocol):
     def free(self, handle: object) -> None:
         """Give back the slots of ``handle``."""
         ...
-

@@ -221,8 +221,8 @@ def _write_build(staging: Path, preset: str, recipe: Recipe, final_root: Path) -
 
 
 _SYLLABLES = (
-    "ka ri to mu ne so la vi de po an el is or um ex qu st pr th ch sh "
-    "a e i o u y ing ed er ly tion ment ness able ful less"
+    "ka ri to mu ne so la vi de po an el is or um ex qu st pr th ch sh a e i o u y ing ed er ly "
+    "tion ment ness able ful less"
 ).split()
 
 
@@ -299,8 +299,14 @@ def _make_model(recipe: Recipe, tokenizer):
     return model
 
 
-def write_adapter(model_path: Path, out: Path, rank: int, seed: int, lora_b_std: float = 0.05,
-                  target_modules: Sequence[str] = TARGET_MODULES):
+def write_adapter(
+    model_path: Path,
+    out: Path,
+    rank: int,
+    seed: int,
+    lora_b_std: float = 0.05,
+    target_modules: Sequence[str] = TARGET_MODULES,
+):
     """Write one extra peft adapter of ``rank`` for the model at ``model_path`` (tests, tools)."""
     from transformers import LlamaForCausalLM
 
@@ -309,8 +315,14 @@ def write_adapter(model_path: Path, out: Path, rank: int, seed: int, lora_b_std:
     _write_adapter(base, recipe, index=0, rank=rank, out=out, target_modules=target_modules)
 
 
-def _write_adapter(base_model, recipe: Recipe, index: int, rank: int, out: Path,
-                   target_modules: Sequence[str] = TARGET_MODULES) -> None:
+def _write_adapter(
+    base_model,
+    recipe: Recipe,
+    index: int,
+    rank: int,
+    out: Path,
+    target_modules: Sequence[str] = TARGET_MODULES,
+) -> None:
     import copy
 
     import torch
@@ -347,9 +359,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--adapters", type=int, default=None, help="number of adapters")
     parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument(
-        "--print-dir", action="store_true", help="print only the build directory"
-    )
+    parser.add_argument("--print-dir", action="store_true", help="print only the build directory")
     args = parser.parse_args(argv)
     assets = build(args.preset, args.adapters, args.cache_dir)
     if args.print_dir:

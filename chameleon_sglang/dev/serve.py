@@ -16,6 +16,7 @@ CLI (``make serve``): ``python -m chameleon_sglang.dev.serve [--preset tiny] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -48,20 +49,30 @@ def server_command(
     """The launch command for ``assets`` (all its adapters unless ``adapters`` names some)."""
     chosen = assets.adapters if adapters is None else [assets.adapter(n) for n in adapters]
     cmd = [
-        python, "-m", "sglang.launch_server",
-        "--model-path", str(assets.model_path),
-        "--host", DEFAULT_HOST,
-        "--port", str(port),
-        "--dtype", dtype,
-        "--max-total-tokens", str(max_total_tokens),
-        "--served-model-name", served_model_name(assets),
+        python,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        str(assets.model_path),
+        "--host",
+        DEFAULT_HOST,
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+        "--max-total-tokens",
+        str(max_total_tokens),
+        "--served-model-name",
+        served_model_name(assets),
         "--sleep-on-idle",
     ]
     if chosen or max_lora_rank is not None:
         cmd += [
             "--enable-lora",
-            "--max-lora-rank", str(max_lora_rank or assets.max_rank),
-            "--lora-target-modules", "all",
+            "--max-lora-rank",
+            str(max_lora_rank or assets.max_rank),
+            "--lora-target-modules",
+            "all",
         ]
     if chosen:
         cmd += ["--max-loaded-loras", str(max(8, len(chosen)))]
@@ -105,13 +116,17 @@ class ServerProcess:
         self._log: Optional[IO[bytes]] = None
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self, timeout_s: float = 240.0) -> "ServerProcess":
+    def start(self, timeout_s: float = 240.0) -> ServerProcess:
         out = subprocess.DEVNULL
         if self.log_path is not None:
-            self._log = open(self.log_path, "wb")
+            self._log = open(self.log_path, "wb")  # noqa: SIM115 - open while the server runs
             out = self._log
         self.proc = subprocess.Popen(
-            self.cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(), **_OWN_GROUP,
+            self.cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=server_env(),
+            **_OWN_GROUP,
         )
         try:
             self.wait_healthy(timeout_s)
@@ -144,21 +159,17 @@ class ServerProcess:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             _signal_group(proc.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
         if proc is not None:
             _signal_group(proc.pid, signal.SIGKILL)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
         if self._log is not None:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -166,10 +177,8 @@ class ServerProcess:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def example_curl(url: str, adapter: str) -> str:
@@ -178,10 +187,7 @@ def example_curl(url: str, adapter: str) -> str:
         "sampling_params": {"max_new_tokens": 16, "temperature": 0},
         "lora_path": adapter,
     }
-    return (
-        f"curl -s {url}/generate -H 'Content-Type: application/json' "
-        f"-d '{json.dumps(body)}'"
-    )
+    return f"curl -s {url}/generate -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -193,8 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("extra", nargs="*", help="extra sglang arguments (after --)")
     args = parser.parse_args(argv)
     assets = build(args.preset, args.adapters)
-    cmd = server_command(assets, args.port, chameleon=not args.no_chameleon,
-                         extra_args=args.extra)
+    cmd = server_command(assets, args.port, chameleon=not args.no_chameleon, extra_args=args.extra)
     print("+ " + " ".join(cmd), flush=True)
     server = ServerProcess(cmd, args.port)
     server.proc = subprocess.Popen(cmd, env=server_env(), start_new_session=True)

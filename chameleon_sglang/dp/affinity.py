@@ -81,8 +81,13 @@ def _order_of(key: str, replicas: Sequence[int]) -> List[int]:
 class AffinityDispatcher:
     """Dispatch requests to replicas by adapter residency within a load bound (module docs)."""
 
-    def __init__(self, replicas: Iterable[int], epsilon: float = 0.25,
-                 miss_cost: float = 4.0, slack: float = 1.0) -> None:
+    def __init__(
+        self,
+        replicas: Iterable[int],
+        epsilon: float = 0.25,
+        miss_cost: float = 4.0,
+        slack: float = 1.0,
+    ) -> None:
         if epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
         if miss_cost < 0:
@@ -241,10 +246,14 @@ class AffinityDispatcher:
     def stats(self) -> Dict[str, object]:
         loads = [self.load(r) for r in self._replicas]
         mean = sum(loads) / len(loads)
-        return {"replicas": list(self._replicas), "loads": loads,
-                "max_over_mean": (max(loads) / mean) if mean > 0 else 1.0,
-                "num_affinity": self.num_affinity, "num_missed": self.num_missed,
-                "miss_tokens": self.miss_tokens()}
+        return {
+            "replicas": list(self._replicas),
+            "loads": loads,
+            "max_over_mean": (max(loads) / mean) if mean > 0 else 1.0,
+            "num_affinity": self.num_affinity,
+            "num_missed": self.num_missed,
+            "miss_tokens": self.miss_tokens(),
+        }
 
 
 def holders_of(reports: Sequence[ReplicaReport], adapter: str) -> List[int]:

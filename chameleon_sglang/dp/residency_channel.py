@@ -15,6 +15,7 @@ Contracts:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -39,8 +40,14 @@ def residency_endpoint(tokenizer_ipc_name: str) -> str:
 
 
 def encode_report(report: ReplicaReport) -> bytes:
-    return orjson.dumps({"replica": report.replica, "adapters": sorted(report.adapters),
-                         "load_tokens": report.load_tokens, "received": report.received})
+    return orjson.dumps(
+        {
+            "replica": report.replica,
+            "adapters": sorted(report.adapters),
+            "load_tokens": report.load_tokens,
+            "received": report.received,
+        }
+    )
 
 
 def decode_report(message: bytes) -> ReplicaReport:
@@ -50,11 +57,19 @@ def decode_report(message: bytes) -> ReplicaReport:
         raise ValueError("report is not an object")
     replica, adapters, load = data.get("replica"), data.get("adapters"), data.get("load_tokens")
     received = data.get("received")
-    if not isinstance(replica, int) or not isinstance(load, int) or not isinstance(adapters, list) \
-            or not (received is None or isinstance(received, int)):
+    if (
+        not isinstance(replica, int)
+        or not isinstance(load, int)
+        or not isinstance(adapters, list)
+        or not (received is None or isinstance(received, int))
+    ):
         raise ValueError(f"malformed report {data!r}")
-    return ReplicaReport(replica=replica, adapters=frozenset(str(a) for a in adapters),
-                         load_tokens=load, received=received)
+    return ReplicaReport(
+        replica=replica,
+        adapters=frozenset(str(a) for a in adapters),
+        load_tokens=load,
+        received=received,
+    )
 
 
 class ResidencyPublisher:
@@ -71,8 +86,9 @@ class ResidencyPublisher:
         self.num_sent = 0
         self.num_dropped = 0
 
-    def publish(self, adapters: Iterable[str], load_tokens: int,
-                received: Optional[int] = None) -> bool:
+    def publish(
+        self, adapters: Iterable[str], load_tokens: int, received: Optional[int] = None
+    ) -> bool:
         """Queue a report of ``adapters``, ``load_tokens`` and the number of requests
         ``received`` unless it equals the last one queued; True if one was queued."""
         state = (frozenset(adapters), int(load_tokens), received)
@@ -124,12 +140,10 @@ class ResidencyReader:
 
     def close(self) -> None:
         self.socket.close(linger=0)
-        path = self.endpoint[len("ipc://"):] if self.endpoint.startswith("ipc://") else None
+        path = self.endpoint[len("ipc://") :] if self.endpoint.startswith("ipc://") else None
         if path:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(path)
-            except OSError:
-                pass
 
 
 def replica_load_tokens(requests: Iterable[Any]) -> int:
@@ -159,5 +173,6 @@ DEFAULT_OUTPUT_CAP = 128
 
 def request_tokens(num_input_tokens: int, max_new_tokens: Optional[int]) -> int:
     """Prompt plus output cap: what a request brings to a replica before its prefill."""
-    return int(num_input_tokens) + int(max_new_tokens if max_new_tokens is not None
-                                       else DEFAULT_OUTPUT_CAP)
+    return int(num_input_tokens) + int(
+        max_new_tokens if max_new_tokens is not None else DEFAULT_OUTPUT_CAP
+    )

@@ -19,8 +19,9 @@ def weight_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 def adapter_weight_bytes(lora: Any) -> int:
     """Bytes of an SGLang ``LoRAAdapter``'s host weights (every layer)."""
-    return weight_bytes(w for layer in getattr(lora, "layers", ())
-                        for w in getattr(layer, "weights", {}).values())
+    return weight_bytes(
+        w for layer in getattr(lora, "layers", ()) for w in getattr(layer, "weights", {}).values()
+    )
 
 
 def lora_manager_of(scheduler: Any) -> Any:
@@ -69,6 +70,9 @@ class AdapterCosts:
             return 0
         if adapter not in self._tokens:
             loaded = adapter in getattr(self.lora_manager, "loras", {})
-            self._tokens[adapter] = -(-self.pool.footprint_bytes(adapter)
-                                      // self.pool.store.bytes_per_slot) if loaded else 0
+            self._tokens[adapter] = (
+                -(-self.pool.footprint_bytes(adapter) // self.pool.store.bytes_per_slot)
+                if loaded
+                else 0
+            )
         return self._tokens[adapter]

@@ -21,12 +21,12 @@ Under ``--chameleon`` (cache on) :class:`CacheBridge` replaces SGLang's per-batc
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, Optional, Set, Tuple
 
 from chameleon_sglang.cache.arrival_histogram import ArrivalHistogram
+from chameleon_sglang.clock import SchedulerClock
 from chameleon_sglang.integration.kv_allocator import make_cache_aware
 from chameleon_sglang.memory.kv_store import free_slot_count
-from chameleon_sglang.clock import SchedulerClock
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,15 @@ PREDICTIVE_LEAD_S = 1.0
 class CacheBridge:
     """Connects one SGLang scheduler to the adapter cache in its LoRA pool."""
 
-    def __init__(self, scheduler: Any, pool: Any, clock: SchedulerClock, prefetch: bool,
-                 owns_clock: bool, predictive: bool = False) -> None:
+    def __init__(
+        self,
+        scheduler: Any,
+        pool: Any,
+        clock: SchedulerClock,
+        prefetch: bool,
+        owns_clock: bool,
+        predictive: bool = False,
+    ) -> None:
         self.scheduler = scheduler
         self.pool = pool
         self.clock = clock
@@ -94,8 +101,10 @@ class CacheBridge:
             need = entry.num_slots
         else:
             need = self.pool.footprint_slots(adapter)
-        left = min(int(self._adder.rem_total_tokens),
-                   int(getattr(self._adder, "cur_rem_tokens", self._adder.rem_total_tokens)))
+        left = min(
+            int(self._adder.rem_total_tokens),
+            int(getattr(self._adder, "cur_rem_tokens", self._adder.rem_total_tokens)),
+        )
         return need <= left
 
     def can_schedule(self, req: Any) -> bool:
@@ -111,8 +120,11 @@ class CacheBridge:
             return False
         if not self.cache.is_resident(adapter):
             refused = self._refusals.get(adapter)
-            if refused is not None and refused[0] == self.cache.version \
-                    and self._room() <= refused[1]:
+            if (
+                refused is not None
+                and refused[0] == self.cache.version
+                and self._room() <= refused[1]
+            ):
                 self.num_refusals_repeated += 1
                 return False
             if not self._fits_pass_budget(adapter):
@@ -120,14 +132,16 @@ class CacheBridge:
                 return False
             queued = self._queued_adapters()
             self._evict_prefix_cache_for(adapter)
-        if not self.pool.make_resident(adapter, now, queued, count_lookup=first):
-            # Enough memory in total but no run of it: SGLang's prefix cache may be what splits
-            # it (with nothing running, nothing else can). Its tokens give way, then one retry.
-            if not (self._evict_prefix_cache() and
-                    self.pool.make_resident(adapter, now, queued, count_lookup=False)):
-                self.num_refused += 1
-                self._refusals[adapter] = (self.cache.version, self._room())
-                return False
+        # Enough memory in total but no run of it: SGLang's prefix cache may be what splits it
+        # (with nothing running, nothing else can). Its tokens give way, then one retry.
+        placed = self.pool.make_resident(adapter, now, queued, count_lookup=first) or (
+            self._evict_prefix_cache()
+            and self.pool.make_resident(adapter, now, queued, count_lookup=False)
+        )
+        if not placed:
+            self.num_refused += 1
+            self._refusals[adapter] = (self.cache.version, self._room())
+            return False
         self._refusals.pop(adapter, None)
         self._looked_up.add(req.rid)
         self.cache.acquire(adapter, now)
@@ -186,9 +200,11 @@ class CacheBridge:
             return None
         ref = self.pool.manager.lora_refs.get(adapter)
         name = getattr(ref, "lora_name", adapter)
-        return (f"The prompt ({len(req.origin_input_ids)} tokens) and adapter {name!r} "
-                f"({adapter_slots} KV slots in the adapter cache) need {need} KV token slots; "
-                f"the KV cache has {total}. Use a shorter prompt or a larger KV cache.")
+        return (
+            f"The prompt ({len(req.origin_input_ids)} tokens) and adapter {name!r} "
+            f"({adapter_slots} KV slots in the adapter cache) need {need} KV token slots; "
+            f"the KV cache has {total}. Use a shorter prompt or a larger KV cache."
+        )
 
     # -- internals -----------------------------------------------------------------------
     def _evict_prefix_cache_for(self, adapter: str) -> None:
@@ -295,9 +311,11 @@ class CacheBridge:
             num_holding_requests=len(self._holds),
             kv_free_slots=free,
             kv_total_slots=total,
-            memory={"kv_bytes": (total - free - held) * per_slot,
-                    "adapter_cache_bytes": held * per_slot,
-                    "free_bytes": free * per_slot},
+            memory={
+                "kv_bytes": (total - free - held) * per_slot,
+                "adapter_cache_bytes": held * per_slot,
+                "free_bytes": free * per_slot,
+            },
         )
         return stats
 
@@ -313,8 +331,13 @@ def chameleon_pool_of(scheduler: Any) -> Any:
     return pool if isinstance(pool, ChameleonLoRAPool) else None
 
 
-def install_cache(scheduler: Any, clock: SchedulerClock, prefetch: bool,
-                  owns_clock: bool, predictive: bool = False) -> CacheBridge:
+def install_cache(
+    scheduler: Any,
+    clock: SchedulerClock,
+    prefetch: bool,
+    owns_clock: bool,
+    predictive: bool = False,
+) -> CacheBridge:
     """Bind the Chameleon LoRA pool to the scheduler's KV cache; the bridge that serves it."""
     pool = chameleon_pool_of(scheduler)
     if pool is None:

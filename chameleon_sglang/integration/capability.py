@@ -65,13 +65,19 @@ def flags_unsupported_reason(cfg: Any) -> Optional[str]:
     checks = (
         ((getattr(cfg, "page_size", 1) or 1) != 1, "needs --page-size 1"),
         (parallelism is not None, parallelism),
-        (getattr(cfg, "enable_lora_overlap_loading", False),
-         "not combined with --enable-lora-overlap-loading"),
-        (getattr(cfg, "enable_hierarchical_cache", False),
-         "not combined with --enable-hierarchical-cache (host KV copies do not know adapter "
-         "slots)"),
-        (getattr(cfg, "speculative_algorithm", None) not in (None, "", "NONE"),
-         "not combined with speculative decoding (the draft model has its own KV pool)"),
+        (
+            getattr(cfg, "enable_lora_overlap_loading", False),
+            "not combined with --enable-lora-overlap-loading",
+        ),
+        (
+            getattr(cfg, "enable_hierarchical_cache", False),
+            "not combined with --enable-hierarchical-cache (host KV copies do not know adapter "
+            "slots)",
+        ),
+        (
+            getattr(cfg, "speculative_algorithm", None) not in (None, "", "NONE"),
+            "not combined with speculative decoding (the draft model has its own KV pool)",
+        ),
     )
     for failed, why in checks:
         if failed:
@@ -84,25 +90,32 @@ def model_unsupported_reason(facts: ModelFacts) -> Optional[str]:
     if facts.moe_lora:
         return f"stores dense LoRA modules only (the model has MoE layers): {STOCK_POOL}"
     if facts.attention_arch != "MHA":
-        return (f"needs per-layer K/V buffers (the model's attention is "
-                f"{facts.attention_arch}): {STOCK_POOL}")
+        return (
+            f"needs per-layer K/V buffers (the model's attention is "
+            f"{facts.attention_arch}): {STOCK_POOL}"
+        )
     if facts.hybrid_swa or facts.recurrent_state:
         kind = "sliding-window" if facts.hybrid_swa else "recurrent-state"
         return f"needs one full-attention KV pool (the model has {kind} layers): {STOCK_POOL}"
     if facts.padded_for_tp:
-        return (f"needs layers that tensor parallelism divides unpadded (SGLang padded "
-                f"{facts.padded_for_tp} for CPU tensor parallelism; the adapters' slices would "
-                f"not match): {STOCK_POOL}")
+        return (
+            f"needs layers that tensor parallelism divides unpadded (SGLang padded "
+            f"{facts.padded_for_tp} for CPU tensor parallelism; the adapters' slices would "
+            f"not match): {STOCK_POOL}"
+        )
     if facts.kv_cache_dtype != facts.lora_dtype:
-        return (f"needs the KV cache in the LoRA dtype ({_name(facts.lora_dtype)}; the KV cache "
-                f"is {_name(facts.kv_cache_dtype)}): {STOCK_POOL}")
+        return (
+            f"needs the KV cache in the LoRA dtype ({_name(facts.lora_dtype)}; the KV cache "
+            f"is {_name(facts.kv_cache_dtype)}): {STOCK_POOL}"
+        )
     return None
 
 
 def unsupported_reason(cfg: Any, facts: Optional[ModelFacts] = None) -> Optional[str]:
     """The decision: flags first, then the model's facts when known."""
     return flags_unsupported_reason(cfg) or (
-        model_unsupported_reason(facts) if facts is not None else None)
+        model_unsupported_reason(facts) if facts is not None else None
+    )
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -150,9 +163,11 @@ def model_facts(runner: Any) -> ModelFacts:
 
 
 # (attribute SGLang keeps the original value in, attribute it pads) for CPU tensor parallelism
-_TP_PADDED = (("original_intermediate_size", "intermediate_size"),
-              ("original_num_attention_heads", "num_attention_heads"),
-              ("original_total_num_kv_heads", "num_key_value_heads"))
+_TP_PADDED = (
+    ("original_intermediate_size", "intermediate_size"),
+    ("original_num_attention_heads", "num_attention_heads"),
+    ("original_total_num_kv_heads", "num_key_value_heads"),
+)
 
 
 def _padded_for_tp(hf_config: Any) -> str:
@@ -175,8 +190,9 @@ def decide_for_runner(runner: Any, cfg: Any, chosen_backend: Optional[str]) -> R
     picked; only a ``chameleon`` pick can need a fallback."""
     global _decision
     if chosen_backend != CHAMELEON_LORA_BACKEND:
-        _decision = RunnerDecision(reason=flags_unsupported_reason(cfg)
-                                   or f"LoRA backend {chosen_backend!r}: {STOCK_POOL}")
+        _decision = RunnerDecision(
+            reason=flags_unsupported_reason(cfg) or f"LoRA backend {chosen_backend!r}: {STOCK_POOL}"
+        )
         return _decision
     reason = unsupported_reason(cfg, model_facts(runner))
     fallback = None

@@ -59,7 +59,7 @@ def split_cores(cores: list, num_ranks: int) -> str:
         groups, start = [], 0
         for rank in range(num_ranks):
             size = base + (1 if rank < extra else 0)
-            groups.append(cores[start:start + size])
+            groups.append(cores[start : start + size])
             start += size
     else:
         groups = [[cores[rank % len(cores)]] for rank in range(num_ranks)]
@@ -76,8 +76,13 @@ def default_cpu_threads_binding(num_ranks: int, num_numa_nodes: int) -> None:
         return
     binding = split_cores(list(os.sched_getaffinity(0)), num_ranks)
     os.environ[CPU_THREADS_BIND_ENV] = binding
-    logger.info("CPU engine: %d ranks on %d NUMA node(s): %s=%s (set it to choose the cores)",
-                num_ranks, num_numa_nodes, CPU_THREADS_BIND_ENV, binding)
+    logger.info(
+        "CPU engine: %d ranks on %d NUMA node(s): %s=%s (set it to choose the cores)",
+        num_ranks,
+        num_numa_nodes,
+        CPU_THREADS_BIND_ENV,
+        binding,
+    )
 
 
 def parse_cpu_list(spec: str) -> list:

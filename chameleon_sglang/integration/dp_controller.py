@@ -42,13 +42,15 @@ STATS_PERIOD_S = 30.0
 class AffinityRouting:
     """Adapter-affinity dispatch of one ``DataParallelController`` (module docs)."""
 
-    def __init__(self, controller: Any, epsilon: float, endpoint: str,
-                 miss_cost: float, slack: float) -> None:
+    def __init__(
+        self, controller: Any, epsilon: float, endpoint: str, miss_cost: float, slack: float
+    ) -> None:
         self.controller = controller
         self.reader = ResidencyReader(endpoint)
         self._active = self._active_replicas()
-        self.dispatcher = AffinityDispatcher(self._active, epsilon=epsilon, miss_cost=miss_cost,
-                                             slack=slack)
+        self.dispatcher = AffinityDispatcher(
+            self._active, epsilon=epsilon, miss_cost=miss_cost, slack=slack
+        )
         self.num_dispatched: Dict[int, int] = {r: 0 for r in self._active}
         self._last_stats_log = time.monotonic()
 
@@ -95,9 +97,11 @@ class AffinityRouting:
 
     def stats(self) -> Dict[str, Any]:
         stats = self.dispatcher.stats()
-        stats.update(num_dispatched=dict(self.num_dispatched),
-                     num_reports=self.reader.num_received,
-                     num_malformed_reports=self.reader.num_malformed)
+        stats.update(
+            num_dispatched=dict(self.num_dispatched),
+            num_reports=self.reader.num_received,
+            num_malformed_reports=self.reader.num_malformed,
+        )
         return stats
 
     def _maybe_log_stats(self) -> None:
@@ -107,18 +111,27 @@ class AffinityRouting:
             logger.info("Chameleon DP dispatch: %s", self.stats())
 
 
-def install_affinity_routing(controller: Any, config: ChameleonConfig,
-                             tokenizer_ipc_name: str) -> AffinityRouting:
+def install_affinity_routing(
+    controller: Any, config: ChameleonConfig, tokenizer_ipc_name: str
+) -> AffinityRouting:
     """Replace the controller's dispatch by adapter-affinity dispatch (``config``'s bounds)."""
-    routing = AffinityRouting(controller, config.dp_epsilon,
-                              residency_endpoint(tokenizer_ipc_name), config.dp_miss_cost,
-                              config.dp_slack)
+    routing = AffinityRouting(
+        controller,
+        config.dp_epsilon,
+        residency_endpoint(tokenizer_ipc_name),
+        config.dp_miss_cost,
+        config.dp_slack,
+    )
     controller.dispatching = routing.dispatch
     controller.refresh_load_budget_on_dispatch = False
-    logger.info("Chameleon DP: adapter-affinity dispatch over replicas %s (load bound "
-                "(1 + %.2f) x mean + %.2f mean requests, a miss counts as %.2f mean requests)",
-                routing.dispatcher.replicas, config.dp_epsilon, config.dp_slack,
-                config.dp_miss_cost)
+    logger.info(
+        "Chameleon DP: adapter-affinity dispatch over replicas %s (load bound "
+        "(1 + %.2f) x mean + %.2f mean requests, a miss counts as %.2f mean requests)",
+        routing.dispatcher.replicas,
+        config.dp_epsilon,
+        config.dp_slack,
+        config.dp_miss_cost,
+    )
     return routing
 
 

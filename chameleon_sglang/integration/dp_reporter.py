@@ -42,9 +42,14 @@ MIN_INTERVAL_S = 0.005
 class ReplicaReporter:
     """Scans one scheduler and publishes its report when it changed (module docs)."""
 
-    def __init__(self, scheduler: Any, publisher: Optional[ResidencyPublisher], dp_rank: int,
-                 clock: Callable[[], float] = time.monotonic,
-                 resident: Callable[[], Iterable[str]] = tuple) -> None:
+    def __init__(
+        self,
+        scheduler: Any,
+        publisher: Optional[ResidencyPublisher],
+        dp_rank: int,
+        clock: Callable[[], float] = time.monotonic,
+        resident: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
         self.scheduler = scheduler
         self._resident = resident  # adapters this replica holds in memory
         self.publisher = publisher  # None: this replica only counts (SGLang's own dispatch)
@@ -59,9 +64,10 @@ class ReplicaReporter:
         """Count a request this replica took (its dispatch share, for the load-imbalance
         figure), then report."""
         self.num_requests += 1
-        self.num_tokens += request_tokens(len(getattr(req, "origin_input_ids", ()) or ()),
-                                          getattr(getattr(req, "sampling_params", None),
-                                                  "max_new_tokens", None))
+        self.num_tokens += request_tokens(
+            len(getattr(req, "origin_input_ids", ()) or ()),
+            getattr(getattr(req, "sampling_params", None), "max_new_tokens", None),
+        )
         self.report()
 
     def on_received(self, recv_req: Any) -> None:
@@ -83,13 +89,17 @@ class ReplicaReporter:
         requests = self._requests()
         if batch is not None:
             requests.extend(getattr(batch, "reqs", None) or ())
-        return self.publisher.publish(self.adapters_held(), replica_load_tokens(requests),
-                                      self.num_received)
+        return self.publisher.publish(
+            self.adapters_held(), replica_load_tokens(requests), self.num_received
+        )
 
     def adapters_held(self) -> Set[str]:
         held = set(self._resident())
-        held.update(req.lora_id for req in self.scheduler.waiting_queue
-                    if getattr(req, "lora_id", None) is not None)
+        held.update(
+            req.lora_id
+            for req in self.scheduler.waiting_queue
+            if getattr(req, "lora_id", None) is not None
+        )
         return held
 
     def _requests(self) -> List[Any]:
@@ -108,10 +118,14 @@ class ReplicaReporter:
 
     def stats(self) -> dict:
         publisher = self.publisher
-        return {"dp_rank": self.dp_rank, "num_requests": self.num_requests,
-                "num_tokens": self.num_tokens, "num_received": self.num_received,
-                "num_reports_sent": publisher.num_sent if publisher is not None else 0,
-                "num_reports_dropped": publisher.num_dropped if publisher is not None else 0}
+        return {
+            "dp_rank": self.dp_rank,
+            "num_requests": self.num_requests,
+            "num_tokens": self.num_tokens,
+            "num_received": self.num_received,
+            "num_reports_sent": publisher.num_sent if publisher is not None else 0,
+            "num_reports_dropped": publisher.num_dropped if publisher is not None else 0,
+        }
 
 
 def resident_adapters(scheduler: Any, state: ChameleonState) -> Callable[[], Iterable[str]]:
@@ -129,8 +143,9 @@ def resident_adapters(scheduler: Any, state: ChameleonState) -> Callable[[], Ite
     return in_slots
 
 
-def install_replica_reporter(scheduler: Any, state: ChameleonState, dp_rank: Optional[int],
-                             publish: bool) -> ReplicaReporter:
+def install_replica_reporter(
+    scheduler: Any, state: ChameleonState, dp_rank: Optional[int], publish: bool
+) -> ReplicaReporter:
     """A reporter for ``scheduler``: it counts the requests this replica takes and, with
     ``publish`` (adapter-affinity dispatch), reports to the controller (a replica that cannot,
     for want of an IPC name, only counts: the controller then places it by hash and load)."""
@@ -138,11 +153,18 @@ def install_replica_reporter(scheduler: Any, state: ChameleonState, dp_rank: Opt
     tokenizer_ipc_name = state.tokenizer_ipc_name
     if publish and tokenizer_ipc_name is not None and dp_rank is not None:
         publisher = ResidencyPublisher(residency_endpoint(tokenizer_ipc_name), dp_rank)
-        logger.info("Chameleon DP: replica %d reports adapter residency and load to the "
-                    "controller", dp_rank)
+        logger.info(
+            "Chameleon DP: replica %d reports adapter residency and load to the controller", dp_rank
+        )
     elif publish:
-        logger.warning("Chameleon DP: replica %s cannot report residency (no IPC name or DP "
-                       "rank); the controller places its requests by adapter hash and load",
-                       dp_rank)
-    return ReplicaReporter(scheduler, publisher, dp_rank if dp_rank is not None else 0,
-                           resident=resident_adapters(scheduler, state))
+        logger.warning(
+            "Chameleon DP: replica %s cannot report residency (no IPC name or DP "
+            "rank); the controller places its requests by adapter hash and load",
+            dp_rank,
+        )
+    return ReplicaReporter(
+        scheduler,
+        publisher,
+        dp_rank if dp_rank is not None else 0,
+        resident=resident_adapters(scheduler, state),
+    )

@@ -48,20 +48,23 @@ def check_integrity(scheduler: Any) -> List[str]:
 def reference_problems(cache_bridge: Any) -> List[str]:
     cache_bridge.settle_finished()
     cache, pool = cache_bridge.cache, cache_bridge.pool
-    holders = Counter(adapter for _, adapter in
-                      [*cache_bridge._holds.values(), *cache_bridge._pins.values()])
+    holders = Counter(
+        adapter for _, adapter in [*cache_bridge._holds.values(), *cache_bridge._pins.values()]
+    )
     problems = []
     resident = set(cache.resident_ids())
     for uid in sorted(resident):
         refcount = cache.lookup(uid).refcount
         if refcount != holders.get(uid, 0):
-            problems.append(f"adapter {uid}: refcount {refcount}, held by "
-                            f"{holders.get(uid, 0)} requests")
+            problems.append(
+                f"adapter {uid}: refcount {refcount}, held by {holders.get(uid, 0)} requests"
+            )
     for uid in sorted(set(holders) - resident):
         problems.append(f"adapter {uid} held by {holders[uid]} requests but not resident")
     if set(pool.resident) != resident:
-        problems.append(f"pool residents {sorted(pool.resident)} != cache residents "
-                        f"{sorted(resident)}")
+        problems.append(
+            f"pool residents {sorted(pool.resident)} != cache residents {sorted(resident)}"
+        )
     return problems
 
 
@@ -87,8 +90,9 @@ def memory_problems(cache_bridge: Any, idle: bool) -> List[str]:
         if slots & held:
             problems.append(f"adapter {uid}: run overlaps another adapter's")
         if slots & free:
-            problems.append(f"adapter {uid}: {len(slots & free)} of its slots are on the free "
-                            f"lists")
+            problems.append(
+                f"adapter {uid}: {len(slots & free)} of its slots are on the free lists"
+            )
         held |= slots
     if cache.num_slots_held != len(held):
         problems.append(f"cache counts {cache.num_slots_held} slots held, runs hold {len(held)}")
@@ -98,13 +102,16 @@ def memory_problems(cache_bridge: Any, idle: bool) -> List[str]:
     if idle and tree is not None:
         prefix = int(tree.evictable_size()) + int(getattr(tree, "protected_size", lambda: 0)())
         if len(free) + len(held) + prefix != total:
-            problems.append(f"idle: free {len(free)} + cached {len(held)} + prefix cache "
-                            f"{prefix} != total {total} (leaked KV slots)")
+            problems.append(
+                f"idle: free {len(free)} + cached {len(held)} + prefix cache "
+                f"{prefix} != total {total} (leaked KV slots)"
+            )
     return problems
 
 
 def _is_idle(scheduler: Any) -> bool:
     running = getattr(scheduler, "running_batch", None)
     busy = running is not None and not running.is_empty()
-    return not busy and not scheduler.waiting_queue \
-        and getattr(scheduler, "last_batch", None) is None
+    return (
+        not busy and not scheduler.waiting_queue and getattr(scheduler, "last_batch", None) is None
+    )

@@ -6,9 +6,10 @@ tokens), and an allocation that would otherwise fail first evicts idle adapters.
 in use by running requests count as used.
 
 Order of giving way: SGLang's evictable prefix (radix) cache first, idle adapters second, as for an
-adapter load (:meth:`chameleon_sglang.integration.cache_bridge.CacheBridge._evict_prefix_cache_for`): an
-evicted prefix costs a prefill if it is ever asked for again, an evicted adapter a reload at its
-next request. SGLang evicts its tree before an allocation only for the shortfall against
+adapter load
+(:meth:`chameleon_sglang.integration.cache_bridge.CacheBridge._evict_prefix_cache_for`): an evicted
+prefix costs a prefill if it is ever asked for again, an evicted adapter a reload at its next
+request. SGLang evicts its tree before an allocation only for the shortfall against
 ``available_size()``, which counts idle adapters as free, so without
 :meth:`CacheAwareTokenAllocator.evict_to_free_tokens` every allocation would take adapters' slots
 while the tree kept growing with finished requests' tokens.
@@ -79,15 +80,18 @@ def cache_aware_copy(allocator: Any) -> Any:
     itself (the binding then refuses it, naming its type)."""
     if type(allocator) is not TokenToKVPoolAllocator:
         return allocator
-    return CacheAwareTokenAllocator(allocator.size, allocator.dtype, allocator.device,
-                                    allocator._kvcache, allocator.need_sort)
+    return CacheAwareTokenAllocator(
+        allocator.size, allocator.dtype, allocator.device, allocator._kvcache, allocator.need_sort
+    )
 
 
 def make_cache_aware(allocator: Any, slots: BorrowedSlots) -> None:
     """Bind the adapter cache's ``slots`` to ``allocator`` (built as the cache-aware class)."""
     if not isinstance(allocator, CacheAwareTokenAllocator):
-        raise TypeError(f"the adapter cache needs the page-size-1 KV allocator built as "
-                        f"CacheAwareTokenAllocator, not {type(allocator).__name__}")
+        raise TypeError(
+            f"the adapter cache needs the page-size-1 KV allocator built as "
+            f"CacheAwareTokenAllocator, not {type(allocator).__name__}"
+        )
     if allocator.chameleon_slots is not None:
         raise TypeError("this KV allocator already lends its slots to an adapter cache")
     allocator.chameleon_slots = slots

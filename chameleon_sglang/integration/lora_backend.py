@@ -88,9 +88,15 @@ class ChameleonLoRABackend(BaseLoRABackend):
         """The pool's device location table (None: the host path serves)."""
         return getattr(self.pool, "device_table", None) if self.pool is not None else None
 
-    def prepare_lora_batch(self, forward_batch: Any, weight_indices: Sequence[int],
-                           lora_ranks: Sequence[int], scalings: Sequence[float],
-                           use_cuda_graph: bool, use_prefill_cuda_graph: bool = False) -> None:
+    def prepare_lora_batch(
+        self,
+        forward_batch: Any,
+        weight_indices: Sequence[int],
+        lora_ranks: Sequence[int],
+        scalings: Sequence[float],
+        use_cuda_graph: bool,
+        use_prefill_cuda_graph: bool = False,
+    ) -> None:
         counts = tokens_per_request(forward_batch)
         active = {int(i): float(scalings[i]) for i in set(weight_indices) if lora_ranks[i] > 0}
         self._count(len(active))
@@ -110,11 +116,14 @@ class ChameleonLoRABackend(BaseLoRABackend):
             ids = [int(i) if int(i) in active else 0 for i in weight_indices]
             self.pool.wait_ready(active)
             info.plan = self._buffers(use_cuda_graph, sum(counts), num).fill(
-                ids, counts, graph=use_cuda_graph)
+                ids, counts, graph=use_cuda_graph
+            )
         else:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("the chameleon LoRA backend's host path does not run under "
-                                   "CUDA graphs (no device location table)")
+                raise RuntimeError(
+                    "the chameleon LoRA backend's host path does not run under "
+                    "CUDA graphs (no device location table)"
+                )
             info.groups = group_tokens([int(i) for i in weight_indices], counts, active)
         self.batch_info = info
 
@@ -127,21 +136,25 @@ class ChameleonLoRABackend(BaseLoRABackend):
         eager = self._eager
         if eager is None or num_tokens > eager.max_tokens or num_requests > eager.max_segments:
             tokens = max(EAGER_TOKENS, num_tokens)
-            eager = self._eager = SegmentBuffers(max(tokens // 4, num_requests, 1), tokens,
-                                                 self.table.device)
+            eager = self._eager = SegmentBuffers(
+                max(tokens // 4, num_requests, 1), tokens, self.table.device
+            )
         return eager
 
-    def init_decode_cuda_graph_batch_info(self, max_bs_in_cuda_graph: int,
-                                          num_tokens_per_req: int = 1, *args: Any,
-                                          **kwargs: Any) -> None:
+    def init_decode_cuda_graph_batch_info(
+        self, max_bs_in_cuda_graph: int, num_tokens_per_req: int = 1, *args: Any, **kwargs: Any
+    ) -> None:
         """Batch buffers for captured decode graphs: a segment per request, every token."""
         if self.table is None:
             raise RuntimeError(
                 "the chameleon LoRA backend captures CUDA graphs only with the adapter cache's "
-                "device location table (CUDA + Triton); start with --disable-cuda-graph")
-        self._graph = SegmentBuffers(max_bs_in_cuda_graph,
-                                     max_bs_in_cuda_graph * max(1, num_tokens_per_req),
-                                     self.table.device)
+                "device location table (CUDA + Triton); start with --disable-cuda-graph"
+            )
+        self._graph = SegmentBuffers(
+            max_bs_in_cuda_graph,
+            max_bs_in_cuda_graph * max(1, num_tokens_per_req),
+            self.table.device,
+        )
 
     def _count(self, distinct: int) -> None:
         if distinct:
@@ -152,13 +165,23 @@ class ChameleonLoRABackend(BaseLoRABackend):
     def batch_stats(self) -> Dict[str, float]:
         """Distinct adapters per forward batch that used any adapter."""
         mean = self.sum_distinct_adapters / self.num_batches if self.num_batches else 0.0
-        return {"batches_with_adapters": self.num_batches,
-                "mean_distinct_adapters_per_batch": round(mean, 3),
-                "max_distinct_adapters_per_batch": self.max_distinct_adapters}
+        return {
+            "batches_with_adapters": self.num_batches,
+            "mean_distinct_adapters_per_batch": round(mean, 3),
+            "max_distinct_adapters_per_batch": self.max_distinct_adapters,
+        }
 
     # -- kernels -------------------------------------------------------------------------------
-    def forward_with_base(self, layer: Any, x: torch.Tensor, base_fn: Any, lora_a: Any,
-                          lora_b: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward_with_base(
+        self,
+        layer: Any,
+        x: torch.Tensor,
+        base_fn: Any,
+        lora_a: Any,
+        lora_b: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         """The base layer alone when no adapter of the batch has weights for this module
         (decided on the host; under a CUDA graph the LoRA kernels always run: a replay may
         bring adapters the captured batch did not have)."""
@@ -170,8 +193,9 @@ class ChameleonLoRABackend(BaseLoRABackend):
         module, layer_id, _ = lora_a.chameleon_key
         groups = info.groups if info is not None else None
         by_id = self.pool.by_id
-        if groups is None or not any(module in by_id[adapter].views[layer_id]
-                                     for _, _, adapter in groups.groups):
+        if groups is None or not any(
+            module in by_id[adapter].views[layer_id] for _, _, adapter in groups.groups
+        ):
             return base_fn()
         return super().forward_with_base(layer, x, base_fn, lora_a, lora_b, *args, **kwargs)
 
@@ -204,14 +228,18 @@ class ChameleonLoRABackend(BaseLoRABackend):
         assert self.batch_info is not None and self.batch_info.groups is not None
         return self.batch_info.groups
 
-    def _offsets(self, handle: torch.Tensor, output_offset_cpu: Optional[torch.Tensor]
-                 ) -> List[int]:
+    def _offsets(
+        self, handle: torch.Tensor, output_offset_cpu: Optional[torch.Tensor]
+    ) -> List[int]:
         """A module's output slice bounds, read from SGLang's CPU tensor once per module."""
         key = handle.chameleon_key[0]
         offsets = self._slice_offsets.get(key)
         if offsets is None:
-            offsets = (output_offset_cpu.tolist() if output_offset_cpu is not None
-                       else [0, int(handle.shape[-2])])
+            offsets = (
+                output_offset_cpu.tolist()
+                if output_offset_cpu is not None
+                else [0, int(handle.shape[-2])]
+            )
             self._slice_offsets[key] = offsets
         return offsets
 
@@ -219,50 +247,104 @@ class ChameleonLoRABackend(BaseLoRABackend):
         from chameleon_kernels.lora_table_triton import table_shrink
 
         module, layer, kind = handle.chameleon_key
-        return table_shrink(x, self.batch_info.plan, self.table, (module, kind), layer,
-                            self.pool.layer_base(layer), stack, self.max_rank)
+        return table_shrink(
+            x,
+            self.batch_info.plan,
+            self.table,
+            (module, kind),
+            layer,
+            self.pool.layer_base(layer),
+            stack,
+            self.max_rank,
+        )
 
-    def _table_expand(self, a: torch.Tensor, handle: torch.Tensor, offsets: List[int],
-                      base_output: Optional[torch.Tensor]) -> torch.Tensor:
+    def _table_expand(
+        self,
+        a: torch.Tensor,
+        handle: torch.Tensor,
+        offsets: List[int],
+        base_output: Optional[torch.Tensor],
+    ) -> torch.Tensor:
         from chameleon_kernels.lora_table_triton import table_expand
 
         module, layer, kind = handle.chameleon_key
-        return table_expand(a, self.batch_info.plan, self.table, (module, kind), layer,
-                            self.pool.layer_base(layer), offsets, base_output, self.max_rank)
+        return table_expand(
+            a,
+            self.batch_info.plan,
+            self.table,
+            (module, kind),
+            layer,
+            self.pool.layer_base(layer),
+            offsets,
+            base_output,
+            self.max_rank,
+        )
 
     def _a(self, x: torch.Tensor, handle: torch.Tensor, stack: int) -> torch.Tensor:
         if self.batch_info.plan is not None:
             return self._table_shrink(x, handle, stack)
-        return shrink(x, self._groups(), self._weights_of(handle), stack, self.max_rank,
-                      self._small_plan(handle))
+        return shrink(
+            x,
+            self._groups(),
+            self._weights_of(handle),
+            stack,
+            self.max_rank,
+            self._small_plan(handle),
+        )
 
-    def run_lora_a_sgemm(self, x: torch.Tensor, weights: torch.Tensor, stack_num: int = 1,
-                         *args: Any, **kwargs: Any) -> torch.Tensor:
+    def run_lora_a_sgemm(
+        self, x: torch.Tensor, weights: torch.Tensor, stack_num: int = 1, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         return self._a(x, weights, stack_num)
 
-    def run_lora_b_sgemm(self, x: torch.Tensor, weights: torch.Tensor,
-                         output_offset_cpu: Optional[torch.Tensor] = None,
-                         base_output: Optional[torch.Tensor] = None, *args: Any,
-                         **kwargs: Any) -> torch.Tensor:
+    def run_lora_b_sgemm(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        output_offset_cpu: Optional[torch.Tensor] = None,
+        base_output: Optional[torch.Tensor] = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         offsets = self._offsets(weights, output_offset_cpu)
         if self.batch_info.plan is not None:
             return self._table_expand(x, weights, offsets, base_output)
-        return expand(x, self._groups(), self._weights_of(weights), offsets, base_output,
-                      self._small_plan(weights))
+        return expand(
+            x,
+            self._groups(),
+            self._weights_of(weights),
+            offsets,
+            base_output,
+            self._small_plan(weights),
+        )
 
-    def run_qkv_lora(self, x: torch.Tensor, qkv_lora_a: torch.Tensor, qkv_lora_b: torch.Tensor,
-                     output_offset: Any = None, output_offset_cpu: Optional[torch.Tensor] = None,
-                     max_qkv_out_dim: int = 0, base_output: Optional[torch.Tensor] = None,
-                     n_slices: int = 3, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def run_qkv_lora(
+        self,
+        x: torch.Tensor,
+        qkv_lora_a: torch.Tensor,
+        qkv_lora_b: torch.Tensor,
+        output_offset: Any = None,
+        output_offset_cpu: Optional[torch.Tensor] = None,
+        max_qkv_out_dim: int = 0,
+        base_output: Optional[torch.Tensor] = None,
+        n_slices: int = 3,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         a = self._a(x, qkv_lora_a, n_slices)
         return self.run_lora_b_sgemm(a, qkv_lora_b, output_offset_cpu, base_output)
 
-    def run_gate_up_lora(self, x: torch.Tensor, gate_up_lora_a: torch.Tensor,
-                         gate_up_lora_b: torch.Tensor, output_offset: Any = None,
-                         output_offset_cpu: Optional[torch.Tensor] = None,
-                         base_output: Optional[torch.Tensor] = None, *args: Any,
-                         **kwargs: Any) -> torch.Tensor:
+    def run_gate_up_lora(
+        self,
+        x: torch.Tensor,
+        gate_up_lora_a: torch.Tensor,
+        gate_up_lora_b: torch.Tensor,
+        output_offset: Any = None,
+        output_offset_cpu: Optional[torch.Tensor] = None,
+        base_output: Optional[torch.Tensor] = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         num_slices = len(self._offsets(gate_up_lora_b, output_offset_cpu)) - 1
         a = self._a(x, gate_up_lora_a, num_slices)
         return self.run_lora_b_sgemm(a, gate_up_lora_b, output_offset_cpu, base_output)
-

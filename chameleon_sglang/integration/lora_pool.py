@@ -4,13 +4,14 @@
 of them, each padded to ``--max-lora-rank``). It allocates no adapter buffers of its own:
 
 - an adapter is made resident by the :class:`~chameleon_sglang.cache.AdapterCache`, which takes
-  a run of free KV-cache token slots from SGLang's allocator (:class:`~chameleon_sglang.cache.
-  kv_store.KVSlotStore`), or, where free memory is fragmented, one run per piece of its split
-  layout; its weights are copied there once per residency, rank-exact, laid out by
-  :mod:`~chameleon_sglang.cache.kv_layout` (every matrix whole in one run), and read in place by the
-  ``chameleon`` LoRA backend (:mod:`chameleon_sglang.integration.lora_backend`). On CPU each B matrix is
-  stored transposed (a contiguous ``[r, out]`` block; the view handed out is still ``[out, r]``)
-  so that the decode kernels stream whole rows, and every matrix's place is recorded in a
+  a run of free KV-cache token slots from SGLang's allocator
+  (:class:`~chameleon_sglang.memory.kv_store.KVSlotStore`), or, where free memory is fragmented,
+  one run per piece of its split layout; its weights are copied there once per residency,
+  rank-exact, laid out by :mod:`~chameleon_sglang.cache.kv_layout` (every matrix whole in one
+  run), and read in place by the ``chameleon`` LoRA backend
+  (:mod:`chameleon_sglang.integration.lora_backend`). On CPU each B matrix is stored transposed (a
+  contiguous ``[r, out]`` block; the view handed out is still ``[out, r]``) so that the decode
+  kernels stream whole rows, and every matrix's place is recorded in a
   :class:`~chameleon_kernels.lora_locations.MatrixLocations` table the kernels' plans gather;
 - a resident adapter gets a small integer id (the "buffer id" SGLang's LoRA manager and backend
   index ``lora_ranks``/``scalings`` by); the base model is id 0. Any number of resident adapters
@@ -38,8 +39,6 @@ from chameleon_kernels.lora_locations import MatrixLocations
 from chameleon_kernels.lora_table import DeviceLocationTable, alignment_for
 from chameleon_sglang.cache import AdapterCache, CacheFullError
 from chameleon_sglang.cache.kv_layout import K_PART, AdapterLayout, plan_layout, plan_split_layout
-from chameleon_sglang.memory.host_link import HostLink
-from chameleon_sglang.memory.kv_store import KVAllocation, KVSlotStore
 from chameleon_sglang.config import ChameleonConfig
 from chameleon_sglang.integration.capability import EMBEDDING_MODULES
 from chameleon_sglang.memory.device_residency import (
@@ -48,6 +47,8 @@ from chameleon_sglang.memory.device_residency import (
     pinned,
     table_entries,
 )
+from chameleon_sglang.memory.host_link import HostLink
+from chameleon_sglang.memory.kv_store import KVAllocation, KVSlotStore
 
 logger = logging.getLogger(__name__)
 
@@ -122,23 +123,26 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         point = torch.zeros((1, 1, 1), dtype=self.dtype, device=device)
         # Embedding and LM-head LoRA are not cached (adapters with such weights are refused at
         # load); their layers get handles that no adapter has weights for, so they run the base.
-        for buffers, shape_of, kind in ((self.embedding_A_buffer, self.get_embedding_lora_A_shape,
-                                         "A"),
-                                        (self.embedding_B_buffer, self.get_embedding_lora_B_shape,
-                                         "B"),
-                                        (self.lm_head_A_buffer, self.get_embedding_lora_A_shape,
-                                         "A"),
-                                        (self.lm_head_B_buffer, self.get_embedding_lora_B_shape,
-                                         "B")):
-            module = "embed_tokens" if buffers in (self.embedding_A_buffer,
-                                                   self.embedding_B_buffer) else "lm_head"
+        for buffers, shape_of, kind in (
+            (self.embedding_A_buffer, self.get_embedding_lora_A_shape, "A"),
+            (self.embedding_B_buffer, self.get_embedding_lora_B_shape, "B"),
+            (self.lm_head_A_buffer, self.get_embedding_lora_A_shape, "A"),
+            (self.lm_head_B_buffer, self.get_embedding_lora_B_shape, "B"),
+        ):
+            module = (
+                "embed_tokens"
+                if buffers in (self.embedding_A_buffer, self.embedding_B_buffer)
+                else "lm_head"
+            )
             if module in self.target_modules:
                 shape = (1, *shape_of(module, base_model, self.max_lora_rank, 0)[1:])
                 handle = point.expand(shape)
                 setattr(handle, HANDLE_ATTR, (module, 0, kind))
                 buffers[module] = handle
-        for buffers, shape_of, kind in ((self.A_buffer, self.get_lora_A_shape, "A"),
-                                        (self.B_buffer, self.get_lora_B_shape, "B")):
+        for buffers, shape_of, kind in (
+            (self.A_buffer, self.get_lora_A_shape, "A"),
+            (self.B_buffer, self.get_lora_B_shape, "B"),
+        ):
             for module in sorted(set(self.target_modules) - EMBEDDING_MODULES):
                 handles = []
                 for layer_id in range(self.num_layer):
@@ -148,14 +152,18 @@ class ChameleonLoRAPool(LoRAMemoryPool):
                     handles.append(handle)
                 buffers[module] = handles
 
-    def prepare_lora_batch(self, cur_uids: Set[Optional[str]], lora_adapters: Dict[str, Any],
-                           *args: Any, **kwargs: Any) -> None:
+    def prepare_lora_batch(
+        self, cur_uids: Set[Optional[str]], lora_adapters: Dict[str, Any], *args: Any, **kwargs: Any
+    ) -> None:
         """Make every adapter of the batch resident (the scheduler normally already has)."""
         for uid in sorted(u for u in cur_uids if u is not None):
-            if uid not in self.resident:
-                if not self.make_resident(uid, self._last_now, frozenset()):
-                    raise CacheFullError(f"adapter {uid!r} cannot be made resident: KV memory "
-                                         f"is held by running requests and adapters in use")
+            if uid not in self.resident and not self.make_resident(
+                uid, self._last_now, frozenset()
+            ):
+                raise CacheFullError(
+                    f"adapter {uid!r} cannot be made resident: KV memory "
+                    f"is held by running requests and adapters in use"
+                )
 
     def remove_lora(self, uid: str) -> Optional[int]:
         """Unload: drop the cached copy now if idle, else when its last request releases it."""
@@ -183,18 +191,26 @@ class ChameleonLoRAPool(LoRAMemoryPool):
             raise UnsupportedModelError("the adapter cache needs one KV buffer per model layer")
         if any(b.dtype != self.dtype for b in k_buffers + v_buffers):
             raise UnsupportedModelError(
-                f"the adapter cache needs KV cache dtype {self.dtype} (the LoRA dtype)")
+                f"the adapter cache needs KV cache dtype {self.dtype} (the LoRA dtype)"
+            )
         self._k_buffers = [b.view(b.shape[0], -1) for b in k_buffers]
         self._v_buffers = [b.view(b.shape[0], -1) for b in v_buffers]
         device = self._k_buffers[0].device
         self.transposed_b = device.type == "cpu"
         modules = sorted(set(self.target_modules) - EMBEDDING_MODULES)
         kinds = [(module, kind) for module in modules for kind in ("A", "B")]
-        if self.transposed_b and self.dtype in lora_cached_numba.DTYPES \
-                and lora_cached_numba.available():
+        if (
+            self.transposed_b
+            and self.dtype in lora_cached_numba.DTYPES
+            and lora_cached_numba.available()
+        ):
             self.locations = MatrixLocations(
-                [(lora_cached_numba.as_array(k.view(-1)), lora_cached_numba.as_array(v.view(-1)))
-                 for k, v in zip(self._k_buffers, self._v_buffers)], kinds)
+                [
+                    (lora_cached_numba.as_array(k.view(-1)), lora_cached_numba.as_array(v.view(-1)))
+                    for k, v in zip(self._k_buffers, self._v_buffers)
+                ],
+                kinds,
+            )
         if device_table is None:
             device_table = device.type == "cuda" and table_kernels_available()
         if device_table:
@@ -204,21 +220,28 @@ class ChameleonLoRAPool(LoRAMemoryPool):
     def _make_device_table(self, kinds: List[Tuple[str, str]], device: torch.device) -> None:
         rows = {b.shape[1] for b in self._k_buffers + self._v_buffers}
         align = min(alignment_for(self.dtype, row) for row in rows)
-        capacity = device_table_capacity(len(self.manager.loras),
-                                         getattr(self.manager, "max_loaded_loras", None))
+        capacity = device_table_capacity(
+            len(self.manager.loras), getattr(self.manager, "max_loaded_loras", None)
+        )
         self.device_table = DeviceLocationTable(kinds, self.num_layer, capacity, device, align)
         self._k_flat = [k.view(-1) for k in self._k_buffers]
-        logger.info("Chameleon adapter cache: device location table for %d adapter ids "
-                    "(%d kinds x %d layers, %d-element alignment)", capacity - 1, len(kinds),
-                    self.num_layer, align)
+        logger.info(
+            "Chameleon adapter cache: device location table for %d adapter ids "
+            "(%d kinds x %d layers, %d-element alignment)",
+            capacity - 1,
+            len(kinds),
+            self.num_layer,
+            align,
+        )
 
     def bind_kv_cache(self, allocator: Any, kv_pool: Any) -> None:
         """Store adapters in ``kv_pool``'s free token slots, taken through ``allocator``."""
         if allocator.page_size != 1:
             raise UnsupportedModelError("the adapter cache needs page size 1")
         self.bind_kv_buffers(kv_pool)
-        bytes_per_slot = sum(b.shape[1] * b.element_size()
-                             for b in self._k_buffers + self._v_buffers)
+        bytes_per_slot = sum(
+            b.shape[1] * b.element_size() for b in self._k_buffers + self._v_buffers
+        )
         self.store = KVSlotStore(allocator, bytes_per_slot, on_free=self._on_run_freed)
         self.cache = AdapterCache.from_config(self.store, self.config)
 
@@ -247,8 +270,14 @@ class ChameleonLoRAPool(LoRAMemoryPool):
     def is_resident(self, uid: Optional[str]) -> bool:
         return uid is None or (self.cache is not None and self.cache.is_resident(uid))
 
-    def make_resident(self, uid: str, now: float, queued: Iterable[str],
-                      prefetch: bool = False, count_lookup: bool = True) -> bool:
+    def make_resident(
+        self,
+        uid: str,
+        now: float,
+        queued: Iterable[str],
+        prefetch: bool = False,
+        count_lookup: bool = True,
+    ) -> bool:
         """Resident already (a hit), or loaded now into KV memory (evicting idle adapters,
         those of queued requests only when needed and not for a prefetch). False when the
         memory cannot be found; nothing changes then. ``count_lookup=False``: a repeated
@@ -269,12 +298,12 @@ class ChameleonLoRAPool(LoRAMemoryPool):
             return False
         split = self._split_layout(uid)
         pieces = split.pieces if split is not None else ()
-        if not cache.can_admit(uid, num_bytes, now, queued_set, prefetch=prefetch,
-                               pieces=pieces):
+        if not cache.can_admit(uid, num_bytes, now, queued_set, prefetch=prefetch, pieces=pieces):
             return False
         try:
-            entry = cache.admit(uid, num_bytes, self._rank(uid), now, queued_set,
-                                prefetch=prefetch, pieces=pieces)
+            entry = cache.admit(
+                uid, num_bytes, self._rank(uid), now, queued_set, prefetch=prefetch, pieces=pieces
+            )
         except CacheFullError:
             return False
         self._load(uid, entry.handle)
@@ -287,11 +316,14 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         views: List[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = []
         copies: List[Tuple[torch.Tensor, torch.Tensor]] = []
         weight_bytes = 0
-        for layer_id, (matrices, placement) in enumerate(zip(self._copy_sources(uid),
-                                                              layout.layers)):
+        for layer_id, (matrices, placement) in enumerate(
+            zip(self._copy_sources(uid), layout.layers)
+        ):
             layer_views: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-            placed = {key: self._view(layer_id, allocation, placement[key], key[1] == "B")
-                      for key, _ in matrices}
+            placed = {
+                key: self._view(layer_id, allocation, placement[key], key[1] == "B")
+                for key, _ in matrices
+            }
             for key, weight in matrices:
                 copies.append((placed[key], weight))
                 weight_bytes += weight.numel() * weight.element_size()
@@ -324,31 +356,46 @@ class ChameleonLoRAPool(LoRAMemoryPool):
             return self._host_matrices(uid)
         sources = self._pinned.get(uid)
         if sources is None:
-            sources = self._pinned[uid] = [pinned(layer, True)
-                                           for layer in self._host_matrices(uid)]
+            sources = self._pinned[uid] = [
+                pinned(layer, True) for layer in self._host_matrices(uid)
+            ]
         return sources
 
-    def _record_device_table(self, buffer_id: int, allocation: KVAllocation,
-                             layout: AdapterLayout, scaling: float) -> None:
+    def _record_device_table(
+        self, buffer_id: int, allocation: KVAllocation, layout: AdapterLayout, scaling: float
+    ) -> None:
         assert self.device_table is not None
         element = self._k_buffers[0].element_size()
-        v_minus_k = [(v.data_ptr() - k.data_ptr()) // element
-                     for k, v in zip(self._k_buffers, self._v_buffers)]
-        entries = table_entries(layout, [r.start for r in allocation.runs],
-                                [k.shape[1] for k in self._k_buffers],
-                                [v.shape[1] for v in self._v_buffers], v_minus_k)
+        v_minus_k = [
+            (v.data_ptr() - k.data_ptr()) // element
+            for k, v in zip(self._k_buffers, self._v_buffers)
+        ]
+        entries = table_entries(
+            layout,
+            [r.start for r in allocation.runs],
+            [k.shape[1] for k in self._k_buffers],
+            [v.shape[1] for v in self._v_buffers],
+            v_minus_k,
+        )
         self.device_table.set_adapter(buffer_id, entries, scaling)
 
-    def _record_locations(self, buffer_id: int, allocation: KVAllocation,
-                          layout: AdapterLayout) -> None:
+    def _record_locations(
+        self, buffer_id: int, allocation: KVAllocation, layout: AdapterLayout
+    ) -> None:
         assert self.locations is not None
         for layer_id, placement in enumerate(layout.layers):
             for (module, kind), where in placement.items():
                 row = (self._k_buffers if where.part == K_PART else self._v_buffers)[layer_id]
                 # A: [stack * r, in] -> its rows; B stored as [r, out] -> its rank
                 start = allocation.runs[where.piece].start
-                self.locations.set(buffer_id, (module, kind), layer_id, where.part,
-                                   start * row.shape[1] + where.offset, where.shape[0])
+                self.locations.set(
+                    buffer_id,
+                    (module, kind),
+                    layer_id,
+                    where.part,
+                    start * row.shape[1] + where.offset,
+                    where.shape[0],
+                )
 
     def _on_run_freed(self, allocation: KVAllocation) -> None:
         """The cache gave slots back to the KV allocator: forget the adapter's views and id."""
@@ -376,8 +423,7 @@ class ChameleonLoRAPool(LoRAMemoryPool):
     def _take_id(self) -> int:
         if not self._free_ids:
             old = self.max_loras_per_batch
-            new = 2 * old if self.device_table is None else min(2 * old,
-                                                                 self.device_table.capacity)
+            new = 2 * old if self.device_table is None else min(2 * old, self.device_table.capacity)
             self.max_loras_per_batch = new
             self._free_ids = list(range(new - 1, old - 1, -1))
             self.manager.max_loras_per_batch = self.max_loras_per_batch
@@ -394,22 +440,26 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         """The adapter in one run."""
         layout = self._layouts.get(uid)
         if layout is None:
-            layout = plan_layout(self._stored_shapes(uid), self._k_buffers[0].shape[1],
-                                 self._v_buffers[0].shape[1])
+            layout = plan_layout(
+                self._stored_shapes(uid), self._k_buffers[0].shape[1], self._v_buffers[0].shape[1]
+            )
             self._layouts[uid] = layout
         return layout
 
     def _split_layout(self, uid: str) -> Optional[AdapterLayout]:
         """The adapter in several runs (for fragmented memory); None when it is one piece."""
         if uid not in self._split_layouts:
-            layout = plan_split_layout(self._stored_shapes(uid), self._k_buffers[0].shape[1],
-                                       self._v_buffers[0].shape[1])
+            layout = plan_split_layout(
+                self._stored_shapes(uid), self._k_buffers[0].shape[1], self._v_buffers[0].shape[1]
+            )
             self._split_layouts[uid] = layout if len(layout.pieces) > 1 else None
         return self._split_layouts[uid]
 
     def _stored_shapes(self, uid: str) -> List[List[Tuple[Hashable, Tuple[int, ...]]]]:
-        return [[(key, self._stored_shape(key, w)) for key, w in layer]
-                for layer in self._host_matrices(uid)]
+        return [
+            [(key, self._stored_shape(key, w)) for key, w in layer]
+            for layer in self._host_matrices(uid)
+        ]
 
     def _stored_shape(self, key: Tuple[str, str], weight: torch.Tensor) -> Tuple[int, ...]:
         """The block a matrix takes: B as ``[r, out]`` when stored transposed."""
@@ -417,13 +467,14 @@ class ChameleonLoRAPool(LoRAMemoryPool):
             return tuple(reversed(weight.shape))
         return tuple(weight.shape)
 
-    def _view(self, layer_id: int, allocation: KVAllocation, placement: Any,
-              is_b: bool) -> torch.Tensor:
+    def _view(
+        self, layer_id: int, allocation: KVAllocation, placement: Any, is_b: bool
+    ) -> torch.Tensor:
         """The matrix as SGLang's shape (A ``[stack * r, in]``, B ``[out, r]``), in place."""
         buffer = (self._k_buffers if placement.part == K_PART else self._v_buffers)[layer_id]
         run = allocation.runs[placement.piece]
-        flat = buffer[run.start:run.stop].view(-1)
-        block = flat[placement.offset:placement.offset + placement.numel].view(placement.shape)
+        flat = buffer[run.start : run.stop].view(-1)
+        block = flat[placement.offset : placement.offset + placement.numel].view(placement.shape)
         return block.t() if is_b and self.transposed_b else block
 
     def _host_matrices(self, uid: str) -> List[List[Tuple[Hashable, torch.Tensor]]]:
@@ -433,8 +484,10 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         result: List[List[Tuple[Hashable, torch.Tensor]]] = []
         for layer_id in range(self.num_layer):
             weights = adapter.layers[layer_id].weights
-            modules = {get_target_module_name(name, self.target_modules): module
-                       for name, module in self.manager.lora_modules[layer_id].items()}
+            modules = {
+                get_target_module_name(name, self.target_modules): module
+                for name, module in self.manager.lora_modules[layer_id].items()
+            }
             by_module: Dict[str, Dict[str, torch.Tensor]] = {}
             for name, weight in weights.items():
                 try:
@@ -460,8 +513,9 @@ class ChameleonLoRAPool(LoRAMemoryPool):
             weight_bytes_loaded=self.weight_bytes_loaded,
             load_seconds=round(self.load_seconds, 6),
             host_link_gbps=self.config.host_link_gbps,
-            store_refused_runs=(self.store.num_refused_for_fragmentation
-                                if self.store is not None else 0),
+            store_refused_runs=(
+                self.store.num_refused_for_fragmentation if self.store is not None else 0
+            ),
             split_loads=self.store.num_split_allocations if self.store is not None else 0,
             kv_bytes_per_slot=self.store.bytes_per_slot if self.store is not None else 0,
         )

@@ -62,8 +62,9 @@ class MetricsPublisher:
             self._looked_up = True
             labels = metrics_labels(self._scheduler)
             self._gauges = None if labels is None else self._make_gauges(labels)
-        if self._gauges is None or (self._last_publish is not None
-                                    and now - self._last_publish < PUBLISH_PERIOD_S):
+        if self._gauges is None or (
+            self._last_publish is not None and now - self._last_publish < PUBLISH_PERIOD_S
+        ):
             return
         self._last_publish = now
         self._gauges.publish(stats())
@@ -82,14 +83,19 @@ class SchedulerMetrics:
             for key, doc in _SCALARS.items()
         }
         self._per_queue = {
-            key: Gauge(f"chameleon:{name}", doc, labelnames=names + ["queue"],
-                       multiprocess_mode="mostrecent")
+            key: Gauge(
+                f"chameleon:{name}",
+                doc,
+                labelnames=names + ["queue"],
+                multiprocess_mode="mostrecent",
+            )
             for key, (name, doc) in _PER_QUEUE.items()
         }
         self._accuracy = Gauge(
             "chameleon:predictor_within_tolerance",
             "Fraction of output-length predictions within tolerance of the real length.",
-            labelnames=names, multiprocess_mode="mostrecent",
+            labelnames=names,
+            multiprocess_mode="mostrecent",
         )
         self._max_queues_seen = 0
 
@@ -131,16 +137,23 @@ class CacheMetrics:
         self._labels = dict(labels or {})
         names = list(self._labels)
         self._scalars = {
-            key: Gauge(f"chameleon:cache_{key}", doc, labelnames=names,
-                       multiprocess_mode="mostrecent")
+            key: Gauge(
+                f"chameleon:cache_{key}", doc, labelnames=names, multiprocess_mode="mostrecent"
+            )
             for key, doc in _CACHE_SCALARS.items()
         }
-        self._by_tier = Gauge("chameleon:cache_evictions_by_tier",
-                              "Policy evictions by tier: unused, queued (total).",
-                              labelnames=names + ["tier"], multiprocess_mode="mostrecent")
-        self._by_reason = Gauge("chameleon:cache_evictions_by_reason",
-                                "Removals by reason: make_room, kv_pressure, unload (total).",
-                                labelnames=names + ["reason"], multiprocess_mode="mostrecent")
+        self._by_tier = Gauge(
+            "chameleon:cache_evictions_by_tier",
+            "Policy evictions by tier: unused, queued (total).",
+            labelnames=names + ["tier"],
+            multiprocess_mode="mostrecent",
+        )
+        self._by_reason = Gauge(
+            "chameleon:cache_evictions_by_reason",
+            "Removals by reason: make_room, kv_pressure, unload (total).",
+            labelnames=names + ["reason"],
+            multiprocess_mode="mostrecent",
+        )
 
     def publish(self, stats: Dict[str, Any]) -> None:
         for key, gauge in self._scalars.items():

@@ -61,14 +61,16 @@ HOOKS: List[Tuple[str, Callable[..., Any], str]] = [
     (f"{DP_CONTROLLER_CLASS}.event_loop", dp.controller_event_loop, AROUND),
     # LoRA and KV memory (model runner of each scheduler process)
     (f"{MODEL_RUNNER}.init_lora_manager", lora.decide_adapter_cache, AROUND),
-    (f"{KV_CONFIGURATOR}._build_token_to_kv_pool_allocator", lora.build_cache_aware_allocator,
-     AROUND),
+    (
+        f"{KV_CONFIGURATOR}._build_token_to_kv_pool_allocator",
+        lora.build_cache_aware_allocator,
+        AROUND,
+    ),
     (f"{LORA_MANAGER}.init_memory_pool", lora.init_lora_pool, AROUND),
     (f"{LORA_MANAGER}.validate_new_adapter", lora.refuse_uncacheable_adapter, AFTER),
     (f"{LORA_POOL}.load_lora_weight_to_buffer", lora.load_into_slot_with_host_link, AROUND),
     # requests and HTTP (launcher process)
-    (f"{TOKENIZER_MANAGER}._validate_one_request", requests.refuse_token_ids_outside_vocab,
-     BEFORE),
+    (f"{TOKENIZER_MANAGER}._validate_one_request", requests.refuse_token_ids_outside_vocab, BEFORE),
     ("sglang.srt.entrypoints.http_server.launch_server", http.add_http_routes, BEFORE),
     # CPU ranks
     (f"{cpu.BOOTSTRAP_MODULE}._init_cpu_threads_env", cpu.bind_cpu_rank_threads, AROUND),

@@ -59,11 +59,16 @@ class SchedulerBridge:
         self.scheduler = scheduler
         self.config = config
         self.clock = clock
-        self.costs = AdapterCosts(lora_manager_of(scheduler),
-                                  getattr(scheduler.server_args, "max_lora_rank", None))
+        self.costs = AdapterCosts(
+            lora_manager_of(scheduler), getattr(scheduler.server_args, "max_lora_rank", None)
+        )
         context_len = int(scheduler.model_config.context_len)
-        self.limits = SizeLimits(max_input=context_len, max_output=context_len,
-                                 max_rank=self.costs.max_rank, min_rank=self.costs.min_rank)
+        self.limits = SizeLimits(
+            max_input=context_len,
+            max_output=context_len,
+            max_rank=self.costs.max_rank,
+            min_rank=self.costs.min_rank,
+        )
         self.policy = ChameleonPolicy(config, self.limits, int(scheduler.max_total_num_tokens))
         self.cache: Any = None  # the CacheBridge, where the adapter cache is the LoRA pool
         self._now = 0.0
@@ -156,8 +161,9 @@ class SchedulerBridge:
         finally:
             self._pass = None
 
-    def after_rejection(self, adder: Any, running_batch: Any, req: Any,
-                        memory_short: bool, budget_spent: bool) -> bool:
+    def after_rejection(
+        self, adder: Any, running_batch: Any, req: Any, memory_short: bool, budget_spent: bool
+    ) -> bool:
         """SGLang's adder refused ``req``: keep walking other candidates? Yes when only this
         request did not fit the memory (``memory_short``) and the pass budget is not spent;
         its queue stops, the others go on. SGLang marked the batch full just before asking."""
@@ -181,8 +187,11 @@ class SchedulerBridge:
         """``head`` was just refused: plan the squash of the younger bypass requests of its
         queue whose memory keeps it out (:mod:`chameleon_sglang.scheduler.squash`)."""
         order = squash_order(self.policy.queue, head.rid, exclude=self._squash_pending)
-        live = {e.request_id: self._running[e.request_id][0] for e in order
-                if e.request_id in self._running and not self._running[e.request_id][0].finished()}
+        live = {
+            e.request_id: self._running[e.request_id][0]
+            for e in order
+            if e.request_id in self._running and not self._running[e.request_id][0].finished()
+        }
         held = ((rid, len(req.origin_input_ids) + len(req.output_ids)) for rid, req in live.items())
         for rid in choose_victims(self._admission_need(head), int(adder.rem_total_tokens), held):
             self._squash_pending[rid] = (live[rid], head.rid)
@@ -191,10 +200,17 @@ class SchedulerBridge:
         from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
 
         adapter = req.lora_id
-        missing = 0 if adapter is None or self.cache.pool.is_resident(adapter) \
+        missing = (
+            0
+            if adapter is None or self.cache.pool.is_resident(adapter)
             else self.costs.adapter_tokens(adapter)
-        return admission_need(len(req.origin_input_ids), req.sampling_params.max_new_tokens,
-                              CLIP_MAX_NEW_TOKENS, missing)
+        )
+        return admission_need(
+            len(req.origin_input_ids),
+            req.sampling_params.max_new_tokens,
+            CLIP_MAX_NEW_TOKENS,
+            missing,
+        )
 
     def apply_squashes(self, batch: Any) -> None:
         """At SGLang's retraction point (before ``update_running_batch``): take the planned
@@ -203,9 +219,11 @@ class SchedulerBridge:
         pending, self._squash_pending = self._squash_pending, {}
         if not pending or batch is None or batch.is_empty():
             return
-        squash = [i for i, req in enumerate(batch.reqs)
-                  if req.rid in pending and not req.finished()
-                  and pending[req.rid][1] in self._waiting]
+        squash = [
+            i
+            for i, req in enumerate(batch.reqs)
+            if req.rid in pending and not req.finished() and pending[req.rid][1] in self._waiting
+        ]
         if not squash:
             return
         keep = [i for i in range(len(batch.reqs)) if i not in set(squash)]
@@ -297,6 +315,7 @@ class SchedulerBridge:
 
     def _bypass_hooks(self, running_batch: Any, adder: Any) -> BypassHooks:
         """The bypass estimates of :mod:`chameleon_sglang.scheduler.bypass` for this pass."""
+
         def running() -> Iterator[Tuple[Optional[str], float]]:
             return self._running_steps(running_batch)
 
@@ -320,7 +339,7 @@ class SchedulerBridge:
         self._memory_blocked.pop(req.rid, None)
         self._running[req.rid] = (req, self.policy.queue.get(req.rid))
 
-    def _settle(self, state: "_PassState") -> AdmitResult:
+    def _settle(self, state: _PassState) -> AdmitResult:
         verdict = state.verdict()
         if verdict is AdmitResult.ADMITTED:
             self._mark_running(state.current)
@@ -332,7 +351,7 @@ class SchedulerBridge:
             self._plan_squashes_for(state.current, state.adder)
         return verdict
 
-    def _settle_early_end(self, steps: Generator, state: "_PassState") -> Optional[PassResult]:
+    def _settle_early_end(self, steps: Generator, state: _PassState) -> Optional[PassResult]:
         """SGLang's loop ended (batch full, budget spent): record the last candidate if it got
         in, then end the pass for every queue that did not have its turn."""
         try:

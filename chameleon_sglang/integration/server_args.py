@@ -14,7 +14,9 @@ from typing import List, Literal
 import msgspec
 from sglang.srt.arg_groups.arg_utils import A, Arg
 
-_DEFAULTS = "(default: %s)"
+
+def _default(value: object) -> str:
+    return f"(default: {value})"
 
 
 class Chameleon(msgspec.Struct):
@@ -32,39 +34,38 @@ class Chameleon(msgspec.Struct):
         Literal["dynamic", "static", "off"],
         "Chameleon scheduler: 'dynamic' (K-means queues refreshed periodically), 'static' (4 "
         "equal-range queues, equal quotas) or 'off' (SGLang's own admission; ablation). "
-        + _DEFAULTS % "dynamic",
+        + _default("dynamic"),
     ] = "dynamic"
     chameleon_max_queues: A[
-        int, "Largest number of queues K (K-means over recent WRS, K = 1..max). " + _DEFAULTS % 4
+        int, "Largest number of queues K (K-means over recent WRS, K = 1..max). " + _default(4)
     ] = 4
     chameleon_refresh_period: A[
-        float, "Seconds between re-fits of the queue cut-offs and quotas. " + _DEFAULTS % 300.0
+        float, "Seconds between re-fits of the queue cut-offs and quotas. " + _default(300.0)
     ] = 300.0
     chameleon_warmup_requests: A[
-        int, "Requests observed before the first queue fit. " + _DEFAULTS % 200
+        int, "Requests observed before the first queue fit. " + _default(200)
     ] = 200
     chameleon_elbow_threshold: A[
         float,
         "Elbow rule: the smallest K whose next step improves WCSS by less than this fraction. "
-        + _DEFAULTS % 0.2,
+        + _default(0.2),
     ] = 0.2
     chameleon_wrs_weights: A[
         List[float],
         Arg(
             help="Weighted Request Size weights of input and predicted output length: "
-            "WRS = (w_in*in/max_in + w_out*out/max_out) * rank/max_rank. "
-            + _DEFAULTS % "0.4 0.6",
+            "WRS = (w_in*in/max_in + w_out*out/max_out) * rank/max_rank. " + _default("0.4 0.6"),
             nargs=2,
         ),
     ] = msgspec.field(default_factory=lambda: [0.4, 0.6])
     chameleon_ttft_slo: A[
-        float, "TTFT target in seconds for the M/M/1 minimum queue quotas. " + _DEFAULTS % 5.0
+        float, "TTFT target in seconds for the M/M/1 minimum queue quotas. " + _default(5.0)
     ] = 5.0
     chameleon_bypass: A[
         bool,
         Arg(
             help="Opportunistic bypass: a younger request whose adapter is resident may pass a "
-            "head request whose adapter cannot be placed. " + _DEFAULTS % "on",
+            "head request whose adapter cannot be placed. " + _default("on"),
             action=argparse.BooleanOptionalAction,
         ),
     ] = True
@@ -73,39 +74,39 @@ class Chameleon(msgspec.Struct):
         "Output-length predictor: 'online' (per adapter and input-length bucket, from observed "
         "outputs), 'max-new-tokens' (the request's cap) or 'synthetic' (the cap with "
         "--chameleon-predictor-accuracy, else a wrong value: for sensitivity experiments). "
-        + _DEFAULTS % "online",
+        + _default("online"),
     ] = "online"
     chameleon_predictor_accuracy: A[
-        float, "Share of right predictions of the 'synthetic' predictor. " + _DEFAULTS % 1.0
+        float, "Share of right predictions of the 'synthetic' predictor. " + _default(1.0)
     ] = 1.0
     chameleon_cache: A[
         bool,
         Arg(
             help="Elastic adapter cache in idle KV memory; --no-chameleon-cache keeps SGLang's "
-            "fixed LoRA slots (ablation). " + _DEFAULTS % "on",
+            "fixed LoRA slots (ablation). " + _default("on"),
             action=argparse.BooleanOptionalAction,
         ),
     ] = True
     chameleon_eviction_policy: A[
         Literal["chameleon", "lru", "fairshare", "gdsf"],
         "Adapter-cache eviction: 'chameleon' (score 0.45 freq + 0.10 recency + 0.45 size), "
-        "'lru', 'fairshare' (equal weights) or 'gdsf'. " + _DEFAULTS % "chameleon",
+        "'lru', 'fairshare' (equal weights) or 'gdsf'. " + _default("chameleon"),
     ] = "chameleon"
     chameleon_score_weights: A[
         List[float],
         Arg(
             help="Eviction score weights (frequency recency size) of the 'chameleon' policy. "
-            + _DEFAULTS % "0.45 0.10 0.45",
+            + _default("0.45 0.10 0.45"),
             nargs=3,
         ),
     ] = msgspec.field(default_factory=lambda: [0.45, 0.10, 0.45])
     chameleon_frequency_window: A[
-        float, "Sliding window in seconds for adapter use frequency. " + _DEFAULTS % 300.0
+        float, "Sliding window in seconds for adapter use frequency. " + _default(300.0)
     ] = 300.0
     chameleon_prefetch: A[
         bool,
         Arg(
-            help="Prefetch the adapters of queued requests into the cache. " + _DEFAULTS % "on",
+            help="Prefetch the adapters of queued requests into the cache. " + _default("on"),
             action=argparse.BooleanOptionalAction,
         ),
     ] = True
@@ -113,30 +114,30 @@ class Chameleon(msgspec.Struct):
         Literal["queue", "predictive"],
         "What prefetch loads: 'queue' (adapters of the next queued requests) or 'predictive' "
         "(those too, then adapters whose next request an arrival-gap histogram predicts now, "
-        "into free memory only). " + _DEFAULTS % "queue",
+        "into free memory only). " + _default("queue"),
     ] = "queue"
     chameleon_host_link_gbps: A[
         float,
         "Host-link model for CPU machines: every host-to-device adapter copy takes at least "
         "bytes / (this many GB/s), in SGLang's LoRA pool and in the adapter cache alike, with or "
-        "without --chameleon. 0 turns it off. " + _DEFAULTS % 0.0,
+        "without --chameleon. 0 turns it off. " + _default(0.0),
     ] = 0.0
     chameleon_dp_epsilon: A[
         float,
         "With --dp-size N and --load-balance-method chameleon: no replica takes a request while "
-        "its load is above (1 + this) times the mean replica load. " + _DEFAULTS % 0.25,
+        "its load is above (1 + this) times the mean replica load. " + _default(0.25),
     ] = 0.25
     chameleon_dp_miss_cost: A[
         float,
         "With --dp-size N and --load-balance-method chameleon: a replica that does not hold the "
         "request's adapter counts as this many mean requests more loaded (0: least loaded "
-        "first, residency breaks ties only). " + _DEFAULTS % 4.0,
+        "first, residency breaks ties only). " + _default(4.0),
     ] = 4.0
     chameleon_dp_slack: A[
         float,
         "With --dp-size N and --load-balance-method chameleon: room beyond the load bound, in "
         "mean requests (a replica takes a request while its load is at most (1 + epsilon) x "
-        "mean + this many mean requests). " + _DEFAULTS % 1.0,
+        "mean + this many mean requests). " + _default(1.0),
     ] = 1.0
 
 

@@ -27,17 +27,17 @@ class ChameleonState:
     """Everything Chameleon keeps for one SGLang scheduler or DP controller."""
 
     config: ChameleonConfig
-    bridge: Optional["SchedulerBridge"] = None
+    bridge: Optional[SchedulerBridge] = None
     """The Chameleon scheduler policy, where it runs (scheduler process)."""
-    cache: Optional["CacheBridge"] = None
+    cache: Optional[CacheBridge] = None
     """The adapter cache, where it is the LoRA pool (scheduler process)."""
-    reporter: Optional["ReplicaReporter"] = None
+    reporter: Optional[ReplicaReporter] = None
     """This replica's reports to the DP controller (scheduler process, ``--dp-size`` > 1)."""
-    routing: Optional["AffinityRouting"] = None
+    routing: Optional[AffinityRouting] = None
     """Adapter-affinity dispatch (DP controller process)."""
-    scheduler_metrics: Optional["MetricsPublisher"] = None
+    scheduler_metrics: Optional[MetricsPublisher] = None
     """The scheduler's ``chameleon:*`` gauges (``--enable-metrics``)."""
-    cache_metrics: Optional["MetricsPublisher"] = None
+    cache_metrics: Optional[MetricsPublisher] = None
     """The adapter cache's ``chameleon:cache_*`` gauges (``--enable-metrics``)."""
     statuses: List[ComponentStatus] = dataclasses.field(default_factory=list)
     """Which components are active and why (published in ``/server_info``)."""

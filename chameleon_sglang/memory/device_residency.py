@@ -1,8 +1,8 @@
 """The adapter cache's GPU side: the device location table of resident adapters and
 asynchronous host-to-cache copies.
 
-Used by :class:`~chameleon_sglang.integration.lora_pool.ChameleonLoRAPool` when its KV buffers are on a CUDA
-device (and Triton is there for the table kernels):
+Used by :class:`~chameleon_sglang.integration.lora_pool.ChameleonLoRAPool` when its KV buffers are
+on a CUDA device (and Triton is there for the table kernels):
 
 - :func:`table_entries` turns an adapter's layout in its run of KV slots into the table's
   ``(offset, rank)`` per ``((module, kind), layer)``, offsets against each layer's K buffer
@@ -28,17 +28,21 @@ from chameleon_sglang.cache.kv_layout import K_PART, AdapterLayout
 TableEntries = Dict[Tuple[Hashable, int], Tuple[int, int]]
 
 
-def table_entries(layout: AdapterLayout, piece_starts: Sequence[int], k_rows: Sequence[int],
-                  v_rows: Sequence[int], v_minus_k: Sequence[int]) -> TableEntries:
+def table_entries(
+    layout: AdapterLayout,
+    piece_starts: Sequence[int],
+    k_rows: Sequence[int],
+    v_rows: Sequence[int],
+    v_minus_k: Sequence[int],
+) -> TableEntries:
     """``{((module, "A"|"B"), layer): (offset, rank)}`` of an adapter placed by ``layout`` with
-    its pieces' runs starting at slots ``piece_starts``: offsets in elements from layer ``l``'s K buffer start (``k_rows[l]``/
-    ``v_rows[l]`` elements a slot; the V buffer starts ``v_minus_k[l]`` elements after the K
-    buffer, possibly negative). Keys are ``(module, kind)``; A is ``[stack * r, in]``, B
-    ``[out, r]`` (stored untransposed): a module's rank is its B's column count."""
+    its pieces' runs starting at slots ``piece_starts``: offsets in elements from layer ``l``'s K
+    buffer start (``k_rows[l]``/ ``v_rows[l]`` elements a slot; the V buffer starts ``v_minus_k[l]``
+    elements after the K buffer, possibly negative). Keys are ``(module, kind)``; A is ``[stack * r,
+    in]``, B ``[out, r]`` (stored untransposed): a module's rank is its B's column count."""
     entries: TableEntries = {}
     for layer, placement in enumerate(layout.layers):
-        ranks = {key[0]: int(where.shape[1]) for key, where in placement.items()
-                 if key[1] == "B"}
+        ranks = {key[0]: int(where.shape[1]) for key, where in placement.items() if key[1] == "B"}
         for key, where in placement.items():
             module = key[0]
             if module not in ranks:
@@ -57,9 +61,10 @@ class AdapterCopier:
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
-        self.stream: Optional["torch.cuda.Stream"] = (
-            torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None)
-        self._pending: Dict[int, "torch.cuda.Event"] = {}  # adapter id -> copy done
+        self.stream: Optional[torch.cuda.Stream] = (
+            torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        )
+        self._pending: Dict[int, torch.cuda.Event] = {}  # adapter id -> copy done
 
     @property
     def asynchronous(self) -> bool:
@@ -97,8 +102,9 @@ class AdapterCopier:
         self.wait_for((adapter_id,))
 
 
-def pinned(pairs: Sequence[Tuple[Hashable, torch.Tensor]], enabled: bool
-           ) -> List[Tuple[Hashable, torch.Tensor]]:
+def pinned(
+    pairs: Sequence[Tuple[Hashable, torch.Tensor]], enabled: bool
+) -> List[Tuple[Hashable, torch.Tensor]]:
     """Contiguous, pinned host copies of ``(key, weight)`` pairs (as given where not
     ``enabled``): what an asynchronous copy reads from."""
     if not enabled:

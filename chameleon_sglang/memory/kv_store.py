@@ -93,9 +93,13 @@ def free_runs(free: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 class KVSlotStore:
     """``SlotStore`` over a page-size-1 SGLang KV allocator (see the module docstring)."""
 
-    def __init__(self, allocator: Any, bytes_per_slot: int,
-                 on_free: Optional[Callable[[KVAllocation], None]] = None,
-                 split_always: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        allocator: Any,
+        bytes_per_slot: int,
+        on_free: Optional[Callable[[KVAllocation], None]] = None,
+        split_always: Optional[bool] = None,
+    ) -> None:
         if getattr(allocator, "page_size", 1) != 1:
             raise ValueError("the KV slot store needs a page-size-1 KV allocator")
         if bytes_per_slot <= 0:
@@ -103,8 +107,9 @@ class KVSlotStore:
         self.allocator = allocator
         self.bytes_per_slot = int(bytes_per_slot)
         self.on_free = on_free
-        self.split_always = (os.environ.get(SPLIT_ENV, "") not in ("", "0")
-                             if split_always is None else split_always)
+        self.split_always = (
+            os.environ.get(SPLIT_ENV, "") not in ("", "0") if split_always is None else split_always
+        )
         self.num_refused_for_fragmentation = 0
         self.num_split_allocations = 0
         self._live: set[int] = set()
@@ -137,8 +142,9 @@ class KVSlotStore:
         for run in placed:
             keep &= (free < run.start) | (free >= run.stop)
         self.allocator.free_pages = free[keep]
-        handle = KVAllocation(tuple(placed), split=len(placed) != 1 or placed[0].length
-                              != num_slots)
+        handle = KVAllocation(
+            tuple(placed), split=len(placed) != 1 or placed[0].length != num_slots
+        )
         self.num_split_allocations += handle.split
         self._live.add(handle.allocation_id)
         return handle
@@ -153,14 +159,15 @@ class KVSlotStore:
         # merges ``release_pages`` when it runs short; one that does not only reads
         # ``free_pages``.
         allocator = self.allocator
-        slots = torch.tensor(allocation.slots(), dtype=torch.int64,
-                             device=allocator.free_pages.device)
+        slots = torch.tensor(
+            allocation.slots(), dtype=torch.int64, device=allocator.free_pages.device
+        )
         if allocator.need_sort:
             allocator.release_pages = torch.cat((allocator.release_pages, slots))
         else:
             allocator.free_pages = torch.cat((allocator.free_pages, slots))
 
-    def free_runs_after(self, handles: Sequence[object]) -> "FreeRuns":
+    def free_runs_after(self, handles: Sequence[object]) -> FreeRuns:
         """The free runs there would be if the live allocations ``handles`` were freed too
         (nothing is freed)."""
         runs = _free_runs_of(sorted_free_slots(self.allocator), self.split_always)
@@ -177,7 +184,7 @@ class KVSlotStore:
         return handle
 
 
-def _free_runs_of(free: torch.Tensor, pieces_first: bool = False) -> "FreeRuns":
+def _free_runs_of(free: torch.Tensor, pieces_first: bool = False) -> FreeRuns:
     if not free.numel():
         return FreeRuns([], pieces_first)
     starts, ends = free_runs(free)
@@ -205,7 +212,7 @@ class FreeRuns:
     def longest(self) -> int:
         return self._by_length[-1][0] if self._by_length else 0
 
-    def with_freed(self, handle: KVAllocation) -> "FreeRuns":
+    def with_freed(self, handle: KVAllocation) -> FreeRuns:
         """These runs with ``handle``'s runs (disjoint from them) freed too."""
         result = FreeRuns.__new__(FreeRuns)
         result.runs, result._by_length = list(self.runs), list(self._by_length)

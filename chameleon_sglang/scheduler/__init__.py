@@ -4,13 +4,13 @@
 their own for tests and experiments.
 """
 
+from chameleon_sglang.scheduler.entry import AdmitResult, RequestEntry
 from chameleon_sglang.scheduler.multi_level_queue import (
     BypassHooks,
     MultiLevelQueue,
     PassResult,
     TryAdmit,
 )
-from chameleon_sglang.scheduler.entry import AdmitResult, RequestEntry
 from chameleon_sglang.scheduler.policy import ChameleonPolicy
 from chameleon_sglang.scheduler.predictor import (
     MaxNewTokensPredictor,

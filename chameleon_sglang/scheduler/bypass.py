@@ -27,8 +27,9 @@ RunningSteps = Callable[[], Iterable[Tuple[Optional[str], float]]]
 class SlotBypassView:
     """Bypass estimates under fixed adapter slots (module docstring)."""
 
-    def __init__(self, running: RunningSteps,
-                 admitted: Callable[[], Iterable[Optional[str]]]) -> None:
+    def __init__(
+        self, running: RunningSteps, admitted: Callable[[], Iterable[Optional[str]]]
+    ) -> None:
         self._running = running
         self._admitted = admitted
         self._steps: Optional[Dict[Optional[str], float]] = None
@@ -62,9 +63,11 @@ class SlotBypassView:
         return float(entry.predicted_output)
 
     def hooks(self) -> BypassHooks:
-        return BypassHooks(is_adapter_resident=self.is_resident,
-                           predicted_free_at=self.frees_in,
-                           predicted_finish_at=self.holds_slot_until)
+        return BypassHooks(
+            is_adapter_resident=self.is_resident,
+            predicted_free_at=self.frees_in,
+            predicted_finish_at=self.holds_slot_until,
+        )
 
 
 class CacheBypassView:

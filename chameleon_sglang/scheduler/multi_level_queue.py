@@ -208,8 +208,11 @@ class MultiLevelQueue:
             problems.append("a request waits twice")
         for q, queue in enumerate(self._waiting):
             for entry in queue:
-                if entry.is_running or entry.queue != q or \
-                        self._entries.get(entry.request_id) is not entry:
+                if (
+                    entry.is_running
+                    or entry.queue != q
+                    or self._entries.get(entry.request_id) is not entry
+                ):
                     problems.append(f"request {entry.request_id!r} misfiled in queue {q}")
         if any(not e.is_running for e in self._bypassed.values()):
             problems.append("a bypass request that is not running")
@@ -404,9 +407,7 @@ class MultiLevelQueue:
     ) -> bool:
         is_resident = entry.adapter_id is None or hooks.is_adapter_resident(entry.adapter_id)
         return (
-            is_resident
-            and self._fits(entry, pool)
-            and hooks.predicted_finish_at(entry) < free_at
+            is_resident and self._fits(entry, pool) and hooks.predicted_finish_at(entry) < free_at
         )
 
     def _fits(self, entry: RequestEntry, pool: int) -> bool:

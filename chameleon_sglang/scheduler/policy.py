@@ -17,13 +17,13 @@ import collections
 from typing import Any, Deque, Dict, Generator, List, NamedTuple, Sequence
 
 from chameleon_sglang.config import ChameleonConfig
+from chameleon_sglang.scheduler.entry import AdmitResult, RequestEntry
 from chameleon_sglang.scheduler.multi_level_queue import (
     BypassHooks,
     MultiLevelQueue,
     PassResult,
     TryAdmit,
 )
-from chameleon_sglang.scheduler.entry import AdmitResult, RequestEntry
 from chameleon_sglang.scheduler.predictor import OutputPredictor, create_predictor
 from chameleon_sglang.scheduler.queues import LayoutFit, QueueLayout, fit_layout, static_layout
 from chameleon_sglang.scheduler.quotas import (
@@ -65,7 +65,11 @@ class ChameleonPolicy:
         self.config = config
         self.limits = limits
         self.total_tokens = total_tokens
-        self.predictor = predictor if predictor is not None else create_predictor(config.predictor, config.predictor_accuracy)
+        self.predictor = (
+            predictor
+            if predictor is not None
+            else create_predictor(config.predictor, config.predictor_accuracy)
+        )
         history = max(history_size, config.warmup_requests)
         self._arrivals: Deque[_Arrival] = collections.deque(maxlen=history)
         self._services: Deque[_Service] = collections.deque(maxlen=history)
@@ -105,7 +109,14 @@ class ChameleonPolicy:
             output_weight=self.config.wrs_output_weight,
         )
         entry = RequestEntry(
-            request_id, adapter_id, input_len, max_new_tokens, predicted, rank, wrs, now,
+            request_id,
+            adapter_id,
+            input_len,
+            max_new_tokens,
+            predicted,
+            rank,
+            wrs,
+            now,
             adapter_tokens=adapter_tokens if adapter_id is not None else 0,
         )
         self.queue.add(entry)
@@ -223,9 +234,7 @@ class ChameleonPolicy:
     ) -> List[QueueDemand]:
         start = arrivals[0].at_s if arrivals else now
         services = [s for s in self._services if s.at_s >= start]
-        stats = [
-            QueueStats(self.config.refresh_period_s, start) for _ in range(layout.num_queues)
-        ]
+        stats = [QueueStats(self.config.refresh_period_s, start) for _ in range(layout.num_queues)]
         for a in arrivals:
             stats[layout.queue_of(a.wrs)].observe_arrival(a.at_s, a.charge)
         for s in services:

@@ -119,8 +119,9 @@ class SyntheticAccuracyPredictor:
         factor = self._rng.uniform(0.1, 0.7) if low else self._rng.uniform(1.3, 3.0)
         return max(1, round(truth * factor))
 
-    def observe(self, adapter_id: str | None, input_len: int, output_len: int,
-                predicted: int | None = None) -> None:
+    def observe(
+        self, adapter_id: str | None, input_len: int, output_len: int, predicted: int | None = None
+    ) -> None:
         if predicted is not None:
             self._accuracy.record(predicted, output_len)
 

@@ -29,8 +29,11 @@ def squash_order(
     head = queue.get(head_id)
     if queue.head(head.queue) is not head:
         return []
-    younger = [e for e in queue.running_bypasses()
-               if e.queue == head.queue and e.order > head.order and e.request_id not in exclude]
+    younger = [
+        e
+        for e in queue.running_bypasses()
+        if e.queue == head.queue and e.order > head.order and e.request_id not in exclude
+    ]
     return sorted(younger, key=lambda e: e.order, reverse=True)
 
 
@@ -47,8 +50,9 @@ def choose_victims(need: int, free: int, held: Iterable[Tuple[str, int]]) -> Lis
     return chosen if chosen and free >= need else []
 
 
-def admission_need(prompt_tokens: int, max_new_tokens: int, clip_new_tokens: int,
-                   missing_adapter_tokens: int) -> int:
+def admission_need(
+    prompt_tokens: int, max_new_tokens: int, clip_new_tokens: int, missing_adapter_tokens: int
+) -> int:
     """KV tokens an engine that reserves ``prompt + min(max_new, clip)`` needs to admit a
     request, plus its adapter's tokens when the adapter is not resident (0 when it is)."""
     return prompt_tokens + min(max_new_tokens, clip_new_tokens) + missing_adapter_tokens

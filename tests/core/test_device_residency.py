@@ -1,4 +1,5 @@
-"""The adapter cache's GPU-side bookkeeping, on CPU tensors (chameleon_sglang.memory.device_residency)."""
+"""The adapter cache's GPU-side bookkeeping, on CPU tensors
+(chameleon_sglang.memory.device_residency)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import pytest
 import torch
 
 from chameleon_sglang.cache.kv_layout import K_PART, plan_layout
-from chameleon_sglang.memory.device_residency import (AdapterCopier, device_table_capacity, pinned,
-                                                table_entries)
+from chameleon_sglang.memory.device_residency import (
+    AdapterCopier,
+    device_table_capacity,
+    pinned,
+    table_entries,
+)
 
 MODULES = {"qkv_proj": (3, 16, 24), "o_proj": (1, 16, 16)}  # stack, in, out
 
@@ -31,8 +36,8 @@ def test_table_offsets_find_every_matrix_from_the_k_buffer_start(v_first):
     cursor = 0
     for _ in layers:
         parts = []
-        for row in ((v_row, k_row) if v_first else (k_row, v_row)):
-            parts.append(storage[cursor:cursor + slots * row].view(slots, row))
+        for row in (v_row, k_row) if v_first else (k_row, v_row):
+            parts.append(storage[cursor : cursor + slots * row].view(slots, row))
             cursor += slots * row + 8
         v, k = parts if v_first else parts[::-1]
         ks.append(k)
@@ -42,7 +47,7 @@ def test_table_offsets_find_every_matrix_from_the_k_buffer_start(v_first):
         for key, where in placement.items():
             w = torch.randn(where.shape)
             block = (ks if where.part == K_PART else vs)[layer][run_start:].reshape(-1)
-            block[where.offset:where.offset + w.numel()] = w.reshape(-1)
+            block[where.offset : where.offset + w.numel()] = w.reshape(-1)
             truth[(key, layer)] = w
     v_minus_k = [v.data_ptr() // 4 - k.data_ptr() // 4 for k, v in zip(ks, vs)]
     entries = table_entries(layout, [run_start], [k_row] * 2, [v_row] * 2, v_minus_k)
@@ -50,7 +55,7 @@ def test_table_offsets_find_every_matrix_from_the_k_buffer_start(v_first):
     for (key, layer), (offset, entry_rank) in entries.items():
         w = truth[(key, layer)]
         start = ks[layer].data_ptr() // 4 - storage.data_ptr() // 4 + offset
-        assert torch.equal(storage[start:start + w.numel()].view(w.shape), w)
+        assert torch.equal(storage[start : start + w.numel()].view(w.shape), w)
         assert entry_rank == rank
 
 

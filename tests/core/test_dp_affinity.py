@@ -5,7 +5,6 @@ stay on one replica, a replica can leave, and a decision is cheap."""
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter, OrderedDict, defaultdict
 
 import pytest
@@ -84,8 +83,16 @@ def test_affinity_loads_fewer_adapter_copies_than_round_robin():
     assert affinity_copies <= 0.6 * sum(len(v) for v in rr.values())
 
 
-def loads_with_small_caches(dispatch, miss_cost=1.0, num_replicas=2, num_adapters=100,
-                            capacity=50, requests=4000, inflight_per_replica=3, seed=0):
+def loads_with_small_caches(
+    dispatch,
+    miss_cost=1.0,
+    num_replicas=2,
+    num_adapters=100,
+    capacity=50,
+    requests=4000,
+    inflight_per_replica=3,
+    seed=0,
+):
     """Adapter loads when each replica's cache holds ``capacity`` adapters (LRU) of
     ``num_adapters`` Zipf-popular ones; ``dispatch(i, adapter, tokens, dispatcher)`` picks the
     replica; every replica reports its cache and in-flight tokens after each request."""
@@ -110,8 +117,7 @@ def loads_with_small_caches(dispatch, miss_cost=1.0, num_replicas=2, num_adapter
         if len(inflight) > inflight_per_replica * num_replicas:
             inflight.pop(0)
         for r in range(num_replicas):
-            d.report(ReplicaReport(r, frozenset(caches[r]),
-                                   sum(t for x, t in inflight if x == r)))
+            d.report(ReplicaReport(r, frozenset(caches[r]), sum(t for x, t in inflight if x == r)))
     return loads
 
 
@@ -120,8 +126,10 @@ def test_under_cache_pressure_affinity_loads_fewer_the_dearer_a_miss():
     affinity loads fewer adapters than round robin, and a miss priced at 4 mean requests keeps
     each replica to its own share (at most half of round robin's loads)."""
     round_robin = loads_with_small_caches(lambda i, a, t, d: i % 2)
-    by_cost = {m: loads_with_small_caches(lambda i, a, t, d: d.dispatch(a, t), miss_cost=m)
-               for m in (1.0, 4.0)}
+    by_cost = {
+        m: loads_with_small_caches(lambda i, a, t, d: d.dispatch(a, t), miss_cost=m)
+        for m in (1.0, 4.0)
+    }
     assert by_cost[1.0] <= 0.8 * round_robin
     assert by_cost[4.0] < by_cost[1.0] and by_cost[4.0] <= 0.5 * round_robin
 

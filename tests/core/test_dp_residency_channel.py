@@ -43,15 +43,22 @@ def test_the_endpoint_is_shared_by_one_launch_and_differs_between_launches():
 
 @pytest.mark.parametrize("received", [None, 0, 17])
 def test_a_report_round_trips(received):
-    report = ReplicaReport(replica=3, adapters=frozenset({"a", "b"}), load_tokens=900,
-                           received=received)
+    report = ReplicaReport(
+        replica=3, adapters=frozenset({"a", "b"}), load_tokens=900, received=received
+    )
     assert decode_report(encode_report(report)) == report
 
 
-@pytest.mark.parametrize("message", [b"not json", b"[1, 2]", b'{"replica": "x"}',
-                                     b'{"replica": 1, "adapters": "a", "load_tokens": 3}',
-                                     b'{"replica": 1, "adapters": [], "load_tokens": 3, '
-                                     b'"received": "7"}'])
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"replica": "x"}',
+        b'{"replica": 1, "adapters": "a", "load_tokens": 3}',
+        b'{"replica": 1, "adapters": [], "load_tokens": 3, "received": "7"}',
+    ],
+)
 def test_a_malformed_report_is_refused(message):
     with pytest.raises(ValueError):
         decode_report(message)
@@ -66,8 +73,10 @@ def test_reports_reach_the_reader_latest_per_replica(endpoint):
         assert first.publish({"a", "c"}, 30)
         time.sleep(0.2)
         reports = reader.drain()
-        assert reports == [ReplicaReport(0, frozenset({"a", "c"}), 30),
-                           ReplicaReport(1, frozenset({"b"}), 20)]
+        assert reports == [
+            ReplicaReport(0, frozenset({"a", "c"}), 30),
+            ReplicaReport(1, frozenset({"b"}), 20),
+        ]
         assert reader.num_received == 3 and reader.drain() == []
     finally:
         first.close(), second.close(), reader.close()
@@ -113,9 +122,13 @@ def test_publishing_never_blocks_when_the_controller_is_gone(endpoint):
 
 
 def req(rid, prompt, cap, finished=False, generated=0):
-    return SimpleNamespace(rid=rid, origin_input_ids=[0] * prompt, output_ids=[1] * generated,
-                           sampling_params=SimpleNamespace(max_new_tokens=cap),
-                           finished=lambda: finished)
+    return SimpleNamespace(
+        rid=rid,
+        origin_input_ids=[0] * prompt,
+        output_ids=[1] * generated,
+        sampling_params=SimpleNamespace(max_new_tokens=cap),
+        finished=lambda: finished,
+    )
 
 
 def test_the_load_counts_each_unfinished_request_once():

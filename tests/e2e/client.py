@@ -37,7 +37,7 @@ def generate_stream(url: str, ids: List[int], adapter: Optional[str], num_new: i
         for line in resp.iter_lines():
             if not line or not line.startswith(b"data:"):
                 continue
-            payload = line[len(b"data:"):].strip()
+            payload = line[len(b"data:") :].strip()
             if payload == b"[DONE]":
                 break
             chunks.append(json.loads(payload))

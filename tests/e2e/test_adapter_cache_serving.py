@@ -42,8 +42,10 @@ def _workload(assets: Assets, seed: int = 7) -> List[Tuple[List[int], Optional[s
     """Random mixed traffic: prompts of 4-60 tokens, every adapter (ranks 8-128), some base."""
     rng = random.Random(seed)
     names: List[Optional[str]] = [a.name for a in assets.adapters] + [None]
-    return [([rng.randrange(5, 2000) for _ in range(rng.randrange(4, 60))], rng.choice(names))
-            for _ in range(NUM_REQUESTS)]
+    return [
+        ([rng.randrange(5, 2000) for _ in range(rng.randrange(4, 60))], rng.choice(names))
+        for _ in range(NUM_REQUESTS)
+    ]
 
 
 def _run(url: str, workload: List[Tuple[List[int], Optional[str]]]) -> List[List[int]]:
@@ -85,8 +87,11 @@ def mixed_traffic(assets40, tmp_path_factory):
 def test_outputs_equal_stock_under_mixed_concurrent_traffic(mixed_traffic):
     """40 adapters of mixed ranks, 24 concurrent clients: every greedy output is the stock
     server's, token for token."""
-    mismatches = [i for i, (a, b) in enumerate(zip(mixed_traffic["stock"],
-                                                   mixed_traffic["chameleon"])) if a != b]
+    mismatches = [
+        i
+        for i, (a, b) in enumerate(zip(mixed_traffic["stock"], mixed_traffic["chameleon"]))
+        if a != b
+    ]
     assert not mismatches, [(i, mixed_traffic["workload"][i][1]) for i in mismatches]
     assert all(len(out) == NEW_TOKENS for out in mixed_traffic["chameleon"])
 
@@ -94,8 +99,11 @@ def test_outputs_equal_stock_under_mixed_concurrent_traffic(mixed_traffic):
 def test_adapters_split_into_pieces_serve_the_same_outputs(mixed_traffic):
     """Every adapter in separate runs of KV slots (its split layout): the same greedy outputs
     as stock, token for token; the loads were split ones."""
-    mismatches = [i for i, (a, b) in enumerate(zip(mixed_traffic["stock"],
-                                                   mixed_traffic["chameleon-split"])) if a != b]
+    mismatches = [
+        i
+        for i, (a, b) in enumerate(zip(mixed_traffic["stock"], mixed_traffic["chameleon-split"]))
+        if a != b
+    ]
     assert not mismatches, [(i, mixed_traffic["workload"][i][1]) for i in mismatches]
     stats = mixed_traffic["stats-chameleon-split"]
     assert stats["split_loads"] == stats["num_loads"] > 0, stats
@@ -128,8 +136,9 @@ LONG_REQUESTS = 4
 @pytest.fixture(scope="module")
 def cache_server(assets40, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("pressure-logs")
-    srv = start_server(assets40, log_dir, "pressure", chameleon=True,
-                       max_total_tokens=PRESSURE_TOTAL_TOKENS)
+    srv = start_server(
+        assets40, log_dir, "pressure", chameleon=True, max_total_tokens=PRESSURE_TOTAL_TOKENS
+    )
     try:
         yield srv
     finally:
@@ -175,8 +184,7 @@ def test_unload_of_a_cached_idle_adapter_drops_it(cache_server, assets40):
     adapter = next(a for a in assets40.adapters if a.rank == 64)
     first = generate(url, [11, 12, 13], adapter.name, 6)["output_ids"]
     before = _cache_stats(url)
-    resp = requests.post(url + "/unload_lora_adapter", json={"lora_name": adapter.name},
-                         timeout=60)
+    resp = requests.post(url + "/unload_lora_adapter", json={"lora_name": adapter.name}, timeout=60)
     assert resp.status_code == 200 and resp.json()["success"], resp.text
     assert adapter.name not in resp.json()["loaded_adapters"]
     after = _cache_stats(url)
@@ -201,8 +209,9 @@ def test_unload_while_in_use_loses_nothing(cache_server, assets40):
     thread = threading.Thread(target=long_request)
     thread.start()
     time.sleep(0.3)
-    resp = requests.post(url + "/unload_lora_adapter", json={"lora_name": adapter.name},
-                         timeout=120)
+    resp = requests.post(
+        url + "/unload_lora_adapter", json={"lora_name": adapter.name}, timeout=120
+    )
     thread.join(timeout=120)
     assert resp.status_code == 200 and resp.json()["success"], resp.text
     assert result.get("ids") == expected
@@ -227,8 +236,9 @@ def q_v_only_adapter(assets40, tmp_path_factory):
 RELOAD_ROUNDS = 5  # ends on the q/v-only adapter
 
 
-def test_reload_under_traffic_with_other_ranks_and_modules(cache_server, assets40,
-                                                           q_v_only_adapter):
+def test_reload_under_traffic_with_other_ranks_and_modules(
+    cache_server, assets40, q_v_only_adapter
+):
     """One name unloaded and loaded again with another rank or another set of target modules
     while requests (some hanging up mid-stream) use it: every request completes or gets a clear
     4xx error, the scheduler raises nothing, the name then serves exactly what its newest
@@ -238,15 +248,22 @@ def test_reload_under_traffic_with_other_ranks_and_modules(cache_server, assets4
     rank128 = next(a for a in assets40.adapters if a.rank == 128)
     paths = [str(rank8.path), str(rank128.path), str(q_v_only_adapter)]
     name, prompt = "reloaded", [31, 32, 33, 34]
-    load = lambda path: requests.post(url + "/load_lora_adapter", timeout=300,  # noqa: E731
-                                      json={"lora_name": name, "lora_path": path}).json()
+
+    def load(path: str) -> dict:
+        return requests.post(
+            url + "/load_lora_adapter", timeout=300, json={"lora_name": name, "lora_path": path}
+        ).json()
+
     assert load(paths[0])["success"]
     outcomes: List[str] = []
 
     def use(num_new: int, hang_up: bool) -> None:
-        body = {"input_ids": prompt, "lora_path": name, "stream": hang_up,
-                "sampling_params": {"max_new_tokens": num_new, "temperature": 0,
-                                    "ignore_eos": True}}
+        body = {
+            "input_ids": prompt,
+            "lora_path": name,
+            "stream": hang_up,
+            "sampling_params": {"max_new_tokens": num_new, "temperature": 0, "ignore_eos": True},
+        }
         with requests.post(url + "/generate", json=body, stream=hang_up, timeout=300) as resp:
             if hang_up:
                 next(resp.iter_lines())  # first chunk, then hang up
@@ -257,13 +274,16 @@ def test_reload_under_traffic_with_other_ranks_and_modules(cache_server, assets4
                 outcomes.append(f"{resp.status_code}:{resp.text[:60]}")
 
     for i in range(RELOAD_ROUNDS):
-        users = [threading.Thread(target=use, args=(n, hang)) for n, hang in
-                 ((8, False), (48, False), (8, False), (200, True))]
+        users = [
+            threading.Thread(target=use, args=(n, hang))
+            for n, hang in ((8, False), (48, False), (8, False), (200, True))
+        ]
         for t in users:
             t.start()
         time.sleep(0.1 + 0.05 * i)
-        unloaded = requests.post(url + "/unload_lora_adapter", json={"lora_name": name},
-                                 timeout=300).json()
+        unloaded = requests.post(
+            url + "/unload_lora_adapter", json={"lora_name": name}, timeout=300
+        ).json()
         assert unloaded["success"], unloaded
         assert load(paths[(i + 1) % len(paths)])["success"]
         for t in users:
@@ -273,8 +293,11 @@ def test_reload_under_traffic_with_other_ranks_and_modules(cache_server, assets4
 
     newest = paths[RELOAD_ROUNDS % len(paths)]
     assert newest == str(q_v_only_adapter)
-    fresh = requests.post(url + "/load_lora_adapter", timeout=300,
-                          json={"lora_name": "fresh-copy", "lora_path": newest}).json()
+    fresh = requests.post(
+        url + "/load_lora_adapter",
+        timeout=300,
+        json={"lora_name": "fresh-copy", "lora_path": newest},
+    ).json()
     assert fresh["success"], fresh
     served = generate(url, prompt, name, 8)["output_ids"]
     assert served == generate(url, prompt, "fresh-copy", 8)["output_ids"]

@@ -26,8 +26,13 @@ def rank_256_adapter(tiny_assets: Assets, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def embedding_lora_adapter(tiny_assets: Assets, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("embedding-lora") / "emb-r8"
-    write_adapter(tiny_assets.model_path, out, rank=8, seed=11,
-                  target_modules=("q_proj", "v_proj", "embed_tokens"))
+    write_adapter(
+        tiny_assets.model_path,
+        out,
+        rank=8,
+        seed=11,
+        target_modules=("q_proj", "v_proj", "embed_tokens"),
+    )
     return out
 
 
@@ -82,9 +87,11 @@ def test_adapter_rank_above_max_is_refused(server, rank_256_adapter):
 def test_adapter_with_embedding_lora_is_refused_alone(server, embedding_lora_adapter):
     """An adapter with LoRA on the embedding: with the adapter cache its load fails naming why
     and the others serve on; stock SGLang's pool serves it (and unloads it again)."""
+
     def model_ids() -> list:
-        return sorted(m["id"] for m in requests.get(server.url + "/v1/models",
-                                                    timeout=30).json()["data"])
+        return sorted(
+            m["id"] for m in requests.get(server.url + "/v1/models", timeout=30).json()["data"]
+        )
 
     before = model_ids()
     resp = requests.post(
@@ -93,14 +100,21 @@ def test_adapter_with_embedding_lora_is_refused_alone(server, embedding_lora_ada
         timeout=120,
     )
     body = resp.json()
-    use = requests.post(server.url + "/generate", timeout=60, json={
-        "input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2},
-        "lora_path": "with-embedding"})
+    use = requests.post(
+        server.url + "/generate",
+        timeout=60,
+        json={
+            "input_ids": PROMPT,
+            "sampling_params": {"max_new_tokens": 2},
+            "lora_path": "with-embedding",
+        },
+    )
     if server.arm == "stock":  # (at --max-loaded-loras SGLang may drop an idle adapter)
         assert body["success"] is True and use.status_code == 200, (body, use.text)
         assert "with-embedding" in model_ids()
-        assert requests.post(server.url + "/unload_lora_adapter", timeout=120,
-                             json={"lora_name": "with-embedding"}).json()["success"]
+        assert requests.post(
+            server.url + "/unload_lora_adapter", timeout=120, json={"lora_name": "with-embedding"}
+        ).json()["success"]
         assert "with-embedding" not in model_ids()
     else:
         assert body["success"] is False
@@ -117,8 +131,12 @@ def test_adapter_with_embedding_lora_is_refused_alone(server, embedding_lora_ada
 )
 def test_malformed_request(server, payload):
     """A malformed /generate body is a 4xx error, not a crash."""
-    resp = requests.post(server.url + "/generate", data=payload,
-                         headers={"Content-Type": "application/json"}, timeout=60)
+    resp = requests.post(
+        server.url + "/generate",
+        data=payload,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
     assert 400 <= resp.status_code < 500, resp.text
     assert_still_serving(server.url)
 
@@ -148,13 +166,25 @@ def test_token_id_outside_the_vocabulary_is_refused(server, tiny_assets, bad_id,
     id would be a device-side assert in the embedding), and the server serves on."""
     token = _vocab_of(tiny_assets) if bad_id == "vocab" else bad_id
     if api == "native":
-        resp = requests.post(server.url + "/generate", timeout=60, json={
-            "input_ids": [*PROMPT, token], "sampling_params": {"max_new_tokens": 4},
-            "lora_path": "a000r8"})
+        resp = requests.post(
+            server.url + "/generate",
+            timeout=60,
+            json={
+                "input_ids": [*PROMPT, token],
+                "sampling_params": {"max_new_tokens": 4},
+                "lora_path": "a000r8",
+            },
+        )
     else:
-        resp = requests.post(server.url + "/v1/completions", timeout=60, json={
-            "model": f"{served_model_name(tiny_assets)}:a000r8", "prompt": [*PROMPT, token],
-            "max_tokens": 4})
+        resp = requests.post(
+            server.url + "/v1/completions",
+            timeout=60,
+            json={
+                "model": f"{served_model_name(tiny_assets)}:a000r8",
+                "prompt": [*PROMPT, token],
+                "max_tokens": 4,
+            },
+        )
     assert resp.status_code == 400, resp.text
     assert str(token) in resp.text and "vocabulary" in resp.text
     assert_still_serving(server.url)

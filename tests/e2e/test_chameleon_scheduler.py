@@ -37,10 +37,21 @@ sent_at: Dict[str, float] = {}
 output_ids: Dict[str, List[int]] = {}
 
 
-def _stream(url: str, ids: List[int], adapter: Optional[str], max_new: int, t0: float,
-            out: Dict[str, Tuple[float, float]], name: str) -> None:
-    body = {"input_ids": ids, "stream": True, "lora_path": adapter,
-            "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}
+def _stream(
+    url: str,
+    ids: List[int],
+    adapter: Optional[str],
+    max_new: int,
+    t0: float,
+    out: Dict[str, Tuple[float, float]],
+    name: str,
+) -> None:
+    body = {
+        "input_ids": ids,
+        "stream": True,
+        "lora_path": adapter,
+        "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True},
+    }
     first = None
     last: List[int] = []
     sent_at[name] = time.monotonic() - t0
@@ -96,8 +107,14 @@ def scenario_times(tiny_assets, tmp_path_factory):
     }
     results = {}
     for arm, extra in arms.items():
-        srv = start_server(tiny_assets, log_dir, f"hol-{arm}", chameleon=False,
-                           max_total_tokens=HOL_TOTAL_TOKENS[arm], extra_args=extra)
+        srv = start_server(
+            tiny_assets,
+            log_dir,
+            f"hol-{arm}",
+            chameleon=False,
+            max_total_tokens=HOL_TOTAL_TOKENS[arm],
+            extra_args=extra,
+        )
         try:
             results[arm] = run_scenario(srv.url)
             if arm == "chameleon":
@@ -134,8 +151,11 @@ def test_short_requests_ttft_halved_with_identical_outputs(scenario_times):
     chameleon_ttft = statistics.median(chameleon["ttft"][n] for n in shorts)
     assert chameleon_ttft <= 0.5 * stock_ttft, (chameleon_ttft, stock_ttft)
     assert chameleon["output_ids"] == stock["output_ids"]
-    assert all(len(ids) == n for (name, _, _, n) in [HOG, LARGE, *SMALLS]
-               for ids in [chameleon["output_ids"][name]])
+    assert all(
+        len(ids) == n
+        for (name, _, _, n) in [HOG, LARGE, *SMALLS]
+        for ids in [chameleon["output_ids"][name]]
+    )
 
 
 def test_chameleon_stats_report_static_queues(scenario_times):
@@ -153,14 +173,22 @@ def test_chameleon_stats_report_static_queues(scenario_times):
 def test_dynamic_queues_are_fitted_from_live_traffic(tiny_assets, tmp_path_factory):
     """Dynamic mode fits K-means queues once the warm-up requests have arrived."""
     log_dir = tmp_path_factory.mktemp("dyn-logs")
-    srv = start_server(tiny_assets, log_dir, "dynamic", chameleon=True,
-                       extra_args=["--chameleon-warmup-requests", "12", "--enable-metrics"])
+    srv = start_server(
+        tiny_assets,
+        log_dir,
+        "dynamic",
+        chameleon=True,
+        extra_args=["--chameleon-warmup-requests", "12", "--enable-metrics"],
+    )
     try:
         jobs = [([11 + i] * 8, "a000r8", 4) for i in range(8)]
         jobs += [([13 + i] * 900, "a004r128", 64) for i in range(6)]
-        threads = [threading.Thread(target=_stream,
-                                    args=(srv.url, ids, adapter, n, time.monotonic(), {}, "x"))
-                   for ids, adapter, n in jobs]
+        threads = [
+            threading.Thread(
+                target=_stream, args=(srv.url, ids, adapter, n, time.monotonic(), {}, "x")
+            )
+            for ids, adapter, n in jobs
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -168,7 +196,8 @@ def test_dynamic_queues_are_fitted_from_live_traffic(tiny_assets, tmp_path_facto
         # One more request so that a pass runs after the warm-up arrivals.
         _stream(srv.url, [5] * 8, "a000r8", 2, time.monotonic(), {}, "last")
         sched = requests.get(srv.url + "/chameleon/stats", timeout=30).json()["ranks"][0][
-            "scheduler"]
+            "scheduler"
+        ]
         metrics = requests.get(srv.url + "/metrics", timeout=30).text
     finally:
         stop_server(srv)
@@ -179,11 +208,11 @@ def test_dynamic_queues_are_fitted_from_live_traffic(tiny_assets, tmp_path_facto
     assert sched["predictor"]["num_outcomes"] >= 14
     # The same statistics as Prometheus gauges with --enable-metrics.
     assert "chameleon:num_queues" in metrics
-    assert 'chameleon:queue_quota_tokens{' in metrics and 'queue="0"' in metrics
+    assert "chameleon:queue_quota_tokens{" in metrics and 'queue="0"' in metrics
     assert "chameleon:predictor_within_tolerance" in metrics
     # ... and the adapter cache's.
     assert "chameleon:cache_misses" in metrics and "chameleon:cache_bytes_loaded" in metrics
-    assert 'chameleon:cache_evictions_by_reason{' in metrics and 'reason="unload"' in metrics
+    assert "chameleon:cache_evictions_by_reason{" in metrics and 'reason="unload"' in metrics
 
 
 def test_chameleon_keeps_sglang_features_working(tiny_assets, tmp_path_factory):
@@ -193,15 +222,26 @@ def test_chameleon_keeps_sglang_features_working(tiny_assets, tmp_path_factory):
     from concurrent.futures import ThreadPoolExecutor
 
     log_dir = tmp_path_factory.mktemp("features-logs")
-    extra = ["--max-running-requests", "2", "--lora-drain-wait-threshold", "0.5",
-             "--chunked-prefill-size", "256", "--max-loras-per-batch", "2"]
+    extra = [
+        "--max-running-requests",
+        "2",
+        "--lora-drain-wait-threshold",
+        "0.5",
+        "--chunked-prefill-size",
+        "256",
+        "--max-loras-per-batch",
+        "2",
+    ]
     srv = start_server(tiny_assets, log_dir, "features", chameleon=True, extra_args=extra)
     try:
+
         def one(i: int) -> int:
             adapter = tiny_assets.adapters[i % len(tiny_assets.adapters)].name
-            body = {"input_ids": [10 + i] * (40 + 300 * (i % 2)), "lora_path": adapter,
-                    "sampling_params": {"max_new_tokens": 6, "temperature": 0,
-                                        "ignore_eos": True}}
+            body = {
+                "input_ids": [10 + i] * (40 + 300 * (i % 2)),
+                "lora_path": adapter,
+                "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
+            }
             resp = requests.post(srv.url + "/generate", json=body, timeout=300)
             resp.raise_for_status()
             return len(resp.json()["output_ids"])
@@ -209,14 +249,21 @@ def test_chameleon_keeps_sglang_features_working(tiny_assets, tmp_path_factory):
         with ThreadPoolExecutor(max_workers=10) as pool:
             assert list(pool.map(one, range(10))) == [6] * 10
 
-        body = {"text": "Give me a number:", "lora_path": "a001r16",
-                "sampling_params": {"max_new_tokens": 24, "temperature": 0,
-                                    "regex": "(yes|no), [0-9]{3}"}}
+        body = {
+            "text": "Give me a number:",
+            "lora_path": "a001r16",
+            "sampling_params": {
+                "max_new_tokens": 24,
+                "temperature": 0,
+                "regex": "(yes|no), [0-9]{3}",
+            },
+        }
         resp = requests.post(srv.url + "/generate", json=body, timeout=300)
         resp.raise_for_status()
         assert re.fullmatch(r"(yes|no), [0-9]{3}", resp.json()["text"]), resp.json()["text"]
         sched = requests.get(srv.url + "/chameleon/stats", timeout=30).json()["ranks"][0][
-            "scheduler"]
+            "scheduler"
+        ]
         assert sched["num_running"] == 0 and sum(sched["num_waiting"]) == 0
         assert sched["usage"] == [0] * sched["num_queues"]
     finally:

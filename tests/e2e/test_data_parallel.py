@@ -31,8 +31,10 @@ RESERVED = 2  # the last adapters: kept for the residency test
 def _workload(assets: Assets, n: int, seed: int) -> List[Tuple[List[int], Optional[str]]]:
     rng = random.Random(seed)
     names: List[Optional[str]] = [a.name for a in assets.adapters[:-RESERVED]] + [None]
-    return [([rng.randrange(5, 2000) for _ in range(rng.randrange(4, 60))], rng.choice(names))
-            for _ in range(n)]
+    return [
+        ([rng.randrange(5, 2000) for _ in range(rng.randrange(4, 60))], rng.choice(names))
+        for _ in range(n)
+    ]
 
 
 def _run(url: str, work, threads: int = 8) -> List[List[int]]:
@@ -55,8 +57,12 @@ def _received(url: str) -> List[int]:
 
 
 def _routed(url: str, adapter: Optional[str], replica: int) -> None:
-    body = {"input_ids": [7, 8, 9, 10], "lora_path": adapter, "routed_dp_rank": replica,
-            "sampling_params": {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True}}
+    body = {
+        "input_ids": [7, 8, 9, 10],
+        "lora_path": adapter,
+        "routed_dp_rank": replica,
+        "sampling_params": {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True},
+    }
     if adapter is None:
         del body["lora_path"]
     requests.post(url + "/generate", json=body, timeout=TIMEOUT_S).raise_for_status()
@@ -75,8 +81,9 @@ def dp1_outputs(tiny_assets, tmp_path_factory) -> List[List[int]]:
 
 @pytest.fixture(scope="module")
 def dp2(tiny_assets, tmp_path_factory, dp1_outputs):
-    srv = start_server(tiny_assets, tmp_path_factory.mktemp("dp2"), "dp2", chameleon=True,
-                       extra_args=DP2)
+    srv = start_server(
+        tiny_assets, tmp_path_factory.mktemp("dp2"), "dp2", chameleon=True, extra_args=DP2
+    )
     try:
         yield srv
     finally:

@@ -52,8 +52,10 @@ def test_concurrent_mixed_adapters_equal_sequential(server, prompts, expected):
     """Concurrent requests over mixed adapters give the same tokens as sequential ones."""
     jobs = [(a, i) for i in range(len(prompts)) for a in ADAPTERS]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        futures = {job: pool.submit(generate, server.url, prompts[job[1]], job[0], NUM_NEW_TOKENS)
-                   for job in jobs}
+        futures = {
+            job: pool.submit(generate, server.url, prompts[job[1]], job[0], NUM_NEW_TOKENS)
+            for job in jobs
+        }
         results = {job: f.result()["output_ids"] for job, f in futures.items()}
     for job in jobs:
         assert results[job] == expected[job], f"adapter={job[0]} prompt={job[1]}"
@@ -91,8 +93,9 @@ def test_load_and_unload_adapter_at_runtime(server, tiny_assets, prompts, expect
     """/load_lora_adapter serves a new name with that adapter's weights; unload removes it."""
     name = f"runtime-{server.arm}"
     path = tiny_assets.adapter("a001r16").path
-    resp = requests.post(server.url + "/load_lora_adapter",
-                         json={"lora_name": name, "lora_path": path}, timeout=120)
+    resp = requests.post(
+        server.url + "/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=120
+    )
     assert resp.status_code == 200, resp.text
     assert resp.json()["success"] is True
     assert name in resp.json()["loaded_adapters"]

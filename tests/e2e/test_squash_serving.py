@@ -24,7 +24,7 @@ import json
 import random
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 import requests
@@ -45,11 +45,14 @@ YOUNG = ("young", 1400, ADAPTER_X, 200)
 # running, about 2500 slots are left: enough for young's prompt, not for Z.
 TOTAL_TOKENS = 7600
 EXTRA_ARGS = [
-    "--chameleon-scheduler", "static",
-    "--chameleon-predictor", "max-new-tokens",
+    "--chameleon-scheduler",
+    "static",
+    "--chameleon-predictor",
+    "max-new-tokens",
     # SGLang reserves memory for running requests' future tokens in proportion to this; keep
     # the reservation small so admission depends on the memory actually held.
-    "--schedule-conservativeness", "0.05",
+    "--schedule-conservativeness",
+    "0.05",
 ]
 WAIT_S = 120
 
@@ -85,22 +88,32 @@ class Client:
     def _stream(self, name: str, length: int, adapter: str, new_tokens: int) -> None:
         # min_new_tokens fixes the length without ignore_eos, which SGLang would reserve for
         # in full; lengths are then exact and reservations follow --schedule-conservativeness.
-        body = {"input_ids": _ids(name, length), "lora_path": adapter, "stream": True,
-                "rid": name,
-                "sampling_params": {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
-                                    "temperature": 0}}
+        body = {
+            "input_ids": _ids(name, length),
+            "lora_path": adapter,
+            "stream": True,
+            "rid": name,
+            "sampling_params": {
+                "max_new_tokens": new_tokens,
+                "min_new_tokens": new_tokens,
+                "temperature": 0,
+            },
+        }
         out: List[int] = []
         try:
-            with requests.post(self.url + "/generate", json=body, stream=True,
-                               timeout=WAIT_S) as resp:
+            with requests.post(
+                self.url + "/generate", json=body, stream=True, timeout=WAIT_S
+            ) as resp:
                 resp.raise_for_status()
                 for line in resp.iter_lines():
                     if line.startswith(b"data:") and b"[DONE]" not in line:
                         chunk = json.loads(line[5:])
                         out = chunk["output_ids"]
                         self.first.setdefault(name, time.monotonic() - self.t0)
-                        if chunk["meta_info"].get("finish_reason", {}) and \
-                                chunk["meta_info"]["finish_reason"].get("type") == "abort":
+                        if (
+                            chunk["meta_info"].get("finish_reason", {})
+                            and chunk["meta_info"]["finish_reason"].get("type") == "abort"
+                        ):
                             self.errors[name] = "aborted"
         except requests.RequestException as exc:
             self.errors[name] = repr(exc)
@@ -133,34 +146,56 @@ def run_squash_scenario(url: str) -> Dict:
     for filler in FILLERS:
         client.send(*filler)
         time.sleep(0.1)
-    _wait_for(lambda: all(n in client.first for n in ("pin", *(f[0] for f in FILLERS))),
-              "pin and fillers to start")
+    _wait_for(
+        lambda: all(n in client.first for n in ("pin", *(f[0] for f in FILLERS))),
+        "pin and fillers to start",
+    )
     before = _scheduler_stats(url)
     client.send(*HEAD)
-    _wait_for(lambda: _scheduler_stats(url)["num_adapter_misfits"] > before["num_adapter_misfits"],
-              "the head to be refused for its adapter")
+    _wait_for(
+        lambda: _scheduler_stats(url)["num_adapter_misfits"] > before["num_adapter_misfits"],
+        "the head to be refused for its adapter",
+    )
     client.send(*YOUNG)
-    _wait_for(lambda: _scheduler_stats(url)["num_bypasses"] > before["num_bypasses"],
-              "young to bypass the head")
+    _wait_for(
+        lambda: _scheduler_stats(url)["num_bypasses"] > before["num_bypasses"],
+        "young to bypass the head",
+    )
     at_bypass = time.monotonic() - client.t0
     for name, *_ in (PIN, *FILLERS):  # young now keeps X in use
         client.abort(name)
     client.join()
-    return {"client": client, "before": before, "after": _scheduler_stats(url),
-            "at_bypass": at_bypass}
+    return {
+        "client": client,
+        "before": before,
+        "after": _scheduler_stats(url),
+        "at_bypass": at_bypass,
+    }
 
 
 @pytest.fixture(scope="module")
 def squash_run(assets10, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("squash-logs")
-    srv = start_server(assets10, log_dir, "squash", chameleon=True,
-                       max_total_tokens=TOTAL_TOKENS, extra_args=EXTRA_ARGS)
+    srv = start_server(
+        assets10,
+        log_dir,
+        "squash",
+        chameleon=True,
+        max_total_tokens=TOTAL_TOKENS,
+        extra_args=EXTRA_ARGS,
+    )
     try:
         result = run_squash_scenario(srv.url)
         name, length, adapter, new_tokens = YOUNG
-        body = {"input_ids": _ids(name, length), "lora_path": adapter,
-                "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0,
-                                    "min_new_tokens": new_tokens}}
+        body = {
+            "input_ids": _ids(name, length),
+            "lora_path": adapter,
+            "sampling_params": {
+                "max_new_tokens": new_tokens,
+                "temperature": 0,
+                "min_new_tokens": new_tokens,
+            },
+        }
         resp = requests.post(srv.url + "/generate", json=body, timeout=WAIT_S)
         resp.raise_for_status()
         result["young_alone"] = resp.json()["output_ids"]

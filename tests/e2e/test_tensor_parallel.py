@@ -29,17 +29,24 @@ NEW_TOKENS = 10
 def _workload(assets: Assets) -> List[Tuple[List[int], Optional[str]]]:
     rng = random.Random(3)
     names: List[Optional[str]] = [a.name for a in assets.adapters] + [None]
-    return [([rng.randrange(5, 2000) for _ in range(rng.randrange(4, 80))], rng.choice(names))
-            for _ in range(NUM_REQUESTS)]
+    return [
+        ([rng.randrange(5, 2000) for _ in range(rng.randrange(4, 80))], rng.choice(names))
+        for _ in range(NUM_REQUESTS)
+    ]
 
 
 def _serve(assets: Assets, log_dir, tp: int) -> List[List[int]]:
-    srv = start_server(assets, log_dir, f"tp{tp}", chameleon=True,
-                       extra_args=["--tp-size", str(tp)])
+    srv = start_server(
+        assets, log_dir, f"tp{tp}", chameleon=True, extra_args=["--tp-size", str(tp)]
+    )
     try:
         with ThreadPoolExecutor(8) as pool:
-            outs = list(pool.map(lambda w: generate(srv.url, w[0], w[1], NEW_TOKENS)["output_ids"],
-                                 _workload(assets)))
+            outs = list(
+                pool.map(
+                    lambda w: generate(srv.url, w[0], w[1], NEW_TOKENS)["output_ids"],
+                    _workload(assets),
+                )
+            )
         assert healthy(srv.url)
         assert integrity_problems(srv.url) == []
         log = srv.log_path.read_text(errors="replace")

@@ -24,8 +24,20 @@ PROMPT = [21, 22, 23, 24, 25, 26, 27]
 
 
 def user_line(assets: Assets, port: int, flags: List[str]) -> List[str]:
-    return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(assets.model_path),
-            "--host", "127.0.0.1", "--port", str(port), "--max-total-tokens", "16384", *flags]
+    return [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        str(assets.model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-total-tokens",
+        "16384",
+        *flags,
+    ]
 
 
 def _adapters(assets: Assets) -> List[str]:
@@ -35,10 +47,21 @@ def _adapters(assets: Assets) -> List[str]:
 LINES = {
     # no --max-lora-rank, --lora-target-modules, --dtype or --device: SGLang infers them
     "inferred-rank-and-modules": lambda assets: [
-        "--chameleon", "--enable-lora", "--lora-paths", *_adapters(assets)],
+        "--chameleon",
+        "--enable-lora",
+        "--lora-paths",
+        *_adapters(assets),
+    ],
     "explicit-fp32-cpu": lambda assets: [
-        "--chameleon", "--device", "cpu", "--dtype", "float32", "--enable-lora",
-        "--lora-paths", *_adapters(assets)],
+        "--chameleon",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--enable-lora",
+        "--lora-paths",
+        *_adapters(assets),
+    ],
 }
 
 
@@ -47,24 +70,32 @@ LINES = {
 # whether the model runner decided it: then the log says so once.)
 FALLBACK_LINES = {
     "page-size-16": (["--page-size", "16"], "--page-size 1", False),
-    "kv-dtype-differs-from-lora-dtype": (["--dtype", "float32", "--kv-cache-dtype", "bf16"],
-                                         "KV cache in the LoRA dtype", True),
+    "kv-dtype-differs-from-lora-dtype": (
+        ["--dtype", "float32", "--kv-cache-dtype", "bf16"],
+        "KV cache in the LoRA dtype",
+        True,
+    ),
     "no-chameleon-cache": (["--no-chameleon-cache"], "--no-chameleon-cache", False),
 }
 
 
 @pytest.mark.parametrize("name", sorted(LINES))
 def test_user_launch_line_serves_every_adapter(name, tiny_assets, tmp_path):
-    assert_serves(tiny_assets, tmp_path, name, LINES[name](tiny_assets),
-                  {"scheduler", "adapter_cache"})
+    assert_serves(
+        tiny_assets, tmp_path, name, LINES[name](tiny_assets), {"scheduler", "adapter_cache"}
+    )
 
 
 @pytest.mark.parametrize("name", sorted(FALLBACK_LINES))
 def test_unsupported_setting_falls_back_to_sglangs_pool_and_serves(name, tiny_assets, tmp_path):
     flags, words, by_runner = FALLBACK_LINES[name]
-    status = assert_serves(tiny_assets, tmp_path, name,
-                           ["--chameleon", "--enable-lora", "--lora-paths",
-                            *_adapters(tiny_assets), *flags], {"scheduler"})
+    status = assert_serves(
+        tiny_assets,
+        tmp_path,
+        name,
+        ["--chameleon", "--enable-lora", "--lora-paths", *_adapters(tiny_assets), *flags],
+        {"scheduler"},
+    )
     assert words in status["components"]["adapter_cache"]["detail"], status
     log = (tmp_path / f"{name}.log").read_text(errors="replace")
     assert ("Chameleon adapter cache off" in log) == by_runner
@@ -74,8 +105,7 @@ def assert_serves(assets: Assets, tmp_path, name: str, flags: List[str], active:
     """Start the line, check the active components, serve every adapter on both APIs
     (greedy outputs reproducible), check integrity and a clean log; the chameleon status."""
     port = free_port()
-    server = ServerProcess(user_line(assets, port, flags), port,
-                           log_path=tmp_path / f"{name}.log")
+    server = ServerProcess(user_line(assets, port, flags), port, log_path=tmp_path / f"{name}.log")
     with server:  # started here, always stopped
         info = requests.get(server.url + "/server_info", timeout=30).json()
         status = info["chameleon_status"]
@@ -85,9 +115,16 @@ def assert_serves(assets: Assets, tmp_path, name: str, flags: List[str], active:
             first = generate(server.url, PROMPT, adapter.name, 6)["output_ids"]
             assert len(first) == 6
             assert generate(server.url, PROMPT, adapter.name, 6)["output_ids"] == first
-            resp = requests.post(server.url + "/v1/completions", timeout=120, json={
-                "model": f"{model}:{adapter.name}", "prompt": PROMPT, "max_tokens": 6,
-                "temperature": 0})
+            resp = requests.post(
+                server.url + "/v1/completions",
+                timeout=120,
+                json={
+                    "model": f"{model}:{adapter.name}",
+                    "prompt": PROMPT,
+                    "max_tokens": 6,
+                    "temperature": 0,
+                },
+            )
             assert resp.status_code == 200, resp.text
         assert integrity_problems(server.url) == []
     log = (tmp_path / f"{name}.log").read_text(errors="replace")

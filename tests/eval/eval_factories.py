@@ -18,8 +18,9 @@ def make_adapters(n: int = 100) -> List[AdapterInfo]:
     return out
 
 
-def write_trace(path: Path, rows: Sequence[Tuple[object, int, int]],
-                adapter_ids: Optional[Sequence[str]] = None) -> Path:
+def write_trace(
+    path: Path, rows: Sequence[Tuple[object, int, int]], adapter_ids: Optional[Sequence[str]] = None
+) -> Path:
     """A trace CSV with rows ``(timestamp, context_tokens, generated_tokens)``."""
     header = "TIMESTAMP,ContextTokens,GeneratedTokens" + (",AdapterId" if adapter_ids else "")
     lines = [header]
@@ -32,13 +33,33 @@ def write_trace(path: Path, rows: Sequence[Tuple[object, int, int]],
     return path
 
 
-def result(index: int = 0, *, status: str = STATUS_OK, sent: Optional[float] = 0.0,
-           ttft: Optional[float] = 0.1, e2e: Optional[float] = 1.0,
-           tbt: Sequence[float] = (), size_class: str = "small", input_len: int = 100,
-           queue: Optional[float] = None, retractions: int = 0) -> RequestResult:
+def result(
+    index: int = 0,
+    *,
+    status: str = STATUS_OK,
+    sent: Optional[float] = 0.0,
+    ttft: Optional[float] = 0.1,
+    e2e: Optional[float] = 1.0,
+    tbt: Sequence[float] = (),
+    size_class: str = "small",
+    input_len: int = 100,
+    queue: Optional[float] = None,
+    retractions: int = 0,
+) -> RequestResult:
     return RequestResult(
-        index=index, adapter="a000r8", rank=8, size_class=size_class, input_len=input_len,
-        output_len=8, arrival_s=sent or 0.0, status=status, sent_s=sent, ttft_s=ttft,
-        e2e_s=e2e if status == STATUS_OK else None, tbt_s=tuple(tbt),
-        num_output_tokens=8, num_retractions=retractions, queue_time_s=queue,
+        index=index,
+        adapter="a000r8",
+        rank=8,
+        size_class=size_class,
+        input_len=input_len,
+        output_len=8,
+        arrival_s=sent or 0.0,
+        status=status,
+        sent_s=sent,
+        ttft_s=ttft,
+        e2e_s=e2e if status == STATUS_OK else None,
+        tbt_s=tuple(tbt),
+        num_output_tokens=8,
+        num_retractions=retractions,
+        queue_time_s=queue,
     )

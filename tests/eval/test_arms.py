@@ -11,8 +11,12 @@ from eval.arms import ARM_FLAGS, ServerFlags, arm_command, auto_dtype
 
 
 def fake_assets() -> Assets:
-    return Assets(root=Path("/nowhere"), preset="eval", recipe=PRESETS["eval"],
-                  adapters=tuple(make_adapters(100)))
+    return Assets(
+        root=Path("/nowhere"),
+        preset="eval",
+        recipe=PRESETS["eval"],
+        adapters=tuple(make_adapters(100)),
+    )
 
 
 def test_arms_share_the_command():
@@ -22,17 +26,23 @@ def test_arms_share_the_command():
     assert "--chameleon" not in stock
     for arm, own in ARM_FLAGS.items():
         cmd = arm_command(arm, assets, 1234, names, flags)
-        assert cmd[: len(stock)] == stock and cmd[len(stock):] == list(own)
+        assert cmd[: len(stock)] == stock and cmd[len(stock) :] == list(own)
 
 
 def test_baseline_server_flags():
     assets = fake_assets()
     cmd = arm_command("stock", assets, 1234, [a.name for a in assets.adapters], ServerFlags())
     joined = " ".join(cmd)
-    for part in ("--max-total-tokens 65536", "--max-lora-rank 128", "--max-loras-per-batch 8",
-                 "--max-loaded-loras 100", "--dtype bfloat16", "--host 127.0.0.1"):
+    for part in (
+        "--max-total-tokens 65536",
+        "--max-lora-rank 128",
+        "--max-loras-per-batch 8",
+        "--max-loaded-loras 100",
+        "--dtype bfloat16",
+        "--host 127.0.0.1",
+    ):
         assert part in joined
-    assert len(cmd[cmd.index("--lora-paths") + 1:]) >= 100
+    assert len(cmd[cmd.index("--lora-paths") + 1 :]) >= 100
 
 
 def test_auto_dtype_follows_cpu_flags(tmp_path):

@@ -19,9 +19,26 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_compare_end_to_end(tiny_assets, tmp_path):
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "-m", "eval.compare", "--preset", "tiny", "--requests", "10",
-           "--rps", "2", "--arms", "stock,chameleon", "--repeats", "1", "--drain", "90",
-           "--out", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "eval.compare",
+        "--preset",
+        "tiny",
+        "--requests",
+        "10",
+        "--rps",
+        "2",
+        "--arms",
+        "stock,chameleon",
+        "--repeats",
+        "1",
+        "--drain",
+        "90",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -47,10 +64,30 @@ def test_compare_against_tuned_stock_end_to_end(tiny_assets, tmp_path):
     then the drainer and overlap loading (recorded even where they cannot start), picks one,
     and the summary carries chameleon over stock-tuned."""
     out = tmp_path / "tuned"
-    cmd = [sys.executable, "-m", "eval.compare", "--preset", "tiny", "--requests", "10",
-           "--rps", "2", "--arms", "stock,stock-tuned,chameleon", "--repeats", "1",
-           "--drain", "90", "--tune-slots", "2,all", "--wait-quiet", "0", "--out", str(out),
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "eval.compare",
+        "--preset",
+        "tiny",
+        "--requests",
+        "10",
+        "--rps",
+        "2",
+        "--arms",
+        "stock,stock-tuned,chameleon",
+        "--repeats",
+        "1",
+        "--drain",
+        "90",
+        "--tune-slots",
+        "2,all",
+        "--wait-quiet",
+        "0",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -11,8 +11,14 @@ from aiohttp import web
 from eval_factories import make_adapters, write_trace
 
 from chameleon_sglang.dev.serve import free_port
-from eval.loadgen import (STATUS_ERROR, STATUS_NOT_SENT, STATUS_OK, STATUS_TIMEOUT,
-                          check_loopback, run_load)
+from eval.loadgen import (
+    STATUS_ERROR,
+    STATUS_NOT_SENT,
+    STATUS_OK,
+    STATUS_TIMEOUT,
+    check_loopback,
+    run_load,
+)
 from eval.workload import WorkloadRequest, WorkloadSpec, build_workload
 
 GAP_S = 0.05
@@ -27,8 +33,11 @@ async def generate(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     await asyncio.sleep(0.1 if body["lora_path"] != "a002r32" else 3.0)
     for i in range(1, n + 1):
-        meta = {"num_retractions": 1, "queue_time": 0.01,
-                "finish_reason": {"type": "length"} if i == n else None}
+        meta = {
+            "num_retractions": 1,
+            "queue_time": 0.01,
+            "finish_reason": {"type": "length"} if i == n else None,
+        }
         chunk = {"output_ids": list(range(i)), "meta_info": meta}
         await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
         await asyncio.sleep(GAP_S)
@@ -40,9 +49,10 @@ def requests_for(adapters: List[str], tmp_path, arrivals: List[float]) -> List[W
     trace = write_trace(tmp_path / "t.csv", [(0, 80, 32)] * len(adapters))
     wl = build_workload(WorkloadSpec(trace=str(trace)), make_adapters(10), 2048)
     names = {a.name: a for a in make_adapters(10)}
-    return [WorkloadRequest(**{**r.__dict__, "adapter": a, "rank": names[a].rank,
-                               "arrival_s": t})
-            for r, a, t in zip(wl, adapters, arrivals)]
+    return [
+        WorkloadRequest(**{**r.__dict__, "adapter": a, "rank": names[a].rank, "arrival_s": t})
+        for r, a, t in zip(wl, adapters, arrivals)
+    ]
 
 
 async def serve_and_run(reqs, deadline_s):
@@ -59,8 +69,9 @@ async def serve_and_run(reqs, deadline_s):
 
 
 def test_stream_timings_and_statuses(tmp_path):
-    reqs = requests_for(["a000r8", "a001r16", "a002r32", "a003r64", "a005r8"], tmp_path,
-                        [0.0, 0.1, 0.0, 0.2, 5.0])
+    reqs = requests_for(
+        ["a000r8", "a001r16", "a002r32", "a003r64", "a005r8"], tmp_path, [0.0, 0.1, 0.0, 0.2, 5.0]
+    )
     out = asyncio.run(serve_and_run(reqs, deadline_s=2.0))
     ok, bad, slow, ok2, unsent = out
     for r in (ok, ok2):

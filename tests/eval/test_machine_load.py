@@ -12,8 +12,9 @@ from eval.machine_load import LoadSnapshot, foreign_share, snapshot
 def test_foreign_share_subtracts_own_cpu():
     cores = os.cpu_count() or 1
     a = LoadSnapshot(t=0.0, machine_busy_s=100.0, group_s=10.0, self_s=1.0, loadavg_1m=1.0)
-    b = LoadSnapshot(t=10.0, machine_busy_s=100.0 + 5.0 * cores, group_s=12.0, self_s=2.0,
-                     loadavg_1m=2.0)
+    b = LoadSnapshot(
+        t=10.0, machine_busy_s=100.0 + 5.0 * cores, group_s=12.0, self_s=2.0, loadavg_1m=2.0
+    )
     share = foreign_share(a, b)
     assert share["foreign_cpu_share"] == pytest.approx((5.0 * cores - 3.0) / (10.0 * cores))
     assert (share["loadavg_1m_start"], share["loadavg_1m_end"]) == (1.0, 2.0)

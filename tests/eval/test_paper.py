@@ -20,8 +20,12 @@ def arms(**p99):
 
 
 def test_compare_rows_are_changes_over_the_reference():
-    rows = paper.EXPERIMENTS["eviction"].rows({"summary": arms(
-        stock=2.0, chameleon=1.5, **{"evict-lru": 1.8, "evict-fairshare": 2.2}), "details": {}})
+    rows = paper.EXPERIMENTS["eviction"].rows(
+        {
+            "summary": arms(stock=2.0, chameleon=1.5, **{"evict-lru": 1.8, "evict-fairshare": 2.2}),
+            "details": {},
+        }
+    )
     by_claim = {c: o for c, _, o, _ in rows}
     assert by_claim["P99 TTFT, Chameleon eviction"] == pytest.approx(-0.25)
     assert by_claim["P99 TTFT, LRU eviction"] == pytest.approx(-0.10)
@@ -31,10 +35,19 @@ def test_compare_rows_are_changes_over_the_reference():
 
 
 def test_load_rows_read_the_sweep_points_and_throughput_at_slo():
-    points = [{"arm": a, "point": lvl, "metrics": {"ttft_p99": v, "ttft_p50": v / 3}}
-              for a, v in (("stock", 4.0), ("chameleon", 1.0)) for lvl in ("medium", "high")]
-    sweep = {"load_points": points, "throughput_at_slo": {
-        "stock": {"rps": 2.0}, "chameleon": {"rps": 3.0}, "cache-only": {"rps": None}}}
+    points = [
+        {"arm": a, "point": lvl, "metrics": {"ttft_p99": v, "ttft_p50": v / 3}}
+        for a, v in (("stock", 4.0), ("chameleon", 1.0))
+        for lvl in ("medium", "high")
+    ]
+    sweep = {
+        "load_points": points,
+        "throughput_at_slo": {
+            "stock": {"rps": 2.0},
+            "chameleon": {"rps": 3.0},
+            "cache-only": {"rps": None},
+        },
+    }
     rows = {c: o for c, _, o, _ in paper.EXPERIMENTS["load"].rows({"sweep": sweep})}
     assert rows["P99 TTFT at high load"] == pytest.approx(-0.75)
     assert rows["P99 TTFT at overload load"] is None
@@ -57,9 +70,30 @@ def test_outputs_and_not_built_experiments(tmp_path, capsys):
 def test_queues_experiment_quick_end_to_end(tiny_assets, tmp_path):
     out = tmp_path / "queues"
     proc = subprocess.run(
-        [sys.executable, "-m", "eval.paper", "queues", "--quick", "--out", str(out), "--",
-         "--preset", "tiny", "--requests", "12", "--rps", "3", "--wait-quiet", "0",
-         "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "eval.paper",
+            "queues",
+            "--quick",
+            "--out",
+            str(out),
+            "--",
+            "--preset",
+            "tiny",
+            "--requests",
+            "12",
+            "--rps",
+            "3",
+            "--wait-quiet",
+            "0",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((out / "paper.json").read_text())
     assert record["rows"][0]["ours"] is not None
@@ -73,10 +107,11 @@ QUICK_RUNS = {  # experiment: (extra options, claims that must be measured)
     "prefetch": ([], ["P99 TTFT, predictive over queue-driven prefetch"]),
     # three mixes: chameleon alone (the rows need stock too; 3 servers instead of 6)
     "popularity": (["--arms", "chameleon"], []),
-    "load": (["--arms", "stock,chameleon", "--levels", "0.5,0.75", "--capacity-rps", "3"],
-             ["P99 TTFT at medium load", "P50 TTFT at medium load"]),
-    "adapters": (["--arms", "stock,chameleon", "--adapter-counts", "2", "--capacity-rps", "3"],
-                 []),
+    "load": (
+        ["--arms", "stock,chameleon", "--levels", "0.5,0.75", "--capacity-rps", "3"],
+        ["P99 TTFT at medium load", "P50 TTFT at medium load"],
+    ),
+    "adapters": (["--arms", "stock,chameleon", "--adapter-counts", "2", "--capacity-rps", "3"], []),
 }
 
 
@@ -89,8 +124,23 @@ def test_each_experiment_runs_quick_end_to_end(tiny_assets, tmp_path, experiment
     extra, measured = QUICK_RUNS[experiment]
     out = tmp_path / experiment
     proc = subprocess.run(
-        [sys.executable, "-m", "eval.paper", experiment, "--quick", "--out", str(out), "--",
-         *TINY, *extra], cwd=REPO, capture_output=True, text=True, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "eval.paper",
+            experiment,
+            "--quick",
+            "--out",
+            str(out),
+            "--",
+            *TINY,
+            *extra,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["claim"]: r["ours"] for r in json.loads((out / "paper.json").read_text())["rows"]}
     assert rows, "no rows"

@@ -7,8 +7,14 @@ import json
 from eval_factories import make_adapters, result, write_trace
 
 from eval.loadgen import RequestResult, request_body
-from eval.workload import (WorkloadSpec, build_workload, load_spec, load_workload, save_spec,
-                           save_workload)
+from eval.workload import (
+    WorkloadSpec,
+    build_workload,
+    load_spec,
+    load_workload,
+    save_spec,
+    save_workload,
+)
 
 
 def test_workload_round_trip(tmp_path):

@@ -19,14 +19,42 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_short_soak_loses_nothing(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "eval.soak", "--preset", "tiny", "--dtype", "float32",
-         "--duration", "20", "--capacity-seconds", "8", "--clients", "8", "--hangup", "0.2",
-         "--reload-every", "4", "--max-input", "128", "--max-output", "24",
-         "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "eval.soak",
+            "--preset",
+            "tiny",
+            "--dtype",
+            "float32",
+            "--duration",
+            "20",
+            "--capacity-seconds",
+            "8",
+            "--clients",
+            "8",
+            "--hangup",
+            "0.2",
+            "--reload-every",
+            "4",
+            "--max-input",
+            "128",
+            "--max-output",
+            "24",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     report = json.loads((tmp_path / "soak.json").read_text())
-    assert proc.returncode == 0 and report["passed"], (report["checks"], report["lost"],
-                                                       proc.stdout[-3000:])
+    assert proc.returncode == 0 and report["passed"], (
+        report["checks"],
+        report["lost"],
+        proc.stdout[-3000:],
+    )
     outcomes = report["outcomes"]
     assert outcomes["completed"] > 0 and outcomes["hung_up"] > 0 and outcomes["lost"] == 0
     assert report["reloads"] >= 2

@@ -9,15 +9,27 @@ from eval_factories import result
 
 from eval.arms import ARM_FLAGS, ServerFlags, parse_arms
 from eval.metrics import ARM_KEYS, run_metrics
-from eval.summary import (RATIO_KEYS, TOP_KEYS, build_summary, machine_info, pick_pair,
-                          validate_summary)
+from eval.summary import (
+    RATIO_KEYS,
+    TOP_KEYS,
+    build_summary,
+    machine_info,
+    pick_pair,
+    validate_summary,
+)
 
 
 def summary_for(arms):
     runs = {
-        arm: [run_metrics([result(0, ttft=0.1 * (i + 1), e2e=1.0, tbt=(0.02,)),
-                           result(1, sent=1.0, ttft=0.2 * (i + 1), e2e=1.0, tbt=(0.04,))])
-              for _ in range(2)]
+        arm: [
+            run_metrics(
+                [
+                    result(0, ttft=0.1 * (i + 1), e2e=1.0, tbt=(0.02,)),
+                    result(1, sent=1.0, ttft=0.2 * (i + 1), e2e=1.0, tbt=(0.04,)),
+                ]
+            )
+            for _ in range(2)
+        ]
         for i, arm in enumerate(arms)
     }
     return build_summary({"requests": 2}, {"cpu_count": 2}, runs)
@@ -32,8 +44,15 @@ def test_shape_keys_and_types():
         assert set(s["arms"][arm]) == set(ARM_KEYS)
         for k in ("completed", "failed", "retractions"):
             assert isinstance(s["arms"][arm][k], int)
-        for k in ("ttft_p50", "ttft_p99", "tbt_p50", "tbt_p99", "e2e_p50", "e2e_p99",
-                  "throughput_rps"):
+        for k in (
+            "ttft_p50",
+            "ttft_p99",
+            "tbt_p50",
+            "tbt_p99",
+            "e2e_p50",
+            "e2e_p99",
+            "throughput_rps",
+        ):
             assert isinstance(s["arms"][arm][k], float)
         assert s["arms"][arm]["cache_hit_rate"] is None
 

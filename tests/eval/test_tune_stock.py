@@ -26,17 +26,23 @@ def test_slot_counts_are_the_sweep_capped_at_the_adapters_served():
 def test_candidate_flags_override_the_shared_slot_count():
     assert candidate_flags(32) == ("--max-loras-per-batch", "32")
     assert candidate_flags(16, 1.5, overlap=True) == (
-        "--max-loras-per-batch", "16", "--lora-drain-wait-threshold", "1.5",
-        "--enable-lora-overlap-loading")
+        "--max-loras-per-batch",
+        "16",
+        "--lora-drain-wait-threshold",
+        "1.5",
+        "--enable-lora-overlap-loading",
+    )
     shared = ServerFlags().extra_args()
     assert shared[:2] == ["--max-loras-per-batch", "8"]  # the arm's own flags come after
 
 
 def test_best_prefers_no_failures_then_the_lowest_p99_ttft():
-    records = [{"flags": ["a"], "failed": 0, "ttft_p99": 2.0},
-               {"flags": ["b"], "failed": 1, "ttft_p99": 0.5},
-               {"flags": ["c"], "failed": 0, "ttft_p99": 1.0},
-               {"flags": ["d"], "error": "RuntimeError: did not start"}]
+    records = [
+        {"flags": ["a"], "failed": 0, "ttft_p99": 2.0},
+        {"flags": ["b"], "failed": 1, "ttft_p99": 0.5},
+        {"flags": ["c"], "failed": 0, "ttft_p99": 1.0},
+        {"flags": ["d"], "error": "RuntimeError: did not start"},
+    ]
     assert best(records)["flags"] == ["c"]
     assert best([records[1], records[3]])["flags"] == ["b"]
     assert best([records[3]]) is None
@@ -52,8 +58,7 @@ def test_arm_command_needs_flags_for_the_tuned_arm():
     assert cfg.own_flags("chameleon") == ("--chameleon",)
 
 
-def test_tune_sweeps_slots_then_drainer_then_overlap_and_records_failures(monkeypatch,
-                                                                           tmp_path):
+def test_tune_sweeps_slots_then_drainer_then_overlap_and_records_failures(monkeypatch, tmp_path):
     """P99 TTFT falls with more slots up to 32; the drainer helps; overlap loading does not
     start: the choice is 32 slots with the drainer, and every candidate is recorded."""
     p99 = {8: 3.0, 16: 1.5, 32: 1.0, 64: 1.2, 100: 1.3}

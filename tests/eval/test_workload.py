@@ -10,9 +10,19 @@ import pytest
 from eval_factories import make_adapters, write_trace
 
 from eval.trace import DEFAULT_TRACE, parse_timestamp, read_trace
-from eval.workload import (MIN_TOKEN_ID, SIZE_CLASSES, WorkloadSpec, assign_adapters,
-                           build_workload, map_adapter_ids, poisson_arrivals,
-                           poisson_arrivals_until, scale_length, size_classes, zipf_weights)
+from eval.workload import (
+    MIN_TOKEN_ID,
+    SIZE_CLASSES,
+    WorkloadSpec,
+    assign_adapters,
+    build_workload,
+    map_adapter_ids,
+    poisson_arrivals,
+    poisson_arrivals_until,
+    scale_length,
+    size_classes,
+    zipf_weights,
+)
 
 VOCAB = 2048
 
@@ -85,9 +95,17 @@ def test_zipf_exponent_is_configurable():
     assert w1[0] / w1[1] == pytest.approx(2.0) and w2[0] / w2[1] == pytest.approx(4.0)
 
 
-@pytest.mark.parametrize("tokens,expected_in,expected_out", [
-    (0, 1, 4), (7, 1, 4), (8, 1, 4), (40, 5, 5), (800, 100, 64), (100000, 512, 64),
-])
+@pytest.mark.parametrize(
+    "tokens,expected_in,expected_out",
+    [
+        (0, 1, 4),
+        (7, 1, 4),
+        (8, 1, 4),
+        (40, 5, 5),
+        (800, 100, 64),
+        (100000, 512, 64),
+    ],
+)
 def test_scaling_and_caps(tokens, expected_in, expected_out):
     assert scale_length(tokens, 8.0, 1, 512) == expected_in
     assert scale_length(tokens, 8.0, 4, 64) == expected_out
@@ -104,8 +122,11 @@ def test_workload_lengths_follow_the_trace(trace):
 
 
 def test_other_caps(trace):
-    wl = build_workload(spec(trace, length_divisor=2.0, max_input=64, max_output=16,
-                             min_output=2), make_adapters(), VOCAB)
+    wl = build_workload(
+        spec(trace, length_divisor=2.0, max_input=64, max_output=16, min_output=2),
+        make_adapters(),
+        VOCAB,
+    )
     assert max(r.input_len for r in wl) == 64 and max(r.output_len for r in wl) == 16
     assert wl[0].output_len == 2  # trace output 3 // 2 = 1, raised to the minimum
 
@@ -143,8 +164,10 @@ def test_trace_arrivals_time_scale_and_duration(trace):
 
 
 def test_iso_timestamps(tmp_path):
-    path = write_trace(tmp_path / "iso.csv", [
-        ("2023-11-16 18:15:46.6805900", 10, 10), ("2023-11-16 18:15:50.9951690", 10, 10)])
+    path = write_trace(
+        tmp_path / "iso.csv",
+        [("2023-11-16 18:15:46.6805900", 10, 10), ("2023-11-16 18:15:50.9951690", 10, 10)],
+    )
     rows = read_trace(path)
     assert rows[1].offset_s == pytest.approx(4.314579, abs=1e-5)
     assert parse_timestamp("12.5") == 12.5
@@ -155,8 +178,13 @@ def test_adapter_id_column_is_used(tmp_path):
     ids = ["a003r64", "7", "user-x", "user-y", "user-x"]
     path = write_trace(tmp_path / "ids.csv", [(i, 80, 80) for i in range(5)], ids)
     wl = build_workload(spec(path), adapters, VOCAB)
-    assert [r.adapter for r in wl] == ["a003r64", adapters[7].name, adapters[0].name,
-                                        adapters[1].name, adapters[0].name]
+    assert [r.adapter for r in wl] == [
+        "a003r64",
+        adapters[7].name,
+        adapters[0].name,
+        adapters[1].name,
+        adapters[0].name,
+    ]
     assert map_adapter_ids(["12"], adapters)[0] == adapters[2]
 
 

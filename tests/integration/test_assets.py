@@ -14,7 +14,8 @@ from chameleon_sglang.dev.assets import ADAPTER_RANKS, TARGET_MODULES, build, re
 def tree_digest(root: Path) -> dict:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 

@@ -12,11 +12,11 @@ import torch
 from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
 
 from chameleon_sglang.cache import create_eviction_policy
-from chameleon_sglang.integration.kv_allocator import cache_aware_copy
 from chameleon_sglang.cache.adapter_cache import AdapterCache
-from chameleon_sglang.memory.kv_store import KVSlotStore
 from chameleon_sglang.clock import SchedulerClock
 from chameleon_sglang.integration.cache_bridge import CacheBridge
+from chameleon_sglang.integration.kv_allocator import cache_aware_copy
+from chameleon_sglang.memory.kv_store import KVSlotStore
 
 BYTES_PER_SLOT = 8
 SLOTS = {"big": 30, "small": 4}
@@ -46,8 +46,12 @@ def make_bridge(size: int = 40):
     allocator = cache_aware_copy(TokenToKVPoolAllocator(size, torch.float32, "cpu", None, False))
     store = KVSlotStore(allocator, BYTES_PER_SLOT)
     cache = AdapterCache(store, create_eviction_policy("chameleon"))
-    scheduler = types.SimpleNamespace(token_to_kv_pool_allocator=allocator, tree_cache=None,
-                                      waiting_queue=[], max_total_num_tokens=size)
+    scheduler = types.SimpleNamespace(
+        token_to_kv_pool_allocator=allocator,
+        tree_cache=None,
+        waiting_queue=[],
+        max_total_num_tokens=size,
+    )
     pool = Pool(cache, store)
     bridge = CacheBridge(scheduler, pool, SchedulerClock(), prefetch=False, owns_clock=False)
     return bridge, pool, allocator

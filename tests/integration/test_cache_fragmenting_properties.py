@@ -19,14 +19,18 @@ SLOTS = {"a": 3, "b": 5, "c": 8, "d": 2, "e": 11, "f": 6}
 PIECES = {"c": (4, 5), "e": (6, 6), "f": (3, 4), "b": (1,) * 5}  # their split layouts
 IDS = sorted(SLOTS)
 
-ops = st.lists(st.one_of(
-    st.tuples(st.just("admit"), st.sampled_from(IDS), st.booleans()),
-    st.tuples(st.just("admit"), st.sampled_from(IDS), st.booleans()),
-    st.tuples(st.just("acquire"), st.sampled_from(IDS)),
-    st.tuples(st.just("release"), st.sampled_from(IDS)),
-    st.tuples(st.just("kv_alloc"), st.integers(1, 7)),
-    st.tuples(st.just("kv_free"), st.integers(0, 20)),
-), min_size=5, max_size=60)
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("admit"), st.sampled_from(IDS), st.booleans()),
+        st.tuples(st.just("admit"), st.sampled_from(IDS), st.booleans()),
+        st.tuples(st.just("acquire"), st.sampled_from(IDS)),
+        st.tuples(st.just("release"), st.sampled_from(IDS)),
+        st.tuples(st.just("kv_alloc"), st.integers(1, 7)),
+        st.tuples(st.just("kv_free"), st.integers(0, 20)),
+    ),
+    min_size=5,
+    max_size=60,
+)
 
 
 def _state(cache, allocator):

@@ -14,14 +14,21 @@ import torch
 from test_config import server_args
 
 from chameleon_sglang.integration import capability
-from chameleon_sglang.integration.hooks import lora as lora_hooks
 from chameleon_sglang.integration.capability import ModelFacts, unsupported_reason
+from chameleon_sglang.integration.hooks import lora as lora_hooks
 
 
 def flags(**overrides):
-    base = dict(enable_lora=True, lora_paths=None, page_size=1, enable_dp_attention=False,
-                enable_lora_overlap_loading=False, pp_size=1, enable_hierarchical_cache=False,
-                speculative_algorithm=None)
+    base = dict(
+        enable_lora=True,
+        lora_paths=None,
+        page_size=1,
+        enable_dp_attention=False,
+        enable_lora_overlap_loading=False,
+        pp_size=1,
+        enable_hierarchical_cache=False,
+        speculative_algorithm=None,
+    )
     base.update(overrides)
     return server_args(**base)
 
@@ -63,10 +70,14 @@ MODEL_ROWS = {
     "hybrid sliding window": (dict(hybrid_swa=True), "sliding-window"),
     "mamba / linear attention": (dict(recurrent_state=True), "recurrent-state"),
     "--tp-size 2 on a CPU that pads the model": (
-        dict(padded_for_tp="intermediate_size 352->384"), "352->384"),
+        dict(padded_for_tp="intermediate_size 352->384"),
+        "352->384",
+    ),
     "--kv-cache-dtype fp8_e4m3": (dict(kv_cache_dtype=torch.float8_e4m3fn), "float8_e4m3fn"),
     "--dtype float32 --kv-cache-dtype bf16": (
-        dict(lora_dtype=torch.float32, kv_cache_dtype=torch.bfloat16), "bfloat16"),
+        dict(lora_dtype=torch.float32, kv_cache_dtype=torch.bfloat16),
+        "bfloat16",
+    ),
 }
 
 
@@ -87,16 +98,22 @@ class FakeRunner:
         self._kv_dtype = kv_dtype
         self.model = torch.nn.Sequential(torch.nn.Linear(2, 2))
         self.model_config = types.SimpleNamespace(
-            attention_arch=types.SimpleNamespace(name="MHA"), is_hybrid_swa=False,
-            hf_config=types.SimpleNamespace(architectures=["LlamaForCausalLM"]))
+            attention_arch=types.SimpleNamespace(name="MHA"),
+            is_hybrid_swa=False,
+            hf_config=types.SimpleNamespace(architectures=["LlamaForCausalLM"]),
+        )
 
     def configure_kv_cache_dtype(self) -> None:
         self.kv_cache_dtype = self._kv_dtype
 
 
 def test_tp_padding_is_read_from_what_sglang_records():
-    padded = types.SimpleNamespace(original_intermediate_size=352, intermediate_size=384,
-                                   original_num_attention_heads=4, num_attention_heads=4)
+    padded = types.SimpleNamespace(
+        original_intermediate_size=352,
+        intermediate_size=384,
+        original_num_attention_heads=4,
+        num_attention_heads=4,
+    )
     assert capability._padded_for_tp(padded) == "intermediate_size 352->384"
     assert capability._padded_for_tp(types.SimpleNamespace(intermediate_size=352)) == ""
 
@@ -109,26 +126,29 @@ def restore_decision():
 
 
 @pytest.mark.parametrize("device, backend", [("cpu", "torch_native"), ("cuda", "csgmv")])
-def test_runner_falls_back_to_sglangs_backend_for_its_device(device, backend, restore_decision,
-                                                           monkeypatch):
+def test_runner_falls_back_to_sglangs_backend_for_its_device(
+    device, backend, restore_decision, monkeypatch
+):
     monkeypatch.setattr("sglang.srt.mem_cache.kv_cache_builder.uses_ssm_state", lambda c: False)
-    decision = capability.decide_for_runner(FakeRunner(device, torch.bfloat16), flags(),
-                                            capability.CHAMELEON_LORA_BACKEND)
+    decision = capability.decide_for_runner(
+        FakeRunner(device, torch.bfloat16), flags(), capability.CHAMELEON_LORA_BACKEND
+    )
     assert decision.fallback_backend == backend
     assert "KV cache in the LoRA dtype" in decision.reason
 
-    from sglang.srt.lora.backend.lora_registry import LORA_SUPPORTED_BACKENDS, \
-        get_backend_from_name
+    from sglang.srt.lora.backend.lora_registry import LORA_SUPPORTED_BACKENDS, get_backend_from_name
 
     lora_hooks.register_lora_backend()
-    assert LORA_SUPPORTED_BACKENDS[capability.CHAMELEON_LORA_BACKEND]() is \
-        get_backend_from_name(backend)
+    assert LORA_SUPPORTED_BACKENDS[capability.CHAMELEON_LORA_BACKEND]() is get_backend_from_name(
+        backend
+    )
 
 
 def test_runner_keeps_the_cache_when_the_model_allows_it(restore_decision, monkeypatch):
     monkeypatch.setattr("sglang.srt.mem_cache.kv_cache_builder.uses_ssm_state", lambda c: False)
-    decision = capability.decide_for_runner(FakeRunner("cpu", torch.float32), flags(),
-                                            capability.CHAMELEON_LORA_BACKEND)
+    decision = capability.decide_for_runner(
+        FakeRunner("cpu", torch.float32), flags(), capability.CHAMELEON_LORA_BACKEND
+    )
     assert decision.reason is None and decision.fallback_backend is None
     from chameleon_sglang.integration.lora_backend import ChameleonLoRABackend
 
@@ -139,6 +159,7 @@ def test_runner_keeps_the_cache_when_the_model_allows_it(restore_decision, monke
 
 
 def test_a_stock_backend_choice_never_falls_back(restore_decision):
-    decision = capability.decide_for_runner(FakeRunner("cpu", torch.bfloat16),
-                                            flags(page_size=16), "torch_native")
+    decision = capability.decide_for_runner(
+        FakeRunner("cpu", torch.bfloat16), flags(page_size=16), "torch_native"
+    )
     assert decision.fallback_backend is None and "--page-size 1" in decision.reason

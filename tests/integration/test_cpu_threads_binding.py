@@ -6,16 +6,23 @@ from __future__ import annotations
 import pytest
 
 from chameleon_sglang.integration import cpu_platform as platform
-from chameleon_sglang.integration.cpu_platform import CPU_THREADS_BIND_ENV, default_cpu_threads_binding, split_cores
+from chameleon_sglang.integration.cpu_platform import (
+    CPU_THREADS_BIND_ENV,
+    default_cpu_threads_binding,
+    split_cores,
+)
 
 
-@pytest.mark.parametrize("cores, ranks, expected", [
-    ([0, 1], 2, "0|1"),
-    ([3, 1, 0, 2], 2, "0,1|2,3"),
-    (list(range(5)), 2, "0,1,2|3,4"),
-    ([0, 1], 3, "0|1|0"),
-    ([4], 1, "4"),
-])
+@pytest.mark.parametrize(
+    "cores, ranks, expected",
+    [
+        ([0, 1], 2, "0|1"),
+        ([3, 1, 0, 2], 2, "0,1|2,3"),
+        (list(range(5)), 2, "0,1,2|3,4"),
+        ([0, 1], 3, "0|1|0"),
+        ([4], 1, "4"),
+    ],
+)
 def test_cores_are_split_evenly_and_contiguously(cores, ranks, expected):
     assert split_cores(cores, ranks) == expected
 
@@ -35,8 +42,10 @@ def test_an_explicit_binding_is_kept(monkeypatch):
     assert platform.os.environ[CPU_THREADS_BIND_ENV] == "1|0"
 
 
-@pytest.mark.parametrize("spec, cores", [("0", [0]), ("0,1", [0, 1]), ("2-4,0", [0, 2, 3, 4]),
-                                         ([1, 0], [0, 1]), ("", [])])
+@pytest.mark.parametrize(
+    "spec, cores",
+    [("0", [0]), ("0,1", [0, 1]), ("2-4,0", [0, 2, 3, 4]), ([1, 0], [0, 1]), ("", [])],
+)
 def test_cpu_lists_parse(spec, cores):
     text = ",".join(map(str, spec)) if isinstance(spec, list) else spec
     assert platform.parse_cpu_list(text) == cores
@@ -46,8 +55,9 @@ def test_a_rank_is_pinned_to_its_cores_with_as_many_torch_threads(monkeypatch):
     import torch
 
     pinned = {}
-    monkeypatch.setattr(platform.os, "sched_setaffinity", lambda pid, cores: pinned.update(
-        cores=sorted(cores)))
+    monkeypatch.setattr(
+        platform.os, "sched_setaffinity", lambda pid, cores: pinned.update(cores=sorted(cores))
+    )
     monkeypatch.setattr(platform.os, "sched_getaffinity", lambda pid: {0, 1})
     threads = torch.get_num_threads()
     try:

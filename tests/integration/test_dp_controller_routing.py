@@ -11,10 +11,10 @@ from typing import List, Optional
 import pytest
 
 from chameleon_sglang.config import ChameleonConfig
-from chameleon_sglang.integration import dp_controller as controller_routing
-from chameleon_sglang.integration.hooks import dp as sglang_hooks
-from chameleon_sglang.integration.dp_controller import AffinityRouting
 from chameleon_sglang.dp.residency_channel import ResidencyPublisher
+from chameleon_sglang.integration import dp_controller as controller_routing
+from chameleon_sglang.integration.dp_controller import AffinityRouting
+from chameleon_sglang.integration.hooks import dp as sglang_hooks
 
 
 class FakeController:
@@ -40,20 +40,26 @@ def record_sends(monkeypatch):
     import sglang.srt.managers.io_struct as io_struct
 
     sent.clear()
-    monkeypatch.setattr(io_struct, "sock_send",
-                        lambda worker, req: sent.append((int(worker.split("-")[1]), req)))
+    monkeypatch.setattr(
+        io_struct, "sock_send", lambda worker, req: sent.append((int(worker.split("-")[1]), req))
+    )
 
 
 def request(adapter: Optional[str], prompt: int = 10, cap: int = 10, routed=None):
-    return SimpleNamespace(lora_id=adapter, input_ids=[1] * prompt, routed_dp_rank=routed,
-                           sampling_params=SimpleNamespace(max_new_tokens=cap))
+    return SimpleNamespace(
+        lora_id=adapter,
+        input_ids=[1] * prompt,
+        routed_dp_rank=routed,
+        sampling_params=SimpleNamespace(max_new_tokens=cap),
+    )
 
 
 @pytest.fixture
 def routing(tmp_path):
     controller = FakeController(2)
-    r = AffinityRouting(controller, epsilon=0.25, endpoint=f"ipc://{tmp_path}/res", miss_cost=1.0,
-                       slack=0.0)
+    r = AffinityRouting(
+        controller, epsilon=0.25, endpoint=f"ipc://{tmp_path}/res", miss_cost=1.0, slack=0.0
+    )
     yield r
     r.reader.close()
 
@@ -103,7 +109,7 @@ def test_a_replica_that_goes_inactive_gets_nothing_and_comes_back(routing):
     routing.controller.status[1] = True
     sent.clear()
     for _ in range(10):
-        routing.dispatch(request("cold-%d" % _))
+        routing.dispatch(request(f"cold-{_}"))
     assert {r for r, _ in sent} == {0, 1}
 
 
@@ -124,8 +130,9 @@ def test_install_replaces_the_controllers_dispatch(tmp_path, monkeypatch):
     controller = FakeController(2)
     controller.dispatching = None
     controller.refresh_load_budget_on_dispatch = True
-    monkeypatch.setattr(controller_routing, "residency_endpoint",
-                        lambda name: f"ipc://{tmp_path}/{name}")
+    monkeypatch.setattr(
+        controller_routing, "residency_endpoint", lambda name: f"ipc://{tmp_path}/{name}"
+    )
     config = ChameleonConfig(enabled=True, dp_epsilon=0.25, dp_miss_cost=1.0, dp_slack=0.0)
     routing = controller_routing.install_affinity_routing(controller, config, "tok")
     try:
@@ -150,17 +157,25 @@ def test_from_str_builds_sglangs_controller_as_round_robin():
 
 
 def args(**kw):
-    base = dict(chameleon=True, load_balance_method="chameleon", dp_size=2,
-                enable_dp_attention=False, disaggregation_mode="null")
+    base = dict(
+        chameleon=True,
+        load_balance_method="chameleon",
+        dp_size=2,
+        enable_dp_attention=False,
+        disaggregation_mode="null",
+    )
     base.update(kw)
     return SimpleNamespace(**base)
 
 
-@pytest.mark.parametrize("overrides, words", [
-    ({"chameleon": False}, "needs --chameleon"),
-    ({"enable_dp_attention": True}, "dp-attention"),
-    ({"disaggregation_mode": "prefill"}, "disaggregation"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"chameleon": False}, "needs --chameleon"),
+        ({"enable_dp_attention": True}, "dp-attention"),
+        ({"disaggregation_mode": "prefill"}, "disaggregation"),
+    ],
+)
 def test_flags_it_cannot_serve_are_named(overrides, words):
     assert words in sglang_hooks.affinity_unsupported_reason(args(**overrides))
     assert not sglang_hooks.affinity_enabled(args(**overrides))

@@ -1,5 +1,5 @@
-"""A replica's reports (chameleon_sglang.integration.dp_reporter) over a real residency channel, on a
-scheduler-shaped fake: the count of requests received (health checks aside) and the requests of a
+"""A replica's reports (chameleon_sglang.integration.dp_reporter) over a real residency channel, on
+a scheduler-shaped fake: the count of requests received (health checks aside) and the requests of a
 batch just formed, which SGLang keeps in no queue until it runs, are in every report."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from chameleon_sglang.integration.dp_reporter import ReplicaReporter
 from chameleon_sglang.dp.residency_channel import ResidencyPublisher, ResidencyReader
+from chameleon_sglang.integration.dp_reporter import ReplicaReporter
 
 
 class Mode:
@@ -22,9 +22,14 @@ class Mode:
 
 
 def req(rid, prompt, cap, generated=0, adapter=None):
-    return SimpleNamespace(rid=rid, origin_input_ids=[0] * prompt, output_ids=[1] * generated,
-                           sampling_params=SimpleNamespace(max_new_tokens=cap), lora_id=adapter,
-                           finished=lambda: False)
+    return SimpleNamespace(
+        rid=rid,
+        origin_input_ids=[0] * prompt,
+        output_ids=[1] * generated,
+        sampling_params=SimpleNamespace(max_new_tokens=cap),
+        lora_id=adapter,
+        finished=lambda: False,
+    )
 
 
 @pytest.fixture
@@ -47,9 +52,13 @@ def latest(reader):
 
 def test_reports_carry_the_requests_received_and_a_batch_just_formed(channel):
     reader, publisher = channel
-    scheduler = SimpleNamespace(waiting_queue=[req("w", 100, 20, adapter="a")],
-                                running_batch=SimpleNamespace(reqs=[req("d", 50, 20, 5)]),
-                                last_batch=None, cur_batch_for_debug=None, chunked_req=None)
+    scheduler = SimpleNamespace(
+        waiting_queue=[req("w", 100, 20, adapter="a")],
+        running_batch=SimpleNamespace(reqs=[req("d", 50, 20, 5)]),
+        last_batch=None,
+        cur_batch_for_debug=None,
+        chunked_req=None,
+    )
     reporter = ReplicaReporter(scheduler, publisher, dp_rank=0)
     reporter.on_received(SimpleNamespace(rid="x1"))
     reporter.on_received(SimpleNamespace(rid="HEALTH_CHECK_1"))  # not the dispatcher's

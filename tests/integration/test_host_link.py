@@ -8,7 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from chameleon_sglang.integration.hooks.lora import load_into_slot_with_host_link, use_stock_pool_link
+from chameleon_sglang.integration.hooks.lora import (
+    load_into_slot_with_host_link,
+    use_stock_pool_link,
+)
 from chameleon_sglang.memory.host_link import HostLink
 
 

@@ -11,6 +11,7 @@ from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
 from chameleon_sglang.cache import AdapterCache, CacheFullError, create_eviction_policy
+from chameleon_sglang.config import ChameleonConfig
 from chameleon_sglang.integration.kv_allocator import (
     CacheAwareTokenAllocator,
     cache_aware_copy,
@@ -18,19 +19,19 @@ from chameleon_sglang.integration.kv_allocator import (
 )
 from chameleon_sglang.memory.kv_store import (
     FreeRuns,
-    KVRun,
     KVAllocation,
+    KVRun,
     KVSlotStore,
     free_slot_count,
     sorted_free_slots,
 )
-from chameleon_sglang.config import ChameleonConfig
 
 BYTES_PER_SLOT = 48
 NEED_SORT = pytest.mark.parametrize("need_sort", [False, True], ids=["nosort", "sort"])
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
 
 def make_allocator(size: int, need_sort: bool = False) -> TokenToKVPoolAllocator:
     """SGLang's allocator as the construction hook builds it where the cache serves."""
@@ -66,8 +67,11 @@ def reference_highest_run(free, length):
     present = set(int(v) for v in free)
     if length <= 0:
         return None
-    tops = [t for t in present
-            if all(t + i in present for i in range(length)) and t + length not in present]
+    tops = [
+        t
+        for t in present
+        if all(t + i in present for i in range(length)) and t + length not in present
+    ]
     return max(tops, default=None)
 
 
@@ -104,8 +108,7 @@ def make_kv_cache(size: int, policy: str = "lru", need_sort: bool = False):
     return allocator, store, cache
 
 
-def load(cache: AdapterCache, adapter_id: str, num_slots: int, now: float,
-         in_use: bool = False):
+def load(cache: AdapterCache, adapter_id: str, num_slots: int, now: float, in_use: bool = False):
     """Admit an adapter of ``num_slots`` slots and use it once; keep the reference if in_use."""
     entry = cache.admit(adapter_id, num_slots * BYTES_PER_SLOT, 8, now)
     cache.acquire(adapter_id, now)
@@ -161,7 +164,7 @@ def test_sorted_free_slots_merges_pending_frees_in_order(need_sort, frees):
     allocator = make_allocator(32, need_sort)
     kv = allocator.alloc(32)
     for i in dict.fromkeys(frees):
-        allocator.free(kv[i:i + 1])
+        allocator.free(kv[i : i + 1])
     before = sorted(free_list(allocator))
     assert free_slot_count(allocator) == len(before) == allocator.available_size()
     merged = sorted_free_slots(allocator)
@@ -171,6 +174,7 @@ def test_sorted_free_slots_merges_pending_frees_in_order(need_sort, frees):
 
 
 # -- KVSlotStore.alloc -------------------------------------------------------------------------
+
 
 @NEED_SORT
 def test_alloc_takes_the_top_of_an_empty_allocator_and_kv_comes_from_the_bottom(need_sort):
@@ -191,10 +195,15 @@ def test_alloc_takes_the_top_of_an_empty_allocator_and_kv_comes_from_the_bottom(
 
 
 @settings(max_examples=150, deadline=None)
-@given(keep_free=st.sets(st.integers(1, 48), max_size=48), num_slots=st.integers(1, 12),
-       kv_after=st.integers(1, 8), need_sort=st.booleans())
+@given(
+    keep_free=st.sets(st.integers(1, 48), max_size=48),
+    num_slots=st.integers(1, 12),
+    kv_after=st.integers(1, 8),
+    need_sort=st.booleans(),
+)
 def test_alloc_on_fragmented_memory_takes_the_highest_long_enough_run(
-        keep_free, num_slots, kv_after, need_sort):
+    keep_free, num_slots, kv_after, need_sort
+):
     """alloc removes exactly the reference run from the free slots (or nothing when refused),
     and SGLang's next allocation returns the lowest remaining free slots."""
     allocator = make_allocator(48, need_sort)
@@ -352,6 +361,7 @@ def test_slots_for_bytes_is_the_fewest_slots_that_hold_the_bytes(num_bytes, byte
 
 # -- KVSlotStore.free --------------------------------------------------------------------------
 
+
 @NEED_SORT
 def test_free_returns_exactly_the_run_and_calls_on_free(need_sort):
     """free gives back the run's slots (no more), and on_free receives that very run."""
@@ -434,8 +444,11 @@ def test_cache_aware_alloc_sees_slots_freed_by_the_cache(need_sort, how):
 # -- interleaving with SGLang ------------------------------------------------------------------
 
 ops_strategy = st.lists(
-    st.tuples(st.sampled_from(["store_alloc", "store_free", "kv_alloc", "kv_free"]),
-              st.integers(1, 14), st.integers(0, 1000)),
+    st.tuples(
+        st.sampled_from(["store_alloc", "store_free", "kv_alloc", "kv_free"]),
+        st.integers(1, 14),
+        st.integers(0, 1000),
+    ),
     max_size=40,
 )
 
@@ -494,6 +507,7 @@ def test_store_and_sglang_never_hand_one_slot_to_two_owners(ops, need_sort):
 
 # -- the adapter cache in KV slots -------------------------------------------------------------
 
+
 def test_adapter_cache_from_config_holds_adapters_in_disjoint_top_runs():
     """Admitted adapters hold disjoint runs of their size; the cache and allocator agree."""
     allocator = make_allocator(64)
@@ -536,8 +550,12 @@ def test_cache_aware_copy_is_sglangs_allocator_until_bound():
         allocator.record = [allocator.available_size()]
         first = allocator.alloc(5)
         allocator.free(first[1:3])
-        allocator.record += [allocator.alloc(30), allocator.available_size(),
-                             allocator.alloc(4).tolist(), allocator.available_size()]
+        allocator.record += [
+            allocator.alloc(30),
+            allocator.available_size(),
+            allocator.alloc(4).tolist(),
+            allocator.available_size(),
+        ]
     assert ours.record == stock.record
     assert free_list(ours) == free_list(stock)
 
@@ -590,17 +608,23 @@ def _prefix_cache_holding(allocator, num_tokens: int, first_token: int = 0):
 
     tree = RadixCache.create_simulated(mock_allocator=allocator)
     kv = allocator.alloc(num_tokens)
-    tree.insert(InsertParams(key=RadixKey(list(range(first_token, first_token + num_tokens))),
-                             value=kv))
+    tree.insert(
+        InsertParams(key=RadixKey(list(range(first_token, first_token + num_tokens))), value=kv)
+    )
     return tree
 
 
-@pytest.mark.parametrize("tree_tokens, need, resident, calls", [
-    (12, 20, ["a", "b"], []),  # the prefix cache covers the shortfall: adapters stay
-    (4, 28, ["b"], [28]),  # it cannot: emptied, then the older idle adapter goes for the rest
-], ids=["prefix-cache-covers", "adapters-for-the-rest"])
-def test_sglang_allocation_takes_the_prefix_cache_before_idle_adapters(tree_tokens, need,
-                                                                       resident, calls):
+@pytest.mark.parametrize(
+    "tree_tokens, need, resident, calls",
+    [
+        (12, 20, ["a", "b"], []),  # the prefix cache covers the shortfall: adapters stay
+        (4, 28, ["b"], [28]),  # it cannot: emptied, then the older idle adapter goes for the rest
+    ],
+    ids=["prefix-cache-covers", "adapters-for-the-rest"],
+)
+def test_sglang_allocation_takes_the_prefix_cache_before_idle_adapters(
+    tree_tokens, need, resident, calls
+):
     """SGLang's own path (evict from its tree, then alloc) on a 40-slot pool with two idle
     8-slot adapters: the prefix cache's evictable tokens give way first, idle adapters only for
     what it could not free."""
@@ -661,8 +685,12 @@ def test_alloc_fails_without_touching_adapters_in_use(need_sort):
 
 
 @settings(max_examples=80, deadline=None)
-@given(adapters=st.lists(st.tuples(st.integers(1, 8), st.booleans()), min_size=1, max_size=6),
-       kv_first=st.integers(0, 20), need=st.integers(1, 60), need_sort=st.booleans())
+@given(
+    adapters=st.lists(st.tuples(st.integers(1, 8), st.booleans()), min_size=1, max_size=6),
+    kv_first=st.integers(0, 20),
+    need=st.integers(1, 60),
+    need_sort=st.booleans(),
+)
 def test_cache_aware_alloc_succeeds_exactly_when_available(adapters, kv_first, need, need_sort):
     """alloc(n) succeeds iff n <= available_size(); in-use adapters always stay resident and
     no slot is handed out twice."""
@@ -690,10 +718,10 @@ def test_fragmented_admission_evicts_only_the_adapters_its_run_needs():
     plan adds d, which joins c's run, and then leaves a out again: it is not part of the run.
     The in-use adapter stays; the store is never asked for a run it cannot give."""
     allocator, store, cache = make_kv_cache(16, policy="lru")
-    load(cache, "d", 4, now=3.0)   # admitted first: the top run
+    load(cache, "d", 4, now=3.0)  # admitted first: the top run
     load(cache, "c", 4, now=1.0)
     load(cache, "busy", 4, now=2.0, in_use=True)
-    load(cache, "a", 4, now=0.0)   # the bottom run
+    load(cache, "a", 4, now=0.0)  # the bottom run
     assert store.num_free_slots() == 0
     busy_run = cache.lookup("busy").handle
     assert cache.can_admit("e", 6 * BYTES_PER_SLOT, now=5.0)
@@ -727,12 +755,16 @@ class _SubclassedAllocator(TokenToKVPoolAllocator):
     pass
 
 
-@pytest.mark.parametrize("make", [
-    lambda: object(),
-    lambda: TokenToKVPoolAllocator(8, torch.float32, "cpu", None, False),
-    lambda: _SubclassedAllocator(8, torch.float32, "cpu", None, False),
-    lambda: PagedTokenToKVPoolAllocator(64, 16, torch.float32, "cpu", None, False),
-], ids=["object", "stock-built", "subclass", "paged"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: object(),
+        lambda: TokenToKVPoolAllocator(8, torch.float32, "cpu", None, False),
+        lambda: _SubclassedAllocator(8, torch.float32, "cpu", None, False),
+        lambda: PagedTokenToKVPoolAllocator(64, 16, torch.float32, "cpu", None, False),
+    ],
+    ids=["object", "stock-built", "subclass", "paged"],
+)
 def test_make_cache_aware_refuses_anything_not_built_cache_aware(make):
     """Only an allocator built as CacheAwareTokenAllocator binds; anything else is a TypeError,
     and the construction hook builds only SGLang's exact page-size-1 allocator as ours."""

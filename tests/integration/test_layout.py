@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import ast
 import re
-import tomllib
 from pathlib import Path
 from typing import Iterator, Set, Tuple
 
 import pytest
+import tomllib
 
 from chameleon_sglang.integration import patch_api
 
@@ -42,12 +42,18 @@ def modules_under(*parts: str) -> Iterator[Path]:
 
 
 def offenders(paths: Iterator[Path], top_level: str) -> Set[str]:
-    return {f"{path.relative_to(ROOT)}:{line} imports {module}" for path in paths
-            for line, module in imported_modules(path) if module.split(".")[0] == top_level}
+    return {
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in paths
+        for line, module in imported_modules(path)
+        if module.split(".")[0] == top_level
+    }
 
 
 def test_only_the_integration_package_imports_sglang():
-    outside = (p for p in PACKAGE.rglob("*.py") if "integration" not in p.relative_to(PACKAGE).parts)
+    outside = (
+        p for p in PACKAGE.rglob("*.py") if "integration" not in p.relative_to(PACKAGE).parts
+    )
     assert offenders(outside, "sglang") == set()
 
 
@@ -62,16 +68,23 @@ def test_the_pure_policy_imports_no_torch():
 
 def test_nothing_the_server_loads_imports_the_developer_tooling():
     loaded = (p for p in PACKAGE.rglob("*.py") if "dev" not in p.relative_to(PACKAGE).parts)
-    found = {f"{path.relative_to(ROOT)}:{line}" for path in loaded
-             for line, module in imported_modules(path) if module.startswith("chameleon_sglang.dev")}
+    found = {
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in loaded
+        for line, module in imported_modules(path)
+        if module.startswith("chameleon_sglang.dev")
+    }
     assert found == set()
 
 
 def patch_imports() -> Iterator[Tuple[str, str, str]]:
     """``(patch, module, names)`` of every import of our code a patch adds."""
     for patch in sorted((ROOT / "patches").glob("*.patch")):
-        added = "\n".join(line[1:] for line in patch.read_text().splitlines()
-                          if line.startswith("+") and not line.startswith("+++"))
+        added = "\n".join(
+            line[1:]
+            for line in patch.read_text().splitlines()
+            if line.startswith("+") and not line.startswith("+++")
+        )
         for match in re.finditer(r"from (chameleon\w*(?:\.\w+)*) import (\([^)]*\)|[^\n]*)", added):
             yield patch.name, match.group(1), match.group(2)
 
@@ -95,14 +108,15 @@ def test_every_name_a_patch_imports_is_exported_by_the_patch_api():
 
 def test_the_patch_api_refuses_names_it_does_not_export():
     with pytest.raises(AttributeError):
-        getattr(patch_api, "no_such_call")
+        getattr(patch_api, "no_such_call")  # noqa: B009 - the attribute is looked up on purpose
 
 
 def test_pyproject_installs_every_package():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(config["packages"])
-    on_disk = {".".join(init.parent.relative_to(ROOT).parts)
-               for init in PACKAGE.rglob("__init__.py")}
+    on_disk = {
+        ".".join(init.parent.relative_to(ROOT).parts) for init in PACKAGE.rglob("__init__.py")
+    }
     on_disk.add("chameleon_kernels")
     assert listed == on_disk
     assert config["package-dir"] == {"chameleon_kernels": "kernels"}

@@ -35,8 +35,17 @@ WHEEL = ROOT / ".cache" / "wheels" / PIN.wheel
 
 
 def run_tool(*args: str, site: Path, patches: Path = ROOT / "patches"):
-    cmd = [sys.executable, str(TOOL), *args, "--site-packages", str(site),
-           "--patches-dir", str(patches), "--wheel-dir", str(WHEEL.parent)]
+    cmd = [
+        sys.executable,
+        str(TOOL),
+        *args,
+        "--site-packages",
+        str(site),
+        "--patches-dir",
+        str(patches),
+        "--wheel-dir",
+        str(WHEEL.parent),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
@@ -124,7 +133,7 @@ def test_failed_hunk_leaves_tree_untouched(site, tmp_path):
     shutil.copytree(ROOT / "patches", patches)
     last = SERIES[-1].path.name
     text = (patches / last).read_text()
-    hunks = text[text.index("\n@@ "):]
+    hunks = text[text.index("\n@@ ") :]
     context = next(line for line in hunks.splitlines() if line.startswith(" ") and line.strip())
     (patches / last).write_text(text.replace(context, context + "  # drifted", 1))
     before = snapshot(site)
@@ -167,10 +176,20 @@ def test_installed_environment_is_patched_and_series_checks():
 @pytest.mark.slow
 def test_help_lists_chameleon_options():
     """`python -m sglang.launch_server --help` documents --chameleon and its sub-options."""
-    res = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
-    for flag in ("--chameleon ", "--chameleon-max-queues", "--chameleon-ttft-slo",
-                 "--chameleon-eviction-policy", "--no-chameleon-cache", "--chameleon-scheduler"):
+    for flag in (
+        "--chameleon ",
+        "--chameleon-max-queues",
+        "--chameleon-ttft-slo",
+        "--chameleon-eviction-policy",
+        "--no-chameleon-cache",
+        "--chameleon-scheduler",
+    ):
         assert flag in res.stdout, flag
     assert "(default: 0.45 0.10 0.45)" in " ".join(res.stdout.split())

@@ -13,17 +13,18 @@ from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
 from chameleon_sglang.cache import create_eviction_policy
 from chameleon_sglang.cache.adapter_cache import AdapterCache
 from chameleon_sglang.cache.arrival_histogram import ArrivalHistogram
-from chameleon_sglang.integration.kv_allocator import cache_aware_copy
-from chameleon_sglang.memory.kv_store import KVSlotStore
 from chameleon_sglang.clock import SchedulerClock
 from chameleon_sglang.integration.cache_bridge import CacheBridge
+from chameleon_sglang.integration.kv_allocator import cache_aware_copy
+from chameleon_sglang.memory.kv_store import KVSlotStore
 
 BYTES_PER_SLOT = 8
 SLOTS = {"periodic": 10, "other": 10, "rare": 10}
 
 
-def periodic(histogram: ArrivalHistogram, adapter: str, every: float, count: int,
-             start: float = 0.0) -> float:
+def periodic(
+    histogram: ArrivalHistogram, adapter: str, every: float, count: int, start: float = 0.0
+) -> float:
     t = start
     for _ in range(count):
         histogram.observe(adapter, t)
@@ -79,8 +80,7 @@ class Pool:
         if self.cache.is_resident(uid):
             return True
         queued = frozenset(queued)
-        if not self.cache.can_admit(uid, self.footprint_bytes(uid), now, queued,
-                                    prefetch=prefetch):
+        if not self.cache.can_admit(uid, self.footprint_bytes(uid), now, queued, prefetch=prefetch):
             return False
         self.cache.admit(uid, self.footprint_bytes(uid), 8, now, queued, prefetch=prefetch)
         return True
@@ -97,11 +97,16 @@ class Clock(SchedulerClock):
 def make_bridge(size: int = 30):
     allocator = cache_aware_copy(TokenToKVPoolAllocator(size, torch.float32, "cpu", None, False))
     cache = AdapterCache(KVSlotStore(allocator, BYTES_PER_SLOT), create_eviction_policy("lru"))
-    scheduler = types.SimpleNamespace(token_to_kv_pool_allocator=allocator, tree_cache=None,
-                                      waiting_queue=[], max_total_num_tokens=size)
+    scheduler = types.SimpleNamespace(
+        token_to_kv_pool_allocator=allocator,
+        tree_cache=None,
+        waiting_queue=[],
+        max_total_num_tokens=size,
+    )
     clock = Clock()
-    bridge = CacheBridge(scheduler, Pool(cache), clock, prefetch=True, owns_clock=False,
-                         predictive=True)
+    bridge = CacheBridge(
+        scheduler, Pool(cache), clock, prefetch=True, owns_clock=False, predictive=True
+    )
     return bridge, cache, allocator, clock
 
 

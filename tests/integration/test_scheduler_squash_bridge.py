@@ -2,7 +2,8 @@
 it: requests enter the waiting queue, prefill passes walk the bridge's candidates, SGLang's LoRA
 check vetoes a head, and at the retraction point the bridge takes planned requests out of the
 running batch. SGLang's request, adder and batch are small fakes; the bridge and the policy are
-real. The rule itself is tested with plain data in ``tests/core/scheduler/test_scheduler_squash.py``.
+real. The rule itself is tested with plain data in
+``tests/core/scheduler/test_scheduler_squash.py``.
 """
 
 from __future__ import annotations
@@ -69,20 +70,24 @@ class Scene:
         self.batch = FakeBatch(())  # SGLang's running batch
         manager = SimpleNamespace(
             configs={name: SimpleNamespace(r=8) for name in ADAPTER_SLOTS},
-            loras=dict.fromkeys(ADAPTER_SLOTS), max_lora_rank=8)
+            loras=dict.fromkeys(ADAPTER_SLOTS),
+            max_lora_rank=8,
+        )
         self.scheduler = SimpleNamespace(
             server_args=SimpleNamespace(max_lora_rank=None),
             model_config=SimpleNamespace(context_len=1000),
             max_total_num_tokens=10_000,
             tp_worker=SimpleNamespace(model_runner=SimpleNamespace(lora_manager=manager)),
             waiting_queue=[],
-            _add_request_to_queue=self._requeue)
+            _add_request_to_queue=self._requeue,
+        )
         config = ChameleonConfig(enabled=True, predictor="max-new-tokens")
         self.bridge = SchedulerBridge(self.scheduler, config, SchedulerClock())
         pool = SimpleNamespace(
             is_resident=lambda adapter: adapter in self.resident,
             footprint_bytes=lambda adapter: ADAPTER_SLOTS[adapter] * BYTES_PER_SLOT,
-            store=SimpleNamespace(bytes_per_slot=BYTES_PER_SLOT))
+            store=SimpleNamespace(bytes_per_slot=BYTES_PER_SLOT),
+        )
         self.bridge.use_adapter_cache(SimpleNamespace(pool=pool))
 
     def _requeue(self, req: FakeReq, is_retracted: bool = False) -> None:
@@ -94,8 +99,9 @@ class Scene:
         self.scheduler.waiting_queue.append(req)
         self.bridge.on_enqueue(req, is_retracted)
 
-    def prefill_pass(self, admit: Iterable[str] = (), veto: Iterable[str] = (),
-                     free_tokens: int = 10_000) -> List[str]:
+    def prefill_pass(
+        self, admit: Iterable[str] = (), veto: Iterable[str] = (), free_tokens: int = 10_000
+    ) -> List[str]:
         """One pass of SGLang's loop over the bridge's candidates: ids in ``admit`` get in,
         ids in ``veto`` are refused by the LoRA check; returns the ids offered, in order."""
         adder, offered = FakeAdder(free_tokens), []

@@ -88,8 +88,9 @@ def resolve(target: str) -> Any:
 
 def parameters(fn: Any) -> str:
     prefix = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
-    return " ".join(prefix.get(p.kind, "") + name
-                    for name, p in inspect.signature(fn).parameters.items())
+    return " ".join(
+        prefix.get(p.kind, "") + name for name, p in inspect.signature(fn).parameters.items()
+    )
 
 
 def test_every_hook_target_is_pinned():

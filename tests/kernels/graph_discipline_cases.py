@@ -1,8 +1,8 @@
 """The GPU serving path's forward under the CUDA-graph discipline guard, on a CPU.
 
 Run by ``test_triton_interpreted.py`` in a fresh Python started with ``TRITON_INTERPRET=1``. The
-real :class:`~chameleon_sglang.integration.lora_backend.ChameleonLoRABackend` runs its table path (Triton
-kernels over a device location table, interpreted) against a pool double that keeps what the
+real :class:`~chameleon_sglang.integration.lora_backend.ChameleonLoRABackend` runs its table path
+(Triton kernels over a device location table, interpreted) against a pool double that keeps what the
 adapter cache keeps on a GPU: per layer a K and a V buffer holding rank-exact matrices, a
 :class:`~chameleon_kernels.lora_table.DeviceLocationTable`, ``layer_base`` and ``wait_ready``.
 
@@ -24,22 +24,30 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pytest
 import torch
 
-from chameleon_kernels import graph_guard, lora_table_triton as ltt
+from chameleon_kernels import graph_guard
+from chameleon_kernels import lora_table_triton as ltt
 from chameleon_kernels.graph_guard import GraphDisciplineError, GraphDisciplineGuard
 from chameleon_kernels.lora_table import DeviceLocationTable, alignment_for
 
 if os.environ.get("TRITON_INTERPRET") != "1":
-    raise RuntimeError("run this module in a process started with TRITON_INTERPRET=1 "
-                       "(tests/kernels/test_triton_interpreted.py does)")
+    raise RuntimeError(
+        "run this module in a process started with TRITON_INTERPRET=1 "
+        "(tests/kernels/test_triton_interpreted.py does)"
+    )
 assert ltt.HAS_TRITON and ltt.INTERPRETED
 
-from chameleon_sglang import lora_backend  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
+
+from chameleon_sglang import lora_backend  # noqa: E402
 
 HIDDEN, INTER, NUM_LAYERS, MAX_RANK, MAX_BS = 32, 64, 2, 32, 8
 # module -> (input features, output slice bounds)
-MODULES = {"qkv_proj": (HIDDEN, [0, 32, 40, 48]), "o_proj": (HIDDEN, [0, HIDDEN]),
-           "gate_up_proj": (HIDDEN, [0, INTER, 2 * INTER]), "down_proj": (INTER, [0, HIDDEN])}
+MODULES = {
+    "qkv_proj": (HIDDEN, [0, 32, 40, 48]),
+    "o_proj": (HIDDEN, [0, HIDDEN]),
+    "gate_up_proj": (HIDDEN, [0, INTER, 2 * INTER]),
+    "down_proj": (INTER, [0, HIDDEN]),
+}
 KINDS = [(m, k) for m in sorted(MODULES) for k in ("A", "B")]
 REGION = 16_384  # elements per adapter id per buffer
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -66,8 +74,9 @@ class GpuLikePool:
         size = REGION * capacity
         self.k = [torch.full((size,), float("nan"), dtype=dtype) for _ in range(NUM_LAYERS)]
         self.v = [torch.full((size,), float("nan"), dtype=dtype) for _ in range(NUM_LAYERS)]
-        self.device_table = DeviceLocationTable(KINDS, NUM_LAYERS, capacity, DEVICE,
-                                                alignment_for(dtype, 64))
+        self.device_table = DeviceLocationTable(
+            KINDS, NUM_LAYERS, capacity, DEVICE, alignment_for(dtype, 64)
+        )
         self.locations = None
         self.by_id: Dict[int, object] = {}
         self.weights: Dict[int, Dict[Tuple[str, int], Tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -80,21 +89,28 @@ class GpuLikePool:
     def wait_ready(self, ids) -> None:
         self.waited.append(sorted(ids))
 
-    def load(self, adapter: int, rank: int, scaling: float, gen: torch.Generator,
-             modules: Sequence[str] = tuple(MODULES)) -> None:
+    def load(
+        self,
+        adapter: int,
+        rank: int,
+        scaling: float,
+        gen: torch.Generator,
+        modules: Sequence[str] = tuple(MODULES),
+    ) -> None:
         entries, weights = {}, {}
-        v_minus_k = [(v.data_ptr() - k.data_ptr()) // v.element_size()
-                     for k, v in zip(self.k, self.v)]
+        v_minus_k = [
+            (v.data_ptr() - k.data_ptr()) // v.element_size() for k, v in zip(self.k, self.v)
+        ]
         for layer in range(NUM_LAYERS):
             a_cursor = b_cursor = adapter * REGION
             for module in modules:
                 fan_in, bounds = MODULES[module]
                 stack = len(bounds) - 1
-                a = (torch.randn(stack * rank, fan_in, generator=gen) / fan_in ** 0.5)
-                b = torch.randn(bounds[-1], rank, generator=gen) / rank ** 0.5
+                a = torch.randn(stack * rank, fan_in, generator=gen) / fan_in**0.5
+                b = torch.randn(bounds[-1], rank, generator=gen) / rank**0.5
                 a, b = a.to(self.dtype), b.to(self.dtype)
-                a_view = self.k[layer][a_cursor:a_cursor + a.numel()].view(a.shape)
-                b_view = self.v[layer][b_cursor:b_cursor + b.numel()].view(b.shape)
+                a_view = self.k[layer][a_cursor : a_cursor + a.numel()].view(a.shape)
+                b_view = self.v[layer][b_cursor : b_cursor + b.numel()].view(b.shape)
                 a_view.copy_(a)
                 b_view.copy_(b)
                 entries[((module, "A"), layer)] = (a_cursor, rank)
@@ -135,10 +151,14 @@ def make_backend(pool: GpuLikePool) -> lora_backend.ChameleonLoRABackend:
 
 
 def inputs(dtype: torch.dtype, bs: int, gen: torch.Generator) -> Dict[str, torch.Tensor]:
-    return {"x": torch.randn(bs, HIDDEN, generator=gen).to(dtype),
-            "h": torch.randn(bs, INTER, generator=gen).to(dtype),
-            **{f"base_{m}": torch.randn(bs, MODULES[m][1][-1], generator=gen).to(dtype)
-               for m in MODULES}}
+    return {
+        "x": torch.randn(bs, HIDDEN, generator=gen).to(dtype),
+        "h": torch.randn(bs, INTER, generator=gen).to(dtype),
+        **{
+            f"base_{m}": torch.randn(bs, MODULES[m][1][-1], generator=gen).to(dtype)
+            for m in MODULES
+        },
+    }
 
 
 def decode_step(backend, hs, data) -> Dict[Tuple[str, int], torch.Tensor]:
@@ -147,18 +167,29 @@ def decode_step(backend, hs, data) -> Dict[Tuple[str, int], torch.Tensor]:
     for layer in range(NUM_LAYERS):
         a, b = hs[("qkv_proj", layer)]
         out[("qkv_proj", layer)] = backend.run_qkv_lora(
-            data["x"], a, b, output_offset=None,
+            data["x"],
+            a,
+            b,
+            output_offset=None,
             output_offset_cpu=QKV_OFFSETS,
-            max_qkv_out_dim=32, base_output=data["base_qkv_proj"].clone())
+            max_qkv_out_dim=32,
+            base_output=data["base_qkv_proj"].clone(),
+        )
         a, b = hs[("gate_up_proj", layer)]
         out[("gate_up_proj", layer)] = backend.run_gate_up_lora(
-            data["x"], a, b, output_offset=None, output_offset_cpu=GATE_UP_OFFSETS,
-            base_output=data["base_gate_up_proj"].clone())
+            data["x"],
+            a,
+            b,
+            output_offset=None,
+            output_offset_cpu=GATE_UP_OFFSETS,
+            base_output=data["base_gate_up_proj"].clone(),
+        )
         for module, x in (("o_proj", data["x"]), ("down_proj", data["h"])):
             a, b = hs[(module, layer)]
             shrunk = backend.run_lora_a_sgemm(x, a)
             out[(module, layer)] = backend.run_lora_b_sgemm(
-                shrunk, b, base_output=data[f"base_{module}"].clone())
+                shrunk, b, base_output=data[f"base_{module}"].clone()
+            )
     return out
 
 
@@ -166,8 +197,9 @@ QKV_OFFSETS = torch.tensor(MODULES["qkv_proj"][1], dtype=torch.int32)
 GATE_UP_OFFSETS = torch.tensor(MODULES["gate_up_proj"][1], dtype=torch.int32)
 
 
-def reference(pool: GpuLikePool, per_request: Sequence[int], data
-              ) -> Dict[Tuple[str, int], torch.Tensor]:
+def reference(
+    pool: GpuLikePool, per_request: Sequence[int], data
+) -> Dict[Tuple[str, int], torch.Tensor]:
     """float32, token by token (decode: one token per request)."""
     out = {}
     for module, (_, bounds) in MODULES.items():
@@ -182,7 +214,7 @@ def reference(pool: GpuLikePool, per_request: Sequence[int], data
                 shrunk = pool.scalings[adapter] * (x[t] @ a_w.T)
                 for i in range(len(bounds) - 1):
                     lo, hi = bounds[i], bounds[i + 1]
-                    result[t, lo:hi] += shrunk[i * rank:(i + 1) * rank] @ b_w[lo:hi].T
+                    result[t, lo:hi] += shrunk[i * rank : (i + 1) * rank] @ b_w[lo:hi].T
             out[(module, layer)] = result
     return out
 
@@ -195,14 +227,16 @@ def prepare(backend, pool, per_request: Sequence[int], graph: bool) -> None:
     for adapter in pool.weights:
         ranks[adapter] = MAX_RANK
         scalings[adapter] = pool.scalings[adapter]
-    backend.prepare_lora_batch(FakeForwardBatch(len(per_request)), list(per_request), ranks,
-                               scalings, use_cuda_graph=graph)
+    backend.prepare_lora_batch(
+        FakeForwardBatch(len(per_request)), list(per_request), ranks, scalings, use_cuda_graph=graph
+    )
 
 
 def check(actual, expected, dtype) -> None:
     for key in expected:
-        torch.testing.assert_close(actual[key].float(), expected[key], **TOL[dtype],
-                                   msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(
+            actual[key].float(), expected[key], **TOL[dtype], msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -229,8 +263,16 @@ def test_replays_with_changing_adapter_mixes_keep_graph_discipline(dtype):
     fixed = guard.addresses()
     assert set(fixed) == {"table_shrink", "table_expand"}
     graph = backend._graph
-    expected = {t.data_ptr() for t in (*pool.device_table.buffers(), *pool.k,
-                                       graph.seg_adapter, graph.seg_start, graph.order)}
+    expected = {
+        t.data_ptr()
+        for t in (
+            *pool.device_table.buffers(),
+            *pool.k,
+            graph.seg_adapter,
+            graph.seg_start,
+            graph.order,
+        )
+    }
     assert set().union(*fixed.values()) == expected
 
     resident = [1, 2, 3, 4]
@@ -238,19 +280,27 @@ def test_replays_with_changing_adapter_mixes_keep_graph_discipline(dtype):
         if replay % 2 == 1:  # evict one adapter, load another into its id and memory
             victim = rng.choice(resident)
             pool.evict(victim)
-            pool.load(victim, rng.choice([8, 16, 32]), rng.uniform(0.2, 2.0), gen,
-                      modules=rng.sample(sorted(MODULES), rng.randint(1, len(MODULES))))
+            pool.load(
+                victim,
+                rng.choice([8, 16, 32]),
+                rng.uniform(0.2, 2.0),
+                gen,
+                modules=rng.sample(sorted(MODULES), rng.randint(1, len(MODULES))),
+            )
         bs = rng.randint(1, MAX_BS)
         mix = [rng.choice([0, *resident]) for _ in range(bs)]
         prepare(backend, pool, mix, graph=True)
         assert pool.waited[-1] == sorted(set(a for a in mix if a))
         plan = backend.batch_info.plan
-        assert (plan.seg_adapter, plan.seg_start, plan.order) == \
-            (captured.seg_adapter, captured.seg_start, captured.order)
+        assert (plan.seg_adapter, plan.seg_start, plan.order) == (
+            captured.seg_adapter,
+            captured.seg_start,
+            captured.order,
+        )
         # a replay launches the captured grid
         backend.batch_info.plan = dataclasses.replace(
-            plan, num_segments=captured.num_segments,
-            max_segment_tokens=captured.max_segment_tokens)
+            plan, num_segments=captured.num_segments, max_segment_tokens=captured.max_segment_tokens
+        )
         data = inputs(dtype, bs, gen)
         with GraphDisciplineGuard() as guard:
             out = decode_step(backend, hs, data)
@@ -274,19 +324,20 @@ def test_the_guard_catches_a_host_sync_in_the_forward():
     backend.init_decode_cuda_graph_batch_info(MAX_BS)
     prepare(backend, pool, [1, 1], graph=True)
     a, _ = handles()[("o_proj", 0)]
-    with pytest.raises(GraphDisciplineError, match="tolist"):
-        with GraphDisciplineGuard():
-            backend.run_lora_a_sgemm(torch.randn(2, HIDDEN), a)
+    with pytest.raises(GraphDisciplineError, match="tolist"), GraphDisciplineGuard():
+        backend.run_lora_a_sgemm(torch.randn(2, HIDDEN), a)
 
 
 @pytest.mark.parametrize("call", ["item", "tensor", "cpu_copy"])
 def test_the_guard_refuses_each_host_synchronisation(call):
     t = torch.arange(4)
-    actions = {"item": lambda: t[0].item(), "tensor": lambda: torch.tensor([1, 2]),
-               "cpu_copy": lambda: t.to("meta")}
-    with pytest.raises(GraphDisciplineError):
-        with GraphDisciplineGuard():
-            actions[call]()
+    actions = {
+        "item": lambda: t[0].item(),
+        "tensor": lambda: torch.tensor([1, 2]),
+        "cpu_copy": lambda: t.to("meta"),
+    }
+    with pytest.raises(GraphDisciplineError), GraphDisciplineGuard():
+        actions[call]()
     actions[call]()  # fine outside the guard
 
 
@@ -308,5 +359,13 @@ def test_eager_buffers_that_grow_change_address_which_the_guard_shows(monkeypatc
 
 
 def test_launch_outside_a_guard_records_nothing():
+    """Outside a guard a launch is a plain context: host work is allowed and no guard records
+    it. Inside one, the same launch is recorded with the addresses it reads."""
+    guard = graph_guard.GraphDisciplineGuard()
     with graph_guard.launch("site", torch.zeros(1)):
         torch.tensor([1])  # no guard active: allowed
+    assert guard.launches == [] and graph_guard._ACTIVE is None
+    fixed = torch.zeros(1)
+    with guard, graph_guard.launch("site", fixed):
+        pass
+    assert guard.launches == [("site", frozenset({fixed.data_ptr()}))]

@@ -13,16 +13,32 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "kernels" / "gpu_check.py"
+pytestmark = pytest.mark.slow  # the whole script in a fresh Python, Triton interpreted: minutes
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu_check") / "gpu-check.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-I", str(SCRIPT), "--cpu",
-                           "--reps", "1", "--replays", "6", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600,
-                          cwd=str(out.parent))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            str(SCRIPT),
+            "--cpu",
+            "--reps",
+            "1",
+            "--replays",
+            "6",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(out.parent),
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "PASSED" in proc.stdout
     return json.loads(out.read_text())
@@ -39,7 +55,8 @@ def test_correctness_covers_every_module_on_sampled_layers_for_decode_and_prefil
     modules = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     for case in ("decode", "prefill"):
         seen = {(r["module"], r["layer"]) for r in rows if r["case"] == case}
-        assert seen == {(m, l) for m in modules for l in report["shapes"]["check_layers"]}
+        layers = report["shapes"]["check_layers"]
+        assert seen == {(module, layer) for module in modules for layer in layers}
     assert all(r["ok"] and 0 < r["rel_error"] < 2e-2 for r in rows)
 
 
@@ -53,8 +70,9 @@ def test_graph_part_replays_with_loads_and_evictions(report):
 def test_timing_compares_with_both_dense_references(report):
     rows = report["timing"]
     decode = [r for r in rows if r["case"].startswith("decode")]
-    assert decode and all({"ours_eager_s", "dense_segments_s", "dense_gather_s"} <= set(r)
-                          for r in decode)
+    assert decode and all(
+        {"ours_eager_s", "dense_segments_s", "dense_gather_s"} <= set(r) for r in decode
+    )
     assert any(r["case"].startswith("prefill") for r in rows)
     distinct = {r["distinct_adapters"] for r in decode}
     assert 1 in distinct and max(distinct) >= 6  # one adapter and many, in the same run

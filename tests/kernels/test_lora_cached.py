@@ -14,8 +14,11 @@ from hypothesis import strategies as st
 
 from chameleon_kernels.lora_cached import AdapterGroups, expand, group_tokens, shrink
 
-TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
-             torch.float16: dict(atol=4e-3, rtol=4e-3)}
+TOLERANCE = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+}
 RANK_MIXES = {"r8": (8,), "mixed": (8, 16, 32, 64, 128)}
 NUM_ADAPTERS = 6
 BASE = None  # a request of the base model
@@ -44,11 +47,14 @@ def module_offsets(kind: str, hidden: int) -> List[int]:
 
 # -- batches ------------------------------------------------------------------------------------
 
+
 def sharing(pattern: str, num_requests: int, gen: torch.Generator) -> List[Optional[int]]:
     """Adapter id per request for a sharing pattern over adapters 0..NUM_ADAPTERS-1."""
+
     def draw(probs):
-        return torch.multinomial(torch.tensor(probs, dtype=torch.float64), num_requests,
-                                 replacement=True, generator=gen).tolist()
+        return torch.multinomial(
+            torch.tensor(probs, dtype=torch.float64), num_requests, replacement=True, generator=gen
+        ).tolist()
 
     if pattern == "distinct":
         return [i % NUM_ADAPTERS for i in range(num_requests)]
@@ -64,8 +70,9 @@ def sharing(pattern: str, num_requests: int, gen: torch.Generator) -> List[Optio
         return [(1, 4)[i % 2] for i in range(num_requests)]
     if pattern == "with_base":
         adapters = draw([1.0] * NUM_ADAPTERS)
-        return [BASE if i % 3 == 0 else NOT_SCALED if i % 5 == 4 else a
-                for i, a in enumerate(adapters)]
+        return [
+            BASE if i % 3 == 0 else NOT_SCALED if i % 5 == 4 else a for i, a in enumerate(adapters)
+        ]
     raise ValueError(pattern)
 
 
@@ -75,14 +82,20 @@ def tokens_per_request(mode: str, num_requests: int, gen: torch.Generator) -> Li
     return torch.randint(1, 24, (num_requests,), generator=gen).tolist()
 
 
-def make_adapters(ranks: Sequence[int], stack: int, in_dim: int, out_dim: int,
-                  dtype: torch.dtype, gen: torch.Generator):
+def make_adapters(
+    ranks: Sequence[int],
+    stack: int,
+    in_dim: int,
+    out_dim: int,
+    dtype: torch.dtype,
+    gen: torch.Generator,
+):
     """A_i: [stack * r_i, in], B_i: [out, r_i], rank r_i cycling through ``ranks``; scalings."""
     A, B, scalings = {}, {}, {}
     for i in range(NUM_ADAPTERS):
         r = ranks[i % len(ranks)]
-        A[i] = (torch.randn(stack * r, in_dim, generator=gen) / in_dim ** 0.5).to(dtype)
-        B[i] = (torch.randn(out_dim, r, generator=gen) / r ** 0.5).to(dtype)
+        A[i] = (torch.randn(stack * r, in_dim, generator=gen) / in_dim**0.5).to(dtype)
+        B[i] = (torch.randn(out_dim, r, generator=gen) / r**0.5).to(dtype)
         scalings[i] = 0.5 + 1.5 * float(torch.rand((), generator=gen))
     return A, B, scalings
 
@@ -106,7 +119,7 @@ def reference(x, adapters, counts, A, B, scalings, offsets, max_rank, stack):
         live[rows, : stack * r] = True
         for j in range(len(offsets) - 1):
             lo, hi = offsets[j], offsets[j + 1]
-            out_ref[rows, lo:hi] += a[:, j * r:(j + 1) * r] @ b_w[lo:hi].T
+            out_ref[rows, lo:hi] += a[:, j * r : (j + 1) * r] @ b_w[lo:hi].T
     return a_ref, out_ref, live
 
 
@@ -129,23 +142,42 @@ def _cases():
     """Every dtype x rank mix x module x sharing pattern for a decode and a prefill batch; the
     batch size also varies (1, 3, 32 requests) on the small qkv module."""
     for d, rank_mix, (kind, hidden), pattern in itertools.product(
-            DTYPES, sorted(RANK_MIXES), MODULES, PATTERNS):
+        DTYPES, sorted(RANK_MIXES), MODULES, PATTERNS
+    ):
         for mode, n in (("decode", 16), ("prefill", 5)):
-            yield pytest.param(DTYPES[d], rank_mix, kind, hidden, mode, n, pattern,
-                               id=f"{d}-{rank_mix}-{kind}{hidden}-{mode}{n}-{pattern}")
+            yield pytest.param(
+                DTYPES[d],
+                rank_mix,
+                kind,
+                hidden,
+                mode,
+                n,
+                pattern,
+                id=f"{d}-{rank_mix}-{kind}{hidden}-{mode}{n}-{pattern}",
+            )
     for d, rank_mix, pattern in itertools.product(DTYPES, sorted(RANK_MIXES), PATTERNS):
         for mode, n in (("decode", 1), ("decode", 32), ("prefill", 1), ("prefill", 3)):
-            yield pytest.param(DTYPES[d], rank_mix, "qkv", 64, mode, n, pattern,
-                               id=f"{d}-{rank_mix}-qkv64-{mode}{n}-{pattern}")
+            yield pytest.param(
+                DTYPES[d],
+                rank_mix,
+                "qkv",
+                64,
+                mode,
+                n,
+                pattern,
+                id=f"{d}-{rank_mix}-qkv64-{mode}{n}-{pattern}",
+            )
 
 
 @pytest.mark.parametrize("dtype,rank_mix,kind,hidden,mode,num_requests,pattern", list(_cases()))
-def test_shrink_and_expand_match_the_reference(dtype, rank_mix, kind, hidden, mode,
-                                               num_requests, pattern):
+def test_shrink_and_expand_match_the_reference(
+    dtype, rank_mix, kind, hidden, mode, num_requests, pattern
+):
     """shrink gives s*x@A.T rank-exact (zeros elsewhere); expand adds each slice's a_j@B_j.T
     into base_output in place, only for tokens of adapters with a scaling."""
-    gen = torch.Generator().manual_seed(seed_of(dtype, rank_mix, kind, hidden, mode,
-                                                num_requests, pattern))
+    gen = torch.Generator().manual_seed(
+        seed_of(dtype, rank_mix, kind, hidden, mode, num_requests, pattern)
+    )
     offsets = module_offsets(kind, hidden)
     stack = len(offsets) - 1
     ranks = RANK_MIXES[rank_mix]
@@ -198,8 +230,9 @@ def test_adapter_without_weights_for_the_module_adds_nothing(dtype, kind):
     assert untargeted in {g[2] for g in groups.groups}
     a = shrink(x, groups, A_of, stack, 128)
     torch.testing.assert_close(a.float(), a_ref, **TOLERANCE[dtype])
-    silent = [t for t, ad in enumerate(token_adapters(adapters, counts))
-              if ad in (untargeted, BASE)]
+    silent = [
+        t for t, ad in enumerate(token_adapters(adapters, counts)) if ad in (untargeted, BASE)
+    ]
     assert bool((a[silent] == 0).all())
     base = torch.randn(x.shape[0], offsets[-1], generator=gen).to(dtype)
     before = base.clone()
@@ -223,9 +256,13 @@ def test_empty_and_all_base_batches_cost_nothing():
 
 
 @settings(max_examples=60, deadline=None)
-@given(batch=st.lists(st.tuples(st.sampled_from([BASE, NOT_SCALED, 0, 1, 2, 3]),
-                                st.integers(0, 5)), max_size=12),
-       stack=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2 ** 16))
+@given(
+    batch=st.lists(
+        st.tuples(st.sampled_from([BASE, NOT_SCALED, 0, 1, 2, 3]), st.integers(0, 5)), max_size=12
+    ),
+    stack=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
 def test_random_batches_match_the_reference(batch, stack, seed):
     """Any batch (zero-token requests, repeats, base requests) matches the float32 reference."""
     gen = torch.Generator().manual_seed(seed)
@@ -239,11 +276,13 @@ def test_random_batches_match_the_reference(batch, stack, seed):
     groups = group_tokens(adapters, counts, scalings)
     a = shrink(x, groups, A.get, stack, 16)
     torch.testing.assert_close(a, a_ref, **TOLERANCE[torch.float32])
-    torch.testing.assert_close(expand(a, groups, B.get, offsets, None), out_ref,
-                               **TOLERANCE[torch.float32])
+    torch.testing.assert_close(
+        expand(a, groups, B.get, offsets, None), out_ref, **TOLERANCE[torch.float32]
+    )
 
 
 # -- group_tokens ------------------------------------------------------------------------------
+
 
 def group_members(groups: AdapterGroups) -> Dict[int, List[int]]:
     """Token indices (batch order) of each group, read through ``rows``."""
@@ -257,7 +296,8 @@ def group_members(groups: AdapterGroups) -> Dict[int, List[int]]:
 
 
 requests_strategy = st.lists(
-    st.tuples(st.one_of(st.none(), st.integers(0, 5)), st.integers(0, 6)), max_size=14)
+    st.tuples(st.one_of(st.none(), st.integers(0, 5)), st.integers(0, 6)), max_size=14
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -306,14 +346,17 @@ def test_group_tokens_permutes_only_when_an_adapter_is_split(requests, scaled):
     assert (groups.order is None) == contiguous
 
 
-@pytest.mark.parametrize("adapters,counts,permuted", [
-    ([1, 2, 1], [2, 1, 3], True),
-    ([1, BASE, 1], [2, 1, 3], True),
-    ([2, 1, 1, 2], [1, 1, 1, 1], True),
-    ([1, 1, BASE, 2], [2, 0, 4, 1], False),
-    ([1, 2, 2], [2, 0, 3], False),
-    ([1, 2, 1], [2, 0, 3], False),
-])
+@pytest.mark.parametrize(
+    "adapters,counts,permuted",
+    [
+        ([1, 2, 1], [2, 1, 3], True),
+        ([1, BASE, 1], [2, 1, 3], True),
+        ([2, 1, 1, 2], [1, 1, 1, 1], True),
+        ([1, 1, BASE, 2], [2, 0, 4, 1], False),
+        ([1, 2, 2], [2, 0, 3], False),
+        ([1, 2, 1], [2, 0, 3], False),
+    ],
+)
 def test_interleaved_adapters_force_a_permutation(adapters, counts, permuted):
     """An adapter whose tokens are split by another adapter's or the base model's is gathered
     through ``order``; a zero-token request between two of its requests splits nothing."""
@@ -322,4 +365,5 @@ def test_interleaved_adapters_force_a_permutation(adapters, counts, permuted):
     assert (groups.order is not None) == permuted
     per_token = token_adapters(adapters, counts)
     assert group_members(groups) == {
-        i: [t for t, a in enumerate(per_token) if a == i] for i in scalings if i in per_token}
+        i: [t for t, a in enumerate(per_token) if a == i] for i in scalings if i in per_token
+    }

@@ -22,7 +22,6 @@ from test_lora_cached import (
     reference,
     seed_of,
     sharing,
-    tokens_per_request,
 )
 
 from chameleon_kernels import lora_cached_numba
@@ -33,12 +32,16 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # One rounding of a float32 result (the reference rounds its inputs the same way): 16-bit
 # results are within a few units in the last place of the float32 reference.
-DTYPE_TOL = {torch.float32: TOL, torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2),
-             torch.float16: dict(atol=3e-3, rtol=2e-3)}
+DTYPE_TOL = {
+    torch.float32: TOL,
+    torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2),
+    torch.float16: dict(atol=3e-3, rtol=2e-3),
+}
 
 
-def pack_in_two_storages(A: Dict[int, torch.Tensor], B: Dict[int, torch.Tensor]
-                         ) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
+def pack_in_two_storages(
+    A: Dict[int, torch.Tensor], B: Dict[int, torch.Tensor]
+) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
     """Copies of ``A`` and ``B`` as views of two flat buffers, adapters alternating between them
     (as matrices alternate between a layer's K and V rows): A contiguous, B stored transposed
     (a ``[r, out]`` block, viewed as ``[out, r]``), as the cache keeps them on CPU."""
@@ -52,7 +55,7 @@ def pack_in_two_storages(A: Dict[int, torch.Tensor], B: Dict[int, torch.Tensor]
     packed: Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]] = ({}, {})
     for d, i, m in items:
         which = (d + i) % 2
-        block = flats[which][cursor[which]: cursor[which] + m.numel()]
+        block = flats[which][cursor[which] : cursor[which] + m.numel()]
         view = block.view(m.shape) if d == 0 else block.view(m.shape[1], m.shape[0]).t()
         view.copy_(m)
         packed[d][i] = view
@@ -79,8 +82,15 @@ class PathSpy:
         monkeypatch.setattr(lora_cached_numba, "expand_small", count_expand)
 
 
-def _run(adapters: Sequence, counts: Sequence[int], kind: str, hidden: int, rank_mix: str,
-         seed: int, dtype: torch.dtype = torch.float32):
+def _run(
+    adapters: Sequence,
+    counts: Sequence[int],
+    kind: str,
+    hidden: int,
+    rank_mix: str,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+):
     """shrink then expand over packed adapters; returns ``(a, a_ref, out, expected)``, the
     references in float32 from the same (rounded) inputs, ``expected`` from ``a`` as computed
     (so expand is checked on its own)."""
@@ -101,9 +111,14 @@ def _run(adapters: Sequence, counts: Sequence[int], kind: str, hidden: int, rank
     return a.float(), a_ref, out.float(), base.float() + out_ref
 
 
-def expand_reference(a: torch.Tensor, adapters: Sequence, counts: Sequence[int],
-                      B: Dict[int, torch.Tensor], scalings: Dict[int, float],
-                      offsets: Sequence[int]) -> torch.Tensor:
+def expand_reference(
+    a: torch.Tensor,
+    adapters: Sequence,
+    counts: Sequence[int],
+    B: Dict[int, torch.Tensor],
+    scalings: Dict[int, float],
+    offsets: Sequence[int],
+) -> torch.Tensor:
     """float32 ``a_j @ B_j.T`` per slice from the given shrink output."""
     out = torch.zeros(a.shape[0], offsets[-1])
     t = 0
@@ -116,23 +131,32 @@ def expand_reference(a: torch.Tensor, adapters: Sequence, counts: Sequence[int],
         r = b.shape[1]
         for j in range(len(offsets) - 1):
             lo, hi = offsets[j], offsets[j + 1]
-            out[rows, lo:hi] += a[rows, j * r:(j + 1) * r].float() @ b[lo:hi].T
+            out[rows, lo:hi] += a[rows, j * r : (j + 1) * r].float() @ b[lo:hi].T
     return out
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("pattern,kind,rank_mix", list(itertools.product(
-    ["distinct", "zipf", "interleaved", "with_base"], ["o_proj", "qkv", "gate_up"],
-    sorted(RANK_MIXES))))
+@pytest.mark.parametrize(
+    "pattern,kind,rank_mix",
+    list(
+        itertools.product(
+            ["distinct", "zipf", "interleaved", "with_base"],
+            ["o_proj", "qkv", "gate_up"],
+            sorted(RANK_MIXES),
+        )
+    ),
+)
 def test_decode_batches_take_the_compiled_path_and_match_the_reference(
-        monkeypatch, pattern, kind, rank_mix, dtype):
+    monkeypatch, pattern, kind, rank_mix, dtype
+):
     """One token per request: every adapter group is small, so the compiled loop serves them
     all, reading the packed matrices in place, in the model's dtype."""
     spy = PathSpy(monkeypatch)
     gen = torch.Generator().manual_seed(seed_of(pattern, kind, rank_mix))
     adapters = sharing(pattern, 24, gen)
-    a, a_ref, out, expected = _run(adapters, [1] * 24, kind, 64, rank_mix,
-                                   seed_of("run", pattern, kind, rank_mix), dtype)
+    a, a_ref, out, expected = _run(
+        adapters, [1] * 24, kind, 64, rank_mix, seed_of("run", pattern, kind, rank_mix), dtype
+    )
     torch.testing.assert_close(a, a_ref, **DTYPE_TOL[dtype])
     torch.testing.assert_close(out, expected, **DTYPE_TOL[dtype])
     assert spy.compiled > 0
@@ -163,18 +187,22 @@ def test_batches_the_compiled_path_cannot_read_fall_back_to_torch(monkeypatch):
     x = torch.randn(len(adapters), 64, generator=gen)
     groups = group_tokens(adapters, [1] * len(adapters), scalings)
     a = shrink(x, groups, A.get, 1, 16)  # separate tensors: one storage per matrix
-    a_ref, out_ref, _ = reference(x, adapters, [1] * len(adapters), A, B, scalings, offsets, 16,
-                                  1)
+    a_ref, out_ref, _ = reference(x, adapters, [1] * len(adapters), A, B, scalings, offsets, 16, 1)
     torch.testing.assert_close(a, a_ref, **TOL)
     torch.testing.assert_close(expand(a, groups, B.get, offsets, None), out_ref, **TOL)
     assert spy.compiled == 0
     A16 = {i: m.to(torch.bfloat16) for i, m in A.items()}
     A16, _ = pack_in_two_storages(A16, {})
-    plan = lora_cached_numba.plan_small_groups(x, groups.groups, groups.row_index, A16.get,
-                                               scalings)
+    plan = lora_cached_numba.plan_small_groups(
+        x, groups.groups, groups.row_index, A16.get, scalings
+    )
     assert plan is None  # float32 activations, bf16 weights
-    assert lora_cached_numba.plan_small_groups(x.bfloat16(), groups.groups, groups.row_index,
-                                               A16.get, scalings) is not None
+    assert (
+        lora_cached_numba.plan_small_groups(
+            x.bfloat16(), groups.groups, groups.row_index, A16.get, scalings
+        )
+        is not None
+    )
 
 
 def test_plans_locate_each_matrix_by_storage_and_offset():
@@ -183,13 +211,14 @@ def test_plans_locate_each_matrix_by_storage_and_offset():
     A, B, scalings = make_adapters((8, 32), 1, 16, 16, torch.float32, gen)
     A, B = pack_in_two_storages(A, B)
     groups = group_tokens(list(range(NUM_ADAPTERS)), [1] * NUM_ADAPTERS, scalings)
-    plan = lora_cached_numba.plan_small_groups(torch.zeros(NUM_ADAPTERS, 16), groups.groups,
-                                               groups.row_index, A.get, scalings)
+    plan = lora_cached_numba.plan_small_groups(
+        torch.zeros(NUM_ADAPTERS, 16), groups.groups, groups.row_index, A.get, scalings
+    )
     assert plan is not None
     for g, (_, _, adapter) in enumerate(groups.groups):
         flat = plan.buffers[plan.which[g]]
         rows = plan.dims[g]
-        found = flat[plan.offsets[g]: plan.offsets[g] + rows * 16].reshape(rows, 16)
+        found = flat[plan.offsets[g] : plan.offsets[g] + rows * 16].reshape(rows, 16)
         assert torch.equal(torch.from_numpy(found.copy()), A[adapter])
         assert plan.scalings[g] == pytest.approx(scalings[adapter])
 
@@ -217,10 +246,17 @@ def test_16_bit_conversions_are_exact_for_every_finite_value(dtype):
     finite = torch.isfinite(exact)
     assert torch.equal(lora_cached_numba.widen(words)[finite], exact[finite])
     gen = torch.Generator().manual_seed(1)
-    spread = torch.randn(200_000, generator=gen) * torch.exp(torch.randn(200_000, generator=gen)
-                                                            * 8)
+    spread = torch.randn(200_000, generator=gen) * torch.exp(
+        torch.randn(200_000, generator=gen) * 8
+    )
     ties = exact[finite] * (1 + 2.0 ** (-8 if dtype == torch.bfloat16 else -11))
-    values = torch.cat([spread, exact[finite], ties,
-                        torch.tensor([0.0, -0.0, 1e-8, -1e-8, 65504.0, 65519.0, 65520.0, 3e38])])
+    values = torch.cat(
+        [
+            spread,
+            exact[finite],
+            ties,
+            torch.tensor([0.0, -0.0, 1e-8, -1e-8, 65504.0, 65519.0, 65520.0, 3e38]),
+        ]
+    )
     got = lora_cached_numba.narrow(values, dtype)
     assert torch.equal(got.view(torch.int16), values.to(dtype).view(torch.int16))

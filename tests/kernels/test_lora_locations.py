@@ -4,7 +4,7 @@ float32 reference, and as plans that locate each matrix one by one."""
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict
 
 import numpy as np
 import pytest
@@ -20,14 +20,22 @@ pytestmark = pytest.mark.skipif(not lora_cached_numba.available(), reason="numba
 RANKS = (8, 16, 32, 64, 128)
 
 
-def _packed_layer(num_adapters: int, stack: int, hidden: int, out: int, gen: torch.Generator,
-                  dtype: torch.dtype = torch.float32):
+def _packed_layer(
+    num_adapters: int,
+    stack: int,
+    hidden: int,
+    out: int,
+    gen: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+):
     """Adapters 1..n packed as the cache packs a layer (A rows, then B as an [r, out] block),
     alternating between two storages; the table records where; also the matrices themselves."""
     storages = (torch.zeros(4_000_000, dtype=dtype), torch.zeros(4_000_000, dtype=dtype))
-    table = MatrixLocations([(lora_cached_numba.as_array(storages[0]),
-                              lora_cached_numba.as_array(storages[1]))],
-                            [("m", "A"), ("m", "B")], capacity=2)
+    table = MatrixLocations(
+        [(lora_cached_numba.as_array(storages[0]), lora_cached_numba.as_array(storages[1]))],
+        [("m", "A"), ("m", "B")],
+        capacity=2,
+    )
     A: Dict[int, torch.Tensor] = {}
     B: Dict[int, torch.Tensor] = {}
     cursor = [5, 11]  # unaligned starts
@@ -36,7 +44,7 @@ def _packed_layer(num_adapters: int, stack: int, hidden: int, out: int, gen: tor
         part = adapter % 2
         for kind, shape in (("A", (stack * r, hidden)), ("B", (r, out))):
             size = shape[0] * shape[1]
-            block = storages[part][cursor[part]: cursor[part] + size].view(shape)
+            block = storages[part][cursor[part] : cursor[part] + size].view(shape)
             block.copy_(torch.randn(shape, generator=gen) / shape[1] ** 0.5)
             table.set(adapter, ("m", kind), 0, part, cursor[part], shape[0])
             (A if kind == "A" else B)[adapter] = block if kind == "A" else block.t()
@@ -47,8 +55,7 @@ def _packed_layer(num_adapters: int, stack: int, hidden: int, out: int, gen: tor
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("pattern", ["distinct", "zipf", "interleaved", "with_base"])
 @pytest.mark.parametrize("kind", ["o_proj", "qkv", "gate_up"])
-def test_table_plans_match_the_reference(monkeypatch, pattern: str, kind: str,
-                                         dtype: torch.dtype):
+def test_table_plans_match_the_reference(monkeypatch, pattern: str, kind: str, dtype: torch.dtype):
     """Decode batches of 24 requests over 12 adapters of mixed ranks (the table grows past its
     capacity as they are recorded): the compiled kernels, planned from the table, give the
     reference in every dtype."""
@@ -84,8 +91,9 @@ def test_table_plans_equal_plans_located_one_by_one():
     small = groups.by_size[0]
     for kind, weights, for_expand in (("A", A, False), ("B", B, True)):
         ours = table.plan(("m", kind), 0, groups.small_batch)
-        theirs = lora_cached_numba.plan_small_groups(x, small, groups.row_index, weights.get,
-                                                     scalings, for_expand=for_expand)
+        theirs = lora_cached_numba.plan_small_groups(
+            x, small, groups.row_index, weights.get, scalings, for_expand=for_expand
+        )
         assert theirs is not None
         for g in range(len(small)):
             mine, found = ours.buffers[ours.which[g]], theirs.buffers[theirs.which[g]]
@@ -135,4 +143,3 @@ def test_b_not_stored_transposed_is_served_by_torch(monkeypatch):
     assert spy.compiled == served_by_shrink
     _, out_ref, _ = reference(x, [1, 2, 3, 4], [1] * 4, A, B, scalings, [0, 32], 128, 1)
     torch.testing.assert_close(out, out_ref, **DTYPE_TOL[torch.float32])
-

@@ -7,8 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chameleon_kernels.lora_table import (DeviceLocationTable, SegmentBuffers, alignment_for,
-                                          group_by_adapter)
+from chameleon_kernels.lora_table import (
+    DeviceLocationTable,
+    SegmentBuffers,
+    alignment_for,
+    group_by_adapter,
+)
 
 CPU = torch.device("cpu")
 
@@ -28,8 +32,9 @@ def test_grouping_keeps_each_adapters_tokens_in_batch_order(requests):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 4), st.integers(1, 3)), min_size=1, max_size=6),
-       st.booleans())
+@given(
+    st.lists(st.tuples(st.integers(0, 4), st.integers(1, 3)), min_size=1, max_size=6), st.booleans()
+)
 def test_fill_writes_the_grouping_and_pads_with_empty_segments(requests, graph):
     buffers = SegmentBuffers(8, 24, CPU)
     before = buffers.packed.data_ptr()
@@ -38,12 +43,13 @@ def test_fill_writes_the_grouping_and_pads_with_empty_segments(requests, graph):
     seg_adapters, starts, order = group_by_adapter(adapters, counts)
     n = len(seg_adapters)
     assert plan.seg_adapter[:n].tolist() == seg_adapters and not plan.seg_adapter[n:].any()
-    assert plan.seg_start[:n + 1].tolist() == starts
-    assert (plan.seg_start[n + 1:] == starts[-1]).all()  # later segments hold no tokens
-    assert plan.order[:len(order)].tolist() == order
+    assert plan.seg_start[: n + 1].tolist() == starts
+    assert (plan.seg_start[n + 1 :] == starts[-1]).all()  # later segments hold no tokens
+    assert plan.order[: len(order)].tolist() == order
     assert plan.num_segments == (len(requests) if graph else n)
-    assert plan.max_segment_tokens == (sum(counts) if graph else
-                                       max((b - a for a, b in zip(starts, starts[1:])), default=0))
+    assert plan.max_segment_tokens == (
+        sum(counts) if graph else max((b - a for a, b in zip(starts, starts[1:])), default=0)
+    )
     assert plan.active == bool(seg_adapters) and buffers.packed.data_ptr() == before
 
 

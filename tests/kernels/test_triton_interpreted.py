@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 CASES = ["triton_table_cases.py", "graph_discipline_cases.py"]
+pytestmark = pytest.mark.slow  # a fresh interpreter each, and Triton interpreted: minutes
 
 
 @pytest.mark.parametrize("cases", CASES)
@@ -24,9 +25,19 @@ def test_triton_kernels_match_the_float32_reference_under_the_interpreter(cases:
     """Every case of the module passes under the interpreter."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         str(Path(__file__).with_name(cases))],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(Path(__file__).with_name(cases)),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]

@@ -19,8 +19,10 @@ from chameleon_kernels import lora_table_triton as ltt
 from chameleon_kernels.lora_table import DeviceLocationTable, SegmentBuffers, alignment_for
 
 if os.environ.get("TRITON_INTERPRET") != "1":
-    raise RuntimeError("run this module in a process started with TRITON_INTERPRET=1 "
-                       "(tests/kernels/test_lora_table_triton.py does)")
+    raise RuntimeError(
+        "run this module in a process started with TRITON_INTERPRET=1 "
+        "(tests/kernels/test_lora_table_triton.py does)"
+    )
 assert ltt.HAS_TRITON and ltt.INTERPRETED
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -43,29 +45,42 @@ class Layer:
         """Copy ``w`` into the K (0) or V (1) buffer; its view and offset against K."""
         buf = (self.k, self.v)[part]
         start = self.cursor[part]
-        view = buf[start:start + w.numel()].view(w.shape)
+        view = buf[start : start + w.numel()].view(w.shape)
         view.copy_(w)
         self.cursor[part] = start + -(-w.numel() // self.align) * self.align + self.align
         return view, (view.data_ptr() - self.k.data_ptr()) // w.element_size()
 
 
-def make_adapter(layer: Layer, table: DeviceLocationTable, adapter: int, rank: int, stack: int,
-                 scaling: float, gen: torch.Generator, parts=(0, 1)
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_adapter(
+    layer: Layer,
+    table: DeviceLocationTable,
+    adapter: int,
+    rank: int,
+    stack: int,
+    scaling: float,
+    gen: torch.Generator,
+    parts=(0, 1),
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Random A ``[stack*r, HIDDEN]`` and B ``[out, r]`` placed in ``layer``, recorded in the
     table as adapter ``adapter``; returns the placed views."""
     out = SLICES[stack][-1]
-    a = (torch.randn(stack * rank, HIDDEN, generator=gen) / HIDDEN ** 0.5).to(layer.k.dtype)
-    b = (torch.randn(out, rank, generator=gen) / rank ** 0.5).to(layer.k.dtype)
+    a = (torch.randn(stack * rank, HIDDEN, generator=gen) / HIDDEN**0.5).to(layer.k.dtype)
+    b = (torch.randn(out, rank, generator=gen) / rank**0.5).to(layer.k.dtype)
     a_view, a_off = layer.place(parts[0], a)
     b_view, b_off = layer.place(parts[1], b)
     table.set_adapter(adapter, {(KIND_A, 0): (a_off, rank), (KIND_B, 0): (b_off, rank)}, scaling)
     return a_view, b_view
 
 
-def reference(x: torch.Tensor, per_token: Sequence[int], mats: Dict[int, Tuple], stack: int,
-              max_rank: int, scalings: Dict[int, float], base: Optional[torch.Tensor]
-              ) -> Tuple[torch.Tensor, torch.Tensor]:
+def reference(
+    x: torch.Tensor,
+    per_token: Sequence[int],
+    mats: Dict[int, Tuple],
+    stack: int,
+    max_rank: int,
+    scalings: Dict[int, float],
+    base: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """float32 shrink output and expand result, token by token."""
     bounds = SLICES[stack]
     a_ref = torch.zeros(x.shape[0], stack * max_rank)
@@ -79,15 +94,26 @@ def reference(x: torch.Tensor, per_token: Sequence[int], mats: Dict[int, Tuple],
         a_ref[t, : stack * r] = a
         for i in range(stack):
             lo, hi = bounds[i], bounds[i + 1]
-            out[t, lo:hi] += a[i * r:(i + 1) * r] @ b_w[lo:hi].T
+            out[t, lo:hi] += a[i * r : (i + 1) * r] @ b_w[lo:hi].T
     return a_ref, out
 
 
 def run(x, plan, table, layer, stack, max_rank, base_output, block_sizes=None):
-    a = ltt.table_shrink(x, plan, table, KIND_A, 0, layer.k, stack, max_rank,
-                         block_sizes=block_sizes)
-    out = ltt.table_expand(a, plan, table, KIND_B, 0, layer.k, SLICES[stack], base_output,
-                           max_rank, block_sizes=block_sizes)
+    a = ltt.table_shrink(
+        x, plan, table, KIND_A, 0, layer.k, stack, max_rank, block_sizes=block_sizes
+    )
+    out = ltt.table_expand(
+        a,
+        plan,
+        table,
+        KIND_B,
+        0,
+        layer.k,
+        SLICES[stack],
+        base_output,
+        max_rank,
+        block_sizes=block_sizes,
+    )
     return a, out
 
 
@@ -112,12 +138,15 @@ def test_mixed_ranks_interleaved_tokens_match_the_reference(dtype, stack, graph)
     layer = Layer(dtype)
     table = DeviceLocationTable([KIND_A, KIND_B], 1, 8, DEVICE, align=layer.align)
     scalings = {1: 0.5, 2: 2.0, 3: 1.0, 5: 1.5}
-    mats = {1: make_adapter(layer, table, 1, 8, stack, 0.5, gen, parts=(0, 1)),
-            2: make_adapter(layer, table, 2, 32, stack, 2.0, gen, parts=(1, 0)),
-            3: make_adapter(layer, table, 3, 16, stack, 1.0, gen, parts=(1, 1))}
+    mats = {
+        1: make_adapter(layer, table, 1, 8, stack, 0.5, gen, parts=(0, 1)),
+        2: make_adapter(layer, table, 2, 32, stack, 2.0, gen, parts=(1, 0)),
+        3: make_adapter(layer, table, 3, 16, stack, 1.0, gen, parts=(1, 1)),
+    }
     table.scalings[5] = 1.5  # adapter 5: a scaling, no matrices (rank 0 in the table)
-    adapters, counts, per_token = tokens([(2, 3), (1, 2), (0, 2), (3, 1), (1, 1), (5, 2),
-                                          (2, 1), (3, 17)])
+    adapters, counts, per_token = tokens(
+        [(2, 3), (1, 2), (0, 2), (3, 1), (1, 1), (5, 2), (2, 1), (3, 17)]
+    )
     segments = SegmentBuffers(12, 40, DEVICE)
     plan = segments.fill(adapters, counts, graph=graph)
     x = torch.randn(sum(counts), HIDDEN, generator=gen).to(dtype)
@@ -137,8 +166,10 @@ def test_several_token_and_column_blocks():
     gen = torch.Generator().manual_seed(9)
     layer = Layer(torch.float32)
     table = DeviceLocationTable([KIND_A, KIND_B], 1, 4, DEVICE, align=layer.align)
-    mats = {1: make_adapter(layer, table, 1, 32, 3, 0.7, gen),
-            2: make_adapter(layer, table, 2, 8, 3, 1.3, gen)}
+    mats = {
+        1: make_adapter(layer, table, 1, 32, 3, 0.7, gen),
+        2: make_adapter(layer, table, 2, 8, 3, 1.3, gen),
+    }
     adapters, counts, per_token = tokens([(1, 40), (2, 3), (1, 1)])
     plan = SegmentBuffers(4, 64, DEVICE).fill(adapters, counts)
     x = torch.randn(sum(counts), HIDDEN, generator=gen)
@@ -158,16 +189,22 @@ def test_loads_and_evictions_between_batches_are_followed_through_the_table(dtyp
     table = DeviceLocationTable([KIND_A, KIND_B], 1, 6, DEVICE, align=layer.align)
     segments = SegmentBuffers(6, 32, DEVICE)
     addresses = {t.data_ptr() for t in (*table.buffers(), *segments.buffers())}
-    resident = {1: make_adapter(layer, table, 1, 8, 2, 1.0, gen),
-                2: make_adapter(layer, table, 2, 16, 2, 0.5, gen)}
+    resident = {
+        1: make_adapter(layer, table, 1, 8, 2, 1.0, gen),
+        2: make_adapter(layer, table, 2, 16, 2, 0.5, gen),
+    }
     scalings = {1: 1.0, 2: 0.5}
-    steps = [("run", [(1, 1), (2, 1), (1, 1)]),
-             ("evict", 1),
-             ("run", [(2, 2), (0, 1)]),
-             ("load", (1, 32, 2.0)),  # id 1 again, another adapter of rank 32
-             ("run", [(1, 1), (2, 1), (1, 2)]),
-             ("evict", 2), ("load", (3, 8, 0.25)), ("load", (2, 16, 3.0)),
-             ("run", [(3, 1), (2, 1), (1, 1), (3, 1)])]
+    steps = [
+        ("run", [(1, 1), (2, 1), (1, 1)]),
+        ("evict", 1),
+        ("run", [(2, 2), (0, 1)]),
+        ("load", (1, 32, 2.0)),  # id 1 again, another adapter of rank 32
+        ("run", [(1, 1), (2, 1), (1, 2)]),
+        ("evict", 2),
+        ("load", (3, 8, 0.25)),
+        ("load", (2, 16, 3.0)),
+        ("run", [(3, 1), (2, 1), (1, 1), (3, 1)]),
+    ]
     for what, arg in steps:
         if what == "evict":
             a_view, b_view = resident.pop(arg)

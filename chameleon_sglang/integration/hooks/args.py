@@ -61,16 +61,23 @@ def cuda_graph_safety(server_args: Any, previous: Callable[[Any], None]) -> None
     from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
 
     cfg = resolving_view(server_args)
-    if cfg.device in (None, "cuda") and flags_unsupported_reason(cfg) is None \
-            and not cfg.disable_cuda_graph and torch.cuda.is_available():
+    if (
+        cfg.device in (None, "cuda")
+        and flags_unsupported_reason(cfg) is None
+        and not cfg.disable_cuda_graph
+        and torch.cuda.is_available()
+    ):
         from chameleon_sglang.integration.lora_pool import table_kernels_available
 
         if not table_kernels_available():
-            logger.warning("Chameleon adapter cache: Triton is not installed, so the LoRA "
-                           "kernels run on the host path, which CUDA graphs cannot capture: "
-                           "CUDA graphs disabled")
-            declare_resolution(server_args, "chameleon_sglang.cuda_graph_safety",
-                               disable_cuda_graph=True)
+            logger.warning(
+                "Chameleon adapter cache: Triton is not installed, so the LoRA "
+                "kernels run on the host path, which CUDA graphs cannot capture: "
+                "CUDA graphs disabled"
+            )
+            declare_resolution(
+                server_args, "chameleon_sglang.cuda_graph_safety", disable_cuda_graph=True
+            )
     previous(server_args)
 
 

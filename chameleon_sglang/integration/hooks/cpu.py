@@ -32,21 +32,28 @@ def default_cpu_threads_binding_for(cfg: Any) -> None:
         default_cpu_threads_binding(ranks, len(get_cpu_ids_by_node()))
 
 
-def bind_cpu_rank_threads(original: Callable, *args: Any, local_omp_cpuid: Any = None,
-                          **kwargs: Any) -> Any:
+def bind_cpu_rank_threads(
+    original: Callable, *args: Any, local_omp_cpuid: Any = None, **kwargs: Any
+) -> Any:
     """SGLang's CPU rank set-up: it binds each rank's OpenMP threads to the rank's cores only
     with ``sgl_kernel``'s CPU ops (AMX or arm64) and otherwise leaves every rank with a thread
     per core of the machine, so ``--dp-size``/``--tp-size`` ranks oversubscribe the cores
     (measured: 2 replicas on 2 cores ran 10x slower than one). Where SGLang cannot bind, this
     process is pinned to the rank's cores and torch's pool sized to them (logged)."""
     bootstrap = sys.modules[BOOTSTRAP_MODULE]
-    if getattr(bootstrap, "_is_cpu_amx_available", False) or \
-            getattr(bootstrap, "_is_cpu_arm64", False) or not local_omp_cpuid \
-            or _running_ranks() <= 1:  # one rank: nothing to oversubscribe, SGLang's threads stay
+    if (
+        getattr(bootstrap, "_is_cpu_amx_available", False)
+        or getattr(bootstrap, "_is_cpu_arm64", False)
+        or not local_omp_cpuid
+        or _running_ranks() <= 1
+    ):  # one rank: nothing to oversubscribe, SGLang's threads stay
         return original(*args, local_omp_cpuid=local_omp_cpuid, **kwargs)
     cores = bind_rank_threads(local_omp_cpuid)
-    logger.info("CPU engine without SGLang's CPU kernels: this rank runs on cores %s with %d "
-                "torch threads", cores, len(cores))
+    logger.info(
+        "CPU engine without SGLang's CPU kernels: this rank runs on cores %s with %d torch threads",
+        cores,
+        len(cores),
+    )
     return None
 
 
@@ -56,5 +63,5 @@ def _running_ranks() -> int:
         from sglang.srt.runtime_context import get_parallel
 
         return num_cpu_ranks(get_parallel())
-    except Exception:  # noqa: BLE001 - no runtime context: treat as one rank
+    except Exception:
         return 1

@@ -45,18 +45,22 @@ def resolve_dp_method(server_args: Any) -> None:
         return
     reason = affinity_unsupported_reason(cfg)
     if reason is not None:
-        logger.warning("--load-balance-method chameleon: %s; using SGLang's %s", reason,
-                       STAND_IN_METHOD)
-        declare_resolution(server_args, "chameleon_sglang.resolve_dp_method",
-                           load_balance_method=STAND_IN_METHOD)
+        logger.warning(
+            "--load-balance-method chameleon: %s; using SGLang's %s", reason, STAND_IN_METHOD
+        )
+        declare_resolution(
+            server_args, "chameleon_sglang.resolve_dp_method", load_balance_method=STAND_IN_METHOD
+        )
 
 
 def affinity_enabled(server_args: Any) -> bool:
     """This launch dispatches by adapter affinity (its resolved server arguments say so)."""
-    return (str(getattr(server_args, "load_balance_method", "")).lower()
-            == CHAMELEON_LOAD_BALANCE_METHOD
-            and int(getattr(server_args, "dp_size", 1) or 1) > 1
-            and affinity_unsupported_reason(server_args) is None)
+    return (
+        str(getattr(server_args, "load_balance_method", "")).lower()
+        == CHAMELEON_LOAD_BALANCE_METHOD
+        and int(getattr(server_args, "dp_size", 1) or 1) > 1
+        and affinity_unsupported_reason(server_args) is None
+    )
 
 
 # -- controller process ------------------------------------------------------------------------
@@ -75,13 +79,13 @@ def install_dispatch(result: Any, controller: Any, *args: Any, **kwargs: Any) ->
     from chameleon_sglang.integration.dp_controller import install_affinity_routing
 
     state = state_for(controller)
-    state.routing = install_affinity_routing(controller, state.config,
-                                             controller.port_args.tokenizer_ipc_name)
+    state.routing = install_affinity_routing(
+        controller, state.config, controller.port_args.tokenizer_ipc_name
+    )
     return result
 
 
-def controller_event_loop(original: Callable, controller: Any, *args: Any,
-                          **kwargs: Any) -> Any:
+def controller_event_loop(original: Callable, controller: Any, *args: Any, **kwargs: Any) -> Any:
     """``DataParallelController.event_loop``: with ``--chameleon``, one that blocks while idle
     (SGLang's at the pin spins a core, which on a small CPU machine is a replica's core)."""
     if not getattr(controller.server_args, "chameleon", False):
@@ -94,8 +98,9 @@ def controller_event_loop(original: Callable, controller: Any, *args: Any,
 
 
 # -- scheduler processes -----------------------------------------------------------------------
-def remember_ipc_name(result: Any, scheduler: Any, port_args: Any, *args: Any,
-                      **kwargs: Any) -> Any:
+def remember_ipc_name(
+    result: Any, scheduler: Any, port_args: Any, *args: Any, **kwargs: Any
+) -> Any:
     """After ``Scheduler.init_ipc_channels``: keep the launch's tokenizer IPC name (the residency
     channel's endpoint is derived from it)."""
     state_for(scheduler).tokenizer_ipc_name = getattr(port_args, "tokenizer_ipc_name", None)
@@ -108,13 +113,17 @@ def install_reporter(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> 
     under adapter-affinity dispatch, reports to the controller."""
     state = state_for(scheduler)
     server_args = scheduler.server_args
-    if not state.config.enabled or int(getattr(server_args, "dp_size", 1) or 1) <= 1 \
-            or getattr(scheduler, "recv_from_tokenizer", None) is None:
+    if (
+        not state.config.enabled
+        or int(getattr(server_args, "dp_size", 1) or 1) <= 1
+        or getattr(scheduler, "recv_from_tokenizer", None) is None
+    ):
         return result
     from sglang.srt.runtime_context import get_parallel
 
-    state.reporter = install_replica_reporter(scheduler, state, get_parallel().dp_rank,
-                                              affinity_enabled(server_args))
+    state.reporter = install_replica_reporter(
+        scheduler, state, get_parallel().dp_rank, affinity_enabled(server_args)
+    )
     state.reporter.report(force=True)
     return result
 
@@ -144,8 +153,9 @@ def report_prefill_batch(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
     return result
 
 
-def report_enqueued(result: Any, scheduler: Any, req: Any, is_retracted: bool = False,
-                    *args: Any, **kwargs: Any) -> Any:
+def report_enqueued(
+    result: Any, scheduler: Any, req: Any, is_retracted: bool = False, *args: Any, **kwargs: Any
+) -> Any:
     """After ``_add_request_to_queue``: a request taken (counted) or retracted, then reported."""
     state = state_of(scheduler)
     if state is not None and state.reporter is not None:

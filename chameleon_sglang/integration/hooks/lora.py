@@ -59,8 +59,9 @@ def decide_adapter_cache(original: Callable, runner: Any, *args: Any, **kwargs: 
     return original(runner, *args, **kwargs)
 
 
-def build_cache_aware_allocator(original: Callable, configurator: Any, *args: Any,
-                                **kwargs: Any) -> Any:
+def build_cache_aware_allocator(
+    original: Callable, configurator: Any, *args: Any, **kwargs: Any
+) -> Any:
     """SGLang's KV allocator construction: where the adapter cache is this process's LoRA pool,
     the page-size-1 allocator is built as ``CacheAwareTokenAllocator`` (inert until the cache
     binds to it); anything else exactly as SGLang builds it."""
@@ -102,8 +103,9 @@ def init_lora_pool(original: Callable, manager: Any, *args: Any, **kwargs: Any) 
     return None
 
 
-def refuse_uncacheable_adapter(result: Any, manager: Any, lora_config: Any, lora_ref: Any,
-                               *args: Any, **kwargs: Any) -> Any:
+def refuse_uncacheable_adapter(
+    result: Any, manager: Any, lora_config: Any, lora_ref: Any, *args: Any, **kwargs: Any
+) -> Any:
     """With the adapter cache, refuse adapters with embedding or LM-head weights at load."""
     if getattr(manager.lora_backend, "name", None) == capability.CHAMELEON_LORA_BACKEND:
         targets = set(getattr(lora_config, "target_modules", None) or ())
@@ -112,12 +114,14 @@ def refuse_uncacheable_adapter(result: Any, manager: Any, lora_config: Any, lora
             raise ValueError(
                 f"Failed to load LoRA adapter {lora_ref.lora_name}: the Chameleon adapter cache "
                 f"does not serve LoRA on {embedded or 'added tokens'} (run without --chameleon "
-                f"or with --no-chameleon-cache for such adapters)")
+                f"or with --no-chameleon-cache for such adapters)"
+            )
     return result
 
 
-def load_into_slot_with_host_link(original: Callable, pool: Any, uid: Any, *args: Any,
-                                  **kwargs: Any) -> Any:
+def load_into_slot_with_host_link(
+    original: Callable, pool: Any, uid: Any, *args: Any, **kwargs: Any
+) -> Any:
     """SGLang's slot fill, held to the host-link model when one is set."""
     started = time.perf_counter()
     result = original(pool, uid, *args, **kwargs)

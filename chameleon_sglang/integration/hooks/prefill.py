@@ -42,5 +42,9 @@ def prefill_pass_continues(
     from sglang.srt.managers.schedule_policy import AddReqResult
 
     return state.bridge.after_rejection(
-        adder, running_batch, req, memory_short=res == AddReqResult.NO_TOKEN,
-        budget_spent=adder.budget_state() == AddReqResult.NO_TOKEN)
+        adder,
+        running_batch,
+        req,
+        memory_short=res == AddReqResult.NO_TOKEN,
+        budget_spent=adder.budget_state() == AddReqResult.NO_TOKEN,
+    )

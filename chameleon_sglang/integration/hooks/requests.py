@@ -13,21 +13,20 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 
-
 def out_of_vocab_message(input_ids: Optional[Sequence[int]], vocab_size: int) -> Optional[str]:
     """Why ``input_ids`` cannot be served by a model of ``vocab_size`` tokens (None: it can)."""
     if not input_ids or vocab_size <= 0:
         return None
     lo, hi = min(input_ids), max(input_ids)
-    if 0 <= lo and hi < vocab_size:
+    if lo >= 0 and hi < vocab_size:
         return None
     bad = lo if lo < 0 else hi
-    return (f"input_ids holds token id {bad}, outside the model's vocabulary "
-            f"[0, {vocab_size})")
+    return f"input_ids holds token id {bad}, outside the model's vocabulary [0, {vocab_size})"
 
 
-def refuse_token_ids_outside_vocab(manager: Any, obj: Any, input_ids: Any, *args: Any,
-                                   **kwargs: Any) -> None:
+def refuse_token_ids_outside_vocab(
+    manager: Any, obj: Any, input_ids: Any, *args: Any, **kwargs: Any
+) -> None:
     """BEFORE hook of ``TokenizerManager._validate_one_request`` (module docstring)."""
     vocab_size = int(getattr(getattr(manager, "model_config", None), "vocab_size", 0) or 0)
     if isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], int):

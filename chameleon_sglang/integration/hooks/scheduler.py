@@ -18,8 +18,13 @@ from chameleon_sglang.integration.metrics import CacheMetrics, MetricsPublisher,
 from chameleon_sglang.integration.scheduler_bridge import SchedulerBridge
 from chameleon_sglang.integration.state import ChameleonState, state_for, state_of
 from chameleon_sglang.integration.tp_broadcast import tensor_parallel_broadcast
-from chameleon_sglang.status import ComponentStatus, cache_status, scheduler_status, status_line
-from chameleon_sglang.status import status_report
+from chameleon_sglang.status import (
+    ComponentStatus,
+    cache_status,
+    scheduler_status,
+    status_line,
+    status_report,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +49,13 @@ def install_scheduler(result: Any, scheduler: Any, *args: Any, **kwargs: Any) ->
     clock = SchedulerClock(tensor_parallel_broadcast()) if config.enabled else None
     policy_on = config.enabled and config.scheduler != "off" and reason is None
     if chameleon_pool_of(scheduler) is not None:
-        state.cache = install_cache(scheduler, clock, config.prefetch, owns_clock=not policy_on,
-                                    predictive=config.prefetch_policy == "predictive")
+        state.cache = install_cache(
+            scheduler,
+            clock,
+            config.prefetch,
+            owns_clock=not policy_on,
+            predictive=config.prefetch_policy == "predictive",
+        )
         state.cache_metrics = MetricsPublisher(scheduler, CacheMetrics)
     if policy_on:
         scheduler.enable_priority_preemption = False
@@ -65,12 +75,19 @@ def _scheduler_unsupported_reason(scheduler: Any) -> Optional[str]:
     return None if reason is None else f"{reason}: SGLang's scheduling in use"
 
 
-def _statuses(scheduler: Any, state: ChameleonState,
-              reason: Optional[str]) -> List[ComponentStatus]:
+def _statuses(
+    scheduler: Any, state: ChameleonState, reason: Optional[str]
+) -> List[ComponentStatus]:
     installed = None if state.bridge is not None else (reason or "not installed")
-    cache_reason = None if state.cache is not None else (
-        capability.runner_decision().reason
-        or capability.flags_unsupported_reason(scheduler.server_args) or "not installed")
+    cache_reason = (
+        None
+        if state.cache is not None
+        else (
+            capability.runner_decision().reason
+            or capability.flags_unsupported_reason(scheduler.server_args)
+            or "not installed"
+        )
+    )
     return [scheduler_status(state.config, installed), cache_status(state.config, cache_reason)]
 
 
@@ -87,8 +104,9 @@ def refuse_request_beyond_memory(scheduler: Any, req: Any, *args: Any, **kwargs:
     return None
 
 
-def on_request_enqueued(result: Any, scheduler: Any, req: Any, is_retracted: bool = False,
-                        *args: Any, **kwargs: Any) -> Any:
+def on_request_enqueued(
+    result: Any, scheduler: Any, req: Any, is_retracted: bool = False, *args: Any, **kwargs: Any
+) -> Any:
     """After ``_add_request_to_queue``: an arrival (or a retraction) for cache and policy."""
     state = state_of(scheduler)
     if state is None:
@@ -113,8 +131,9 @@ def on_request_aborted(result: Any, scheduler: Any, req: Any, *args: Any, **kwar
     return result
 
 
-def on_can_schedule_lora_req(original: Callable, scheduler: Any, req: Any, *args: Any,
-                             **kwargs: Any) -> bool:
+def on_can_schedule_lora_req(
+    original: Callable, scheduler: Any, req: Any, *args: Any, **kwargs: Any
+) -> bool:
     """With the adapter cache, 'can this adapter be made resident' replaces SGLang's per-batch
     adapter limit (SGLang's LoRA drainer, when configured, still has its say first)."""
     state = state_of(scheduler)
@@ -155,8 +174,9 @@ def on_batch_result(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> A
 
 
 # -- reporting ---------------------------------------------------------------------------------
-def add_chameleon_init_info(result: Dict[str, Any], scheduler: Any, *args: Any,
-                            **kwargs: Any) -> Dict[str, Any]:
+def add_chameleon_init_info(
+    result: Dict[str, Any], scheduler: Any, *args: Any, **kwargs: Any
+) -> Dict[str, Any]:
     """After ``get_init_info``: the component status in the scheduler's handshake (merged into
     ``/server_info``)."""
     state = state_for(scheduler)

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from cache_factories import BYTES_PER_SLOT, FakeSlotStore, load, make_cache
+
 from chameleon_sglang.cache import AdapterCache, CacheFullError
 from chameleon_sglang.config import ChameleonConfig
 
@@ -258,6 +258,7 @@ def test_prefetch_candidates_are_missing_queued_adapters_in_order_without_repeat
 
 def test_the_same_operations_evict_the_same_adapters_whatever_the_insertion_order():
     """Eviction does not depend on the order entries were admitted in."""
+
     def run(order):
         cache, _ = make_cache(total_slots=10)
         for adapter_id in order:

@@ -1,6 +1,6 @@
 import pytest
-
 from cache_factories import make_entry
+
 from chameleon_sglang.cache import EVICTION_POLICY_NAMES, create_eviction_policy
 from chameleon_sglang.config import ChameleonConfig
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
+from cache_factories import make_cache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache_factories import make_cache
 from chameleon_sglang.cache import EVICTION_POLICY_NAMES, CacheFullError
 
 IDS = ["a0", "a1", "a2", "a3", "a4", "a5"]
@@ -23,7 +23,15 @@ releases = st.tuples(st.just("release"), st.integers(0, 9))
 kv_allocs = st.tuples(st.just("kv_alloc"), st.integers(1, 8), queued_sets)
 operations = st.lists(
     st.one_of(
-        admits, admits, admits, acquires, acquires, releases, releases, kv_allocs, kv_allocs,
+        admits,
+        admits,
+        admits,
+        acquires,
+        acquires,
+        releases,
+        releases,
+        kv_allocs,
+        kv_allocs,
         st.tuples(st.just("kv_free"), st.integers(0, 9)),
         st.tuples(st.just("evict_for"), st.integers(1, 4), queued_sets),
         st.tuples(st.just("drop"), st.integers(0, 9)),

@@ -1,5 +1,4 @@
 import pytest
-
 from cache_factories import FakeSlotStore
 
 

@@ -56,9 +56,7 @@ def test_younger_resident_request_bypasses_a_head_whose_adapter_misfits():
 def test_no_bypass_when_candidate_would_finish_after_memory_frees():
     """A candidate that would finish at or after the head's memory frees does not bypass."""
     mlq = blocked_head_queue()
-    result = mlq.schedule_pass(
-        ScriptedEngine({"h": ADAPTER_MISFIT}), hooks=make_hooks(free_at=5.0)
-    )
+    result = mlq.schedule_pass(ScriptedEngine({"h": ADAPTER_MISFIT}), hooks=make_hooks(free_at=5.0))
     assert ids(result.admitted) == [] and mlq.num_bypasses == 0
 
 

@@ -17,18 +17,38 @@ from scheduler_factories import (
 from chameleon_sglang.scheduler import ChameleonPolicy, MaxNewTokensPredictor
 
 
-def arrive(policy: ChameleonPolicy, rid: str, now: float, *, input_len: int = 100,
-           adapter: str | None = "a", rank: int = 8, max_new: int = 100) -> None:
-    policy.on_arrival(rid, adapter_id=adapter, input_len=input_len, max_new_tokens=max_new,
-                      now=now, rank=rank if adapter else None)
+def arrive(
+    policy: ChameleonPolicy,
+    rid: str,
+    now: float,
+    *,
+    input_len: int = 100,
+    adapter: str | None = "a",
+    rank: int = 8,
+    max_new: int = 100,
+) -> None:
+    policy.on_arrival(
+        rid,
+        adapter_id=adapter,
+        input_len=input_len,
+        max_new_tokens=max_new,
+        now=now,
+        rank=rank if adapter else None,
+    )
 
 
 def arrive_clustered(policy: ChameleonPolicy, n: int, start: float = 0.0) -> None:
     """n requests alternating between a small (rank 8) and a large (rank 64) size class."""
     for i in range(n):
         large = i % 2 == 1
-        arrive(policy, f"w{start}-{i}", start + i * 0.1, input_len=900 if large else 50,
-               rank=64 if large else 8, max_new=900 if large else 50)
+        arrive(
+            policy,
+            f"w{start}-{i}",
+            start + i * 0.1,
+            input_len=900 if large else 50,
+            rank=64 if large else 8,
+            max_new=900 if large else 50,
+        )
 
 
 def test_off_mode_is_not_this_policy():
@@ -86,8 +106,9 @@ def test_static_mode_has_equal_range_queues_and_equal_quotas():
 def test_base_model_request_is_sized_with_min_rank_and_no_adapter_memory():
     """A base-model request gets rank = min_rank and no adapter charge."""
     policy = make_policy()
-    entry = policy.on_arrival("b", adapter_id=None, input_len=10, max_new_tokens=20, now=0.0,
-                              rank=64, adapter_tokens=99)
+    entry = policy.on_arrival(
+        "b", adapter_id=None, input_len=10, max_new_tokens=20, now=0.0, rank=64, adapter_tokens=99
+    )
     assert entry.rank == make_limits().min_rank and entry.adapter_tokens == 0
     assert entry.charge == 10 + 20
 
@@ -100,8 +121,9 @@ def test_adapter_request_needs_its_rank():
 
 def test_adapter_memory_is_part_of_the_charge():
     """charge = input + predicted output + adapter tokens."""
-    entry = make_policy().on_arrival("r", adapter_id="a", input_len=10, max_new_tokens=20,
-                                     now=0.0, rank=8, adapter_tokens=7)
+    entry = make_policy().on_arrival(
+        "r", adapter_id="a", input_len=10, max_new_tokens=20, now=0.0, rank=8, adapter_tokens=7
+    )
     assert entry.charge == 10 + 20 + 7
 
 
@@ -137,8 +159,19 @@ def test_stats_are_json_able_and_complete():
     arrive_clustered(policy, 20)
     policy.maybe_refresh(5.0)
     stats = json.loads(json.dumps(policy.stats()))
-    for key in ("num_queues", "cutoffs", "quotas", "usage", "num_waiting", "predictor",
-                "num_bypasses", "num_squashes", "quota_scaled_down", "min_quotas", "wcss"):
+    for key in (
+        "num_queues",
+        "cutoffs",
+        "quotas",
+        "usage",
+        "num_waiting",
+        "predictor",
+        "num_bypasses",
+        "num_squashes",
+        "quota_scaled_down",
+        "min_quotas",
+        "wcss",
+    ):
         assert key in stats
     assert stats["num_queues"] == len(stats["cutoffs"]) + 1 == len(stats["quotas"])
 
@@ -158,9 +191,11 @@ def test_quota_minimums_use_observed_demand():
 
 def test_identical_event_streams_give_identical_decisions():
     """Two policies fed the same events make the same decisions (no clocks, no randomness)."""
+
     def run() -> list[list[str]]:
-        policy = ChameleonPolicy(make_config(warmup_requests=20), make_limits(), 3000,
-                                 predictor=MaxNewTokensPredictor())
+        policy = ChameleonPolicy(
+            make_config(warmup_requests=20), make_limits(), 3000, predictor=MaxNewTokensPredictor()
+        )
         arrive_clustered(policy, 40)
         decisions = []
         for step in range(5):

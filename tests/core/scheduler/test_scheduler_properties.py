@@ -45,8 +45,15 @@ def pass_setups(draw) -> Tuple[MultiLevelQueue, Dict[str, AdmitResult]]:
     script = {}
     for i, (queue, charge) in enumerate(waiting):
         adapter = draw(st.sampled_from(["hot", "cold", None]))
-        mlq.add(make_entry(f"w{i}", queue=queue, charge=charge, adapter_id=adapter,
-                           predicted_output=draw(st.integers(1, charge))))
+        mlq.add(
+            make_entry(
+                f"w{i}",
+                queue=queue,
+                charge=charge,
+                adapter_id=adapter,
+                predicted_output=draw(st.integers(1, charge)),
+            )
+        )
         script[f"w{i}"] = draw(verdicts)
     return mlq, script
 
@@ -132,8 +139,10 @@ OPS = ("add", "add", "pass", "pass", "finish", "retract", "grow", "abort", "rela
 
 
 @FAST
-@given(st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 10**6)), max_size=60),
-       st.lists(verdicts, min_size=1, max_size=16))
+@given(
+    st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 10**6)), max_size=60),
+    st.lists(verdicts, min_size=1, max_size=16),
+)
 def test_quota_is_conserved(ops, verdict_cycle):
     """Whatever happens, usage tracks running charges (and the running-bypass index the running
     bypass requests), and is zero once everything is released."""
@@ -150,8 +159,11 @@ def test_quota_is_conserved(ops, verdict_cycle):
         if op == "add":
             rid = f"r{len(all_ids)}"
             all_ids.append(rid)
-            mlq.add(make_entry(rid, queue=n % 4, charge=1 + n % 120,
-                               adapter_id=("hot", "cold", None)[n % 3]))
+            mlq.add(
+                make_entry(
+                    rid, queue=n % 4, charge=1 + n % 120, adapter_id=("hot", "cold", None)[n % 3]
+                )
+            )
         elif op == "pass":
             mlq.schedule_pass(engine, hooks=HOOKS)
         elif op == "relayout":
@@ -228,7 +240,12 @@ class MemoryEngine:
     large_fraction=st.floats(0.05, 1.0),
 )
 def test_large_request_is_not_starved_by_a_steady_small_stream(
-    capacity, max_running, small_duration, arrivals_per_pass, small_charge, medium_every,
+    capacity,
+    max_running,
+    small_duration,
+    arrivals_per_pass,
+    small_charge,
+    medium_every,
     large_fraction,
 ):
     """With small requests arriving every pass, a large request is admitted within a bounded

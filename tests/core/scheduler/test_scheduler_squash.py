@@ -17,8 +17,9 @@ def queue_with_bypasses(num_bypasses: int = 2) -> MultiLevelQueue:
     for i in range(1, num_bypasses + 1):
         mlq.add(make_entry(f"y{i}", adapter_id="hot", predicted_output=1))
     mlq.add(make_entry("o", queue=1, adapter_id="hot", predicted_output=1))
-    hooks = BypassHooks(is_adapter_resident=lambda a: a == "hot",
-                        predicted_free_at=lambda head: 100.0)
+    hooks = BypassHooks(
+        is_adapter_resident=lambda a: a == "hot", predicted_free_at=lambda head: 100.0
+    )
     result = mlq.schedule_pass(ScriptedEngine({"h": ADAPTER_MISFIT}), hooks=hooks)
     assert ids(result.admitted) == [*(f"y{i}" for i in range(1, num_bypasses + 1)), "o"]
     return mlq
