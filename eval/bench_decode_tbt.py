@@ -37,10 +37,7 @@ from chameleon_sglang.dev.serve import ServerProcess, free_port, server_command
 from eval.arms import auto_dtype
 from eval.summary import machine_info
 
-ARMS = {
-    "chameleon": ["--chameleon"],
-    "stock-65-slots": ["--max-loras-per-batch", "65"],
-}
+ARMS = {"chameleon": ["--chameleon"], "stock-65-slots": ["--max-loras-per-batch", "65"]}
 
 
 def _stream_gaps(url: str, ids: List[int], adapter: Optional[str], new: int) -> List[float]:

@@ -84,18 +84,16 @@ if njit is not None:
     def _f32_of_bits(typingctx, bits):  # pragma: no cover - compiled
         def codegen(context, builder, signature, args):
             return builder.bitcast(args[0], ir.FloatType())
-
         return types.float32(types.uint32), codegen
 
     @intrinsic
     def _bits_of_f32(typingctx, value):  # pragma: no cover - compiled
         def codegen(context, builder, signature, args):
             return builder.bitcast(args[0], ir.IntType(32))
-
         return types.uint32(types.float32), codegen
 
     _U16 = np.uint32(16)
-    _F16_MAGIC = np.float32(2.0**112)  # fp16 exponent bias 15 -> float32 bias 127
+    _F16_MAGIC = np.float32(2.0 ** 112)  # fp16 exponent bias 15 -> float32 bias 127
 
     @njit(inline="always", fastmath=True)
     def _widen(h, code):  # pragma: no cover - compiled
@@ -152,9 +150,8 @@ if njit is not None:
     # with itself in shrink; expand adds it once.
 
     @njit(fastmath=True, cache=True, nogil=True)
-    def _shrink_kernel(
-        x, out, buf0, buf1, rows, starts, stops, which, offsets, num_rows, scalings
-    ):  # pragma: no cover - compiled
+    def _shrink_kernel(x, out, buf0, buf1, rows, starts, stops, which, offsets, num_rows,
+                       scalings):  # pragma: no cover - compiled
         width = x.shape[1]
         for g in range(starts.shape[0]):
             buf = buf0 if which[g] == 0 else buf1
@@ -166,7 +163,7 @@ if njit is not None:
                 x0 = x[t0]
                 x1 = x[t1]
                 for j in range(num_rows[g]):
-                    row = buf[offset + j * width : offset + (j + 1) * width]  # slices vectorise
+                    row = buf[offset + j * width: offset + (j + 1) * width]  # slices vectorise
                     s0 = np.float32(0.0)
                     s1 = np.float32(0.0)
                     for k in range(width):
@@ -177,9 +174,8 @@ if njit is not None:
                     out[t1, j] = s1 * scale
 
     @njit(fastmath=True, cache=True, nogil=True)
-    def _shrink16_kernel(
-        x, out, buf0, buf1, rows, starts, stops, which, offsets, num_rows, scalings, code
-    ):  # pragma: no cover - compiled
+    def _shrink16_kernel(x, out, buf0, buf1, rows, starts, stops, which, offsets, num_rows,
+                         scalings, code):  # pragma: no cover - compiled
         # As _shrink_kernel, over 16-bit words: a pair's activations are widened once into
         # float32 rows, weights as they stream, each output row narrowed once at the end.
         width = x.shape[1]
@@ -198,7 +194,7 @@ if njit is not None:
                 _widen_row(x[t0], x0, code)
                 _widen_row(x[t1], x1, code)
                 for j in range(n):
-                    row = buf[offset + j * width : offset + (j + 1) * width]
+                    row = buf[offset + j * width: offset + (j + 1) * width]
                     s0 = np.float32(0.0)
                     s1 = np.float32(0.0)
                     if code == BF16:
@@ -217,9 +213,8 @@ if njit is not None:
                 _narrow_row(acc1, out[t1, :n], code)
 
     @njit(fastmath=True, cache=True, nogil=True)
-    def _expand_kernel(
-        a, out, buf0, buf1, rows, starts, stops, which, offsets, ranks, bounds
-    ):  # pragma: no cover - compiled
+    def _expand_kernel(a, out, buf0, buf1, rows, starts, stops, which, offsets, ranks,
+                       bounds):  # pragma: no cover - compiled
         # B is stored transposed (``[rank, out]`` rows): each of its rows is one contiguous
         # run that is added, scaled, into the token's output row (a vectorised axpy), four
         # rank rows per pass over the output slice.
@@ -236,16 +231,16 @@ if njit is not None:
                 for s in range(num_slices):
                     lo = bounds[s]
                     n = bounds[s + 1] - lo
-                    o0 = out[t0, lo : lo + n]
-                    o1 = out[t1, lo : lo + n]
+                    o0 = out[t0, lo:lo + n]
+                    o1 = out[t1, lo:lo + n]
                     col = s * rank
                     k = 0
                     while k + 4 <= rank:
                         at = offset + k * total + lo
-                        r0 = buf[at : at + n]
-                        r1 = buf[at + total : at + total + n]
-                        r2 = buf[at + 2 * total : at + 2 * total + n]
-                        r3 = buf[at + 3 * total : at + 3 * total + n]
+                        r0 = buf[at: at + n]
+                        r1 = buf[at + total: at + total + n]
+                        r2 = buf[at + 2 * total: at + 2 * total + n]
+                        r3 = buf[at + 3 * total: at + 3 * total + n]
                         u0 = a[t0, col + k]
                         u1 = a[t0, col + k + 1]
                         u2 = a[t0, col + k + 2]
@@ -268,7 +263,7 @@ if njit is not None:
                         k += 4
                     while k < rank:
                         at = offset + k * total + lo
-                        r0 = buf[at : at + n]
+                        r0 = buf[at: at + n]
                         u0 = a[t0, col + k]
                         for c in range(n):
                             o0[c] += u0 * r0[c]
@@ -281,17 +276,12 @@ if njit is not None:
     @njit(inline="always", fastmath=True)
     def _axpy4(o, r0, r1, r2, r3, u0, u1, u2, u3, code):  # pragma: no cover - compiled
         for c in range(o.shape[0]):
-            o[c] += (
-                u0 * _widen(r0[c], code)
-                + u1 * _widen(r1[c], code)
-                + u2 * _widen(r2[c], code)
-                + u3 * _widen(r3[c], code)
-            )
+            o[c] += (u0 * _widen(r0[c], code) + u1 * _widen(r1[c], code)
+                     + u2 * _widen(r2[c], code) + u3 * _widen(r3[c], code))
 
     @njit(inline="always", fastmath=True)
-    def _axpy4_pair(
-        o0, o1, r0, r1, r2, r3, u0, u1, u2, u3, v0, v1, v2, v3, code
-    ):  # pragma: no cover - compiled
+    def _axpy4_pair(o0, o1, r0, r1, r2, r3, u0, u1, u2, u3, v0, v1, v2, v3,
+                    code):  # pragma: no cover - compiled
         for c in range(o0.shape[0]):
             w0 = _widen(r0[c], code)
             w1 = _widen(r1[c], code)
@@ -301,9 +291,8 @@ if njit is not None:
             o1[c] += v0 * w0 + v1 * w1 + v2 * w2 + v3 * w3
 
     @njit(fastmath=True, cache=True, nogil=True)
-    def _expand16_kernel(
-        a, out, buf0, buf1, rows, starts, stops, which, offsets, ranks, bounds, code
-    ):  # pragma: no cover - compiled
+    def _expand16_kernel(a, out, buf0, buf1, rows, starts, stops, which, offsets, ranks,
+                         bounds, code):  # pragma: no cover - compiled
         # As _expand_kernel, over 16-bit words: a token's output slice is widened into a
         # float32 row, every rank row of B added into it, then narrowed once.
         num_slices = bounds.shape[0] - 1
@@ -329,93 +318,45 @@ if njit is not None:
                     o0 = acc0[:n]
                     o1 = acc1[:n]
                     col = s * rank
-                    _widen_row(out[t0, lo : lo + n], o0, code)
-                    _widen_row(a[t0, col : col + rank], coef0, code)
+                    _widen_row(out[t0, lo:lo + n], o0, code)
+                    _widen_row(a[t0, col:col + rank], coef0, code)
                     if pair:
-                        _widen_row(out[t1, lo : lo + n], o1, code)
-                        _widen_row(a[t1, col : col + rank], coef1, code)
+                        _widen_row(out[t1, lo:lo + n], o1, code)
+                        _widen_row(a[t1, col:col + rank], coef1, code)
                     k = 0
                     while k + 4 <= rank:
                         at = offset + k * total + lo
-                        r0 = buf[at : at + n]
-                        r1 = buf[at + total : at + total + n]
-                        r2 = buf[at + 2 * total : at + 2 * total + n]
-                        r3 = buf[at + 3 * total : at + 3 * total + n]
+                        r0 = buf[at: at + n]
+                        r1 = buf[at + total: at + total + n]
+                        r2 = buf[at + 2 * total: at + 2 * total + n]
+                        r3 = buf[at + 3 * total: at + 3 * total + n]
                         if pair:
                             if code == BF16:
-                                _axpy4_pair(
-                                    o0,
-                                    o1,
-                                    r0,
-                                    r1,
-                                    r2,
-                                    r3,
-                                    coef0[k],
-                                    coef0[k + 1],
-                                    coef0[k + 2],
-                                    coef0[k + 3],
-                                    coef1[k],
-                                    coef1[k + 1],
-                                    coef1[k + 2],
-                                    coef1[k + 3],
-                                    BF16,
-                                )
+                                _axpy4_pair(o0, o1, r0, r1, r2, r3, coef0[k], coef0[k + 1],
+                                            coef0[k + 2], coef0[k + 3], coef1[k], coef1[k + 1],
+                                            coef1[k + 2], coef1[k + 3], BF16)
                             else:
-                                _axpy4_pair(
-                                    o0,
-                                    o1,
-                                    r0,
-                                    r1,
-                                    r2,
-                                    r3,
-                                    coef0[k],
-                                    coef0[k + 1],
-                                    coef0[k + 2],
-                                    coef0[k + 3],
-                                    coef1[k],
-                                    coef1[k + 1],
-                                    coef1[k + 2],
-                                    coef1[k + 3],
-                                    F16,
-                                )
+                                _axpy4_pair(o0, o1, r0, r1, r2, r3, coef0[k], coef0[k + 1],
+                                            coef0[k + 2], coef0[k + 3], coef1[k], coef1[k + 1],
+                                            coef1[k + 2], coef1[k + 3], F16)
                         elif code == BF16:
-                            _axpy4(
-                                o0,
-                                r0,
-                                r1,
-                                r2,
-                                r3,
-                                coef0[k],
-                                coef0[k + 1],
-                                coef0[k + 2],
-                                coef0[k + 3],
-                                BF16,
-                            )
+                            _axpy4(o0, r0, r1, r2, r3, coef0[k], coef0[k + 1], coef0[k + 2],
+                                   coef0[k + 3], BF16)
                         else:
-                            _axpy4(
-                                o0,
-                                r0,
-                                r1,
-                                r2,
-                                r3,
-                                coef0[k],
-                                coef0[k + 1],
-                                coef0[k + 2],
-                                coef0[k + 3],
-                                F16,
-                            )
+                            _axpy4(o0, r0, r1, r2, r3, coef0[k], coef0[k + 1], coef0[k + 2],
+                                   coef0[k + 3], F16)
                         k += 4
                     while k < rank:
-                        r0 = buf[offset + k * total + lo : offset + k * total + lo + n]
+                        r0 = buf[offset + k * total + lo: offset + k * total + lo + n]
                         for c in range(n):
                             w = _widen(r0[c], code)
                             o0[c] += coef0[k] * w
                             if pair:
                                 o1[c] += coef1[k] * w
                         k += 1
-                    _narrow_row(o0, out[t0, lo : lo + n], code)
+                    _narrow_row(o0, out[t0, lo:lo + n], code)
                     if pair:
-                        _narrow_row(o1, out[t1, lo : lo + n], code)
+                        _narrow_row(o1, out[t1, lo:lo + n], code)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,7 +400,8 @@ def is_transposed_storage(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.stride() == (1, weight.shape[0])
 
 
-def _locate(weight: torch.Tensor, transposed: bool) -> Optional[Tuple[Any, int, int, int, int]]:
+def _locate(weight: torch.Tensor, transposed: bool
+            ) -> Optional[Tuple[Any, int, int, int, int]]:
     """``(weakref to weight, storage address, element offset, rows, columns)``, remembered per
     weight object (the cache hands out the same views while an adapter is resident); None when
     the kernels cannot read it in place (``transposed``: B, stored as a ``[r, out]`` block)."""
@@ -473,25 +415,16 @@ def _locate(weight: torch.Tensor, transposed: bool) -> Optional[Tuple[Any, int, 
     storage_ptr = weight.untyped_storage().data_ptr()
     if len(_LOCATED) >= _MAX_WEIGHTS:
         _LOCATED.clear()
-    located = (
-        weakref.ref(weight),
-        storage_ptr,
-        (weight.data_ptr() - storage_ptr) // weight.element_size(),
-        int(weight.shape[0]),
-        int(weight.shape[1]),
-    )
+    located = (weakref.ref(weight), storage_ptr,
+               (weight.data_ptr() - storage_ptr) // weight.element_size(),
+               int(weight.shape[0]), int(weight.shape[1]))
     _LOCATED[id(weight)] = located
     return located
 
 
-def plan_small_groups(
-    x: torch.Tensor,
-    groups: Sequence[Tuple[int, int, int]],
-    rows: np.ndarray,
-    weights_of: WeightsOf,
-    scalings: dict,
-    for_expand: bool = False,
-) -> Optional[SmallGroupPlan]:
+def plan_small_groups(x: torch.Tensor, groups: Sequence[Tuple[int, int, int]],
+                      rows: np.ndarray, weights_of: WeightsOf, scalings: dict,
+                      for_expand: bool = False) -> Optional[SmallGroupPlan]:
     """Locate the weights of ``groups`` (``(start, stop, adapter)`` over ``rows``) in their flat
     storages. None when the kernels cannot take them (not a CPU tensor of ``x``'s dtype, not
     stored as the module docstring says, more than two storages); groups whose adapter has no
@@ -521,9 +454,8 @@ def plan_small_groups(
                 return None
             keys.append(storage_ptr)
             flats.append(_flat(weight, storage_ptr))
-        kept.append(
-            (start, stop, keys.index(storage_ptr), offset, num_cols if for_expand else num_rows)
-        )
+        kept.append((start, stop, keys.index(storage_ptr), offset,
+                     num_cols if for_expand else num_rows))
         scales.append(scalings.get(adapter, 1.0))
     if not kept:
         return None
@@ -562,43 +494,20 @@ def _code(t: torch.Tensor, plan: SmallGroupPlan) -> int:
 
 def shrink_small(x: torch.Tensor, out: torch.Tensor, plan: SmallGroupPlan) -> None:
     """``out[t, :stack*r] = scaling * x[t] @ A.T`` for every token of the plan's groups."""
-    args = (
-        as_array(x),
-        as_array(out),
-        plan.buffers[0],
-        plan.buffers[1],
-        plan.rows,
-        plan.starts,
-        plan.stops,
-        plan.which,
-        plan.offsets,
-        plan.dims,
-        plan.scalings,
-    )
+    args = (as_array(x), as_array(out), plan.buffers[0], plan.buffers[1], plan.rows,
+            plan.starts, plan.stops, plan.which, plan.offsets, plan.dims, plan.scalings)
     if x.dtype == torch.float32:
         _shrink_kernel(*args)
     else:
         _shrink16_kernel(*args, _code(x, plan))
 
 
-def expand_small(
-    a: torch.Tensor, out: torch.Tensor, plan: SmallGroupPlan, bounds: np.ndarray
-) -> None:
+def expand_small(a: torch.Tensor, out: torch.Tensor, plan: SmallGroupPlan,
+                 bounds: np.ndarray) -> None:
     """``out[t, lo_i:hi_i] += a[t, i*r:(i+1)*r] @ B[lo_i:hi_i].T`` for every slice ``i``
     (``plan.dims`` are the ranks; every B is stored transposed)."""
-    args = (
-        as_array(a),
-        as_array(out),
-        plan.buffers[0],
-        plan.buffers[1],
-        plan.rows,
-        plan.starts,
-        plan.stops,
-        plan.which,
-        plan.offsets,
-        plan.dims,
-        bounds,
-    )
+    args = (as_array(a), as_array(out), plan.buffers[0], plan.buffers[1], plan.rows,
+            plan.starts, plan.stops, plan.which, plan.offsets, plan.dims, bounds)
     if a.dtype == torch.float32:
         _expand_kernel(*args)
     else:
@@ -616,12 +525,10 @@ def warm_up(dtypes: Sequence[torch.dtype] = DTYPES) -> None:
         rows = np.zeros(1, dtype=np.int64)
         a_block, b_block = weights[:4].view(2, 2), weights[:4].view(2, 2).t()
         plan = plan_small_groups(x, [(0, 1, 1)], rows, lambda _, w=a_block: w, {1: 1.0})
-        b_plan = plan_small_groups(
-            x, [(0, 1, 1)], rows, lambda _, w=b_block: w, {1: 1.0}, for_expand=True
-        )
+        b_plan = plan_small_groups(x, [(0, 1, 1)], rows, lambda _, w=b_block: w, {1: 1.0},
+                                   for_expand=True)
         assert plan is not None and b_plan is not None
         out = torch.zeros((1, 2), dtype=dtype)
         shrink_small(x, out, plan)
-        expand_small(
-            out, torch.zeros((1, 2), dtype=dtype), b_plan, np.array([0, 2], dtype=np.int64)
-        )
+        expand_small(out, torch.zeros((1, 2), dtype=dtype), b_plan,
+                     np.array([0, 2], dtype=np.int64))

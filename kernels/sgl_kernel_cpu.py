@@ -58,10 +58,7 @@ def assign_req_to_token_pool_cpu(
 
 
 def copy_all_layer_kv_cache_cpu(
-    data_ptrs: torch.Tensor,
-    strides: torch.Tensor,
-    tgt_loc: torch.Tensor,
-    src_loc: torch.Tensor,
+    data_ptrs: torch.Tensor, strides: torch.Tensor, tgt_loc: torch.Tensor, src_loc: torch.Tensor
 ) -> None:
     """Copy KV rows ``src_loc`` to ``tgt_loc`` in every buffer.
 

@@ -122,11 +122,7 @@ class ServerProcess:
             self._log = open(self.log_path, "wb")  # noqa: SIM115 - open while the server runs
             out = self._log
         self.proc = subprocess.Popen(
-            self.cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=server_env(),
-            **_OWN_GROUP,
+            self.cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(), **_OWN_GROUP
         )
         try:
             self.wait_healthy(timeout_s)

@@ -247,16 +247,8 @@ class ChameleonLoRABackend(BaseLoRABackend):
         from chameleon_kernels.lora_table_triton import table_shrink
 
         module, layer, kind = handle.chameleon_key
-        return table_shrink(
-            x,
-            self.batch_info.plan,
-            self.table,
-            (module, kind),
-            layer,
-            self.pool.layer_base(layer),
-            stack,
-            self.max_rank,
-        )
+        plan, base = self.batch_info.plan, self.pool.layer_base(layer)
+        return table_shrink(x, plan, self.table, (module, kind), layer, base, stack, self.max_rank)
 
     def _table_expand(
         self,
@@ -268,16 +260,10 @@ class ChameleonLoRABackend(BaseLoRABackend):
         from chameleon_kernels.lora_table_triton import table_expand
 
         module, layer, kind = handle.chameleon_key
+        plan, base = self.batch_info.plan, self.pool.layer_base(layer)
+        rank = self.max_rank
         return table_expand(
-            a,
-            self.batch_info.plan,
-            self.table,
-            (module, kind),
-            layer,
-            self.pool.layer_base(layer),
-            offsets,
-            base_output,
-            self.max_rank,
+            a, plan, self.table, (module, kind), layer, base, offsets, base_output, rank
         )
 
     def _a(self, x: torch.Tensor, handle: torch.Tensor, stack: int) -> torch.Tensor:

@@ -76,6 +76,23 @@ def table_kernels_available() -> bool:
     return lora_table_triton.HAS_TRITON
 
 
+POOL_ARGUMENTS: Tuple[Tuple[str, str], ...] = (
+    ("base_hf_config", "base_hf_config"),
+    ("max_loras_per_batch", "max_loras_per_batch"),
+    ("dtype", "dtype"),
+    ("max_lora_rank", "max_lora_rank"),
+    ("target_modules", "target_modules"),
+    ("base_model", "base_model"),
+    ("eviction_policy", "eviction_policy"),
+    ("lora_added_tokens_size", "lora_added_tokens_size"),
+    ("experts_shared_outer_loras", "experts_shared_outer_loras"),
+    ("strict_loading", "lora_strict_loading"),
+    ("enable_lora_overlap_loading", "enable_lora_overlap_loading"),
+)
+"""``LoRAMemoryPool``'s arguments and the ``LoRAManager`` attribute each comes from, as SGLang's
+``LoRAManager.init_memory_pool`` passes them (``tests/integration/test_seams.py`` pins both)."""
+
+
 class UnsupportedModelError(ValueError):
     """The model or adapter uses LoRA features the adapter cache does not store."""
 
@@ -112,6 +129,12 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         self._last_now = 0.0  # the scheduler clock's latest value seen
         self.load_seconds = 0.0
         self.weight_bytes_loaded = 0
+
+    @classmethod
+    def for_manager(cls, manager: Any, config: ChameleonConfig) -> ChameleonLoRAPool:
+        """The pool ``manager`` (SGLang's ``LoRAManager``) would build, as the adapter cache."""
+        arguments = {name: getattr(manager, attribute) for name, attribute in POOL_ARGUMENTS}
+        return cls(**arguments, manager=manager, config=config)
 
     # -- SGLang's pool interface -------------------------------------------------------------
     def init_buffers(self, base_model: torch.nn.Module) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Callable, List, Tuple
 
 from chameleon_sglang.integration.hooks import args, cpu, dp, http, lora, requests, scheduler
 from chameleon_sglang.integration.hooks.dp import DP_CONTROLLER_CLASS, LOAD_BALANCE_METHOD_CLASS
+from chameleon_sglang.integration.hooks.forward import call_after, call_before
 
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 MODEL_RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
@@ -32,6 +33,14 @@ RESOLUTION_HOOKS: List[Tuple[str, Callable[[Any, Callable[[Any], None]], None]]]
 
 AFTER, BEFORE, AROUND = "AFTER", "BEFORE", "AROUND"
 
+# A replica's report to the DP controller, sent when it changed: after events; with a prefill
+# batch just formed (its requests are in no queue SGLang keeps until it runs); forced when idle.
+_report = call_after("reporter", "report")
+_report_with_batch = call_after("reporter", "report", result_as="batch")
+_report_exactly = call_after("reporter", "report", force=True)
+# a request read from the controller is acknowledged, whatever becomes of it
+_acknowledge = call_before("reporter", "on_received", "recv_req")
+
 HOOKS: List[Tuple[str, Callable[..., Any], str]] = [
     # scheduler: install the components, feed them SGLang's events (AFTER hooks run in
     # registration order: the DP reports below see what these changed)
@@ -42,20 +51,21 @@ HOOKS: List[Tuple[str, Callable[..., Any], str]] = [
     (f"{SCHEDULER}._release_aborted_request", scheduler.on_request_aborted, AFTER),
     (f"{SCHEDULER}.can_schedule_lora_req", scheduler.on_can_schedule_lora_req, AROUND),
     (f"{SCHEDULER}._get_new_batch_prefill_raw", scheduler.on_prefill_pass_end, AFTER),
-    (f"{SCHEDULER}.update_running_batch", scheduler.squash_before_decode, BEFORE),
-    (f"{SCHEDULER}.process_batch_result", scheduler.on_batch_result, AFTER),
+    # at SGLang's retraction point, planned squashes; after a batch, finished requests' adapters
+    (f"{SCHEDULER}.update_running_batch", call_before("bridge", "apply_squashes", "batch"), BEFORE),
+    (f"{SCHEDULER}.process_batch_result", call_after("cache", "settle_finished"), AFTER),
     (f"{SCHEDULER}.get_init_info", scheduler.add_chameleon_init_info, AFTER),
     (f"{SCHEDULER}.get_internal_state", scheduler.add_chameleon_internal_state, AFTER),
     # data parallelism: replica reports (scheduler processes), dispatch (controller process)
     (f"{SCHEDULER}.init_ipc_channels", dp.remember_ipc_name, AFTER),
     (f"{SCHEDULER}.init_schedule_policy", dp.install_reporter, AFTER),
     (f"{SCHEDULER}._add_request_to_queue", dp.report_enqueued, AFTER),
-    (f"{SCHEDULER}._release_aborted_request", dp.report_after, AFTER),
-    (f"{SCHEDULER}._get_new_batch_prefill_raw", dp.report_prefill_batch, AFTER),
-    (f"{SCHEDULER}.process_batch_result", dp.report_after, AFTER),
-    (f"{SCHEDULER}.on_idle", dp.report_when_idle, AFTER),
-    (f"{SCHEDULER}.handle_generate_request", dp.count_received, BEFORE),
-    (f"{SCHEDULER}.handle_embedding_request", dp.count_received, BEFORE),
+    (f"{SCHEDULER}._release_aborted_request", _report, AFTER),
+    (f"{SCHEDULER}._get_new_batch_prefill_raw", _report_with_batch, AFTER),
+    (f"{SCHEDULER}.process_batch_result", _report, AFTER),
+    (f"{SCHEDULER}.on_idle", _report_exactly, AFTER),
+    (f"{SCHEDULER}.handle_generate_request", _acknowledge, BEFORE),
+    (f"{SCHEDULER}.handle_embedding_request", _acknowledge, BEFORE),
     (f"{LOAD_BALANCE_METHOD_CLASS}.from_str", dp.load_balance_method_from_str, AROUND),
     (f"{DP_CONTROLLER_CLASS}.init_dispatcher", dp.install_dispatch, AFTER),
     (f"{DP_CONTROLLER_CLASS}.event_loop", dp.controller_event_loop, AROUND),

@@ -58,8 +58,15 @@ def state_for(owner: Any) -> ChameleonState:
     """The state of ``owner``, created from its ``server_args`` on first use."""
     state = state_of(owner)
     if state is None:
-        state = ChameleonState(ChameleonConfig.from_server_args(owner.server_args))
-        _states[id(owner)] = (owner, state)
+        state = attach_state(
+            owner, ChameleonState(ChameleonConfig.from_server_args(owner.server_args))
+        )
+    return state
+
+
+def attach_state(owner: Any, state: ChameleonState) -> ChameleonState:
+    """Make ``state`` the state of ``owner`` (replacing any it had)."""
+    _states[id(owner)] = (owner, state)
     return state
 
 

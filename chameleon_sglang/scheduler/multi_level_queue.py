@@ -349,11 +349,7 @@ class MultiLevelQueue:
         return state.result()
 
     def _serve(
-        self,
-        queue: int,
-        state: _PassState,
-        now: float,
-        hooks: BypassHooks | None,
+        self, queue: int, state: _PassState, now: float, hooks: BypassHooks | None
     ) -> Generator[RequestEntry, AdmitResult, None]:
         waiting = self._waiting[queue]
         while waiting and self._fits(waiting[0], state.pool):
@@ -373,11 +369,7 @@ class MultiLevelQueue:
             return
 
     def _try_bypass(
-        self,
-        head: RequestEntry,
-        state: _PassState,
-        now: float,
-        hooks: BypassHooks | None,
+        self, head: RequestEntry, state: _PassState, now: float, hooks: BypassHooks | None
     ) -> Generator[RequestEntry, AdmitResult, None]:
         """Younger requests of the head's queue (within ``bypass_lookahead``) whose adapter is
         resident and which would finish before the head's memory frees go ahead, in FIFO order,

@@ -27,11 +27,7 @@ class OutputPredictor(Protocol):
         ...
 
     def observe(
-        self,
-        adapter_id: str | None,
-        input_len: int,
-        output_len: int,
-        predicted: int | None = None,
+        self, adapter_id: str | None, input_len: int, output_len: int, predicted: int | None = None
     ) -> None:
         """Learn a finished request's true ``output_len``; with ``predicted``, score it too."""
         ...
@@ -72,21 +68,14 @@ class AccuracyTracker:
         }
 
 
-class MaxNewTokensPredictor:
-    """Predicts the request's cap: never under-charges, often over-charges."""
+class _CapPredictor:
+    """A predictor that learns nothing from outcomes: it only scores its predictions."""
 
     def __init__(self, tolerance: float = 0.25) -> None:
         self._accuracy = AccuracyTracker(tolerance)
 
-    def predict(self, adapter_id: str | None, input_len: int, max_new_tokens: int) -> int:
-        return max(1, max_new_tokens)
-
     def observe(
-        self,
-        adapter_id: str | None,
-        input_len: int,
-        output_len: int,
-        predicted: int | None = None,
+        self, adapter_id: str | None, input_len: int, output_len: int, predicted: int | None = None
     ) -> None:
         if predicted is not None:
             self._accuracy.record(predicted, output_len)
@@ -95,7 +84,14 @@ class MaxNewTokensPredictor:
         return self._accuracy.summary()
 
 
-class SyntheticAccuracyPredictor:
+class MaxNewTokensPredictor(_CapPredictor):
+    """Predicts the request's cap: never under-charges, often over-charges."""
+
+    def predict(self, adapter_id: str | None, input_len: int, max_new_tokens: int) -> int:
+        return max(1, max_new_tokens)
+
+
+class SyntheticAccuracyPredictor(_CapPredictor):
     """An artificial predictor of set accuracy, for sensitivity experiments (the paper's Fig. 19).
 
     The request's cap is taken as the truth (the evaluation's requests generate exactly
@@ -107,9 +103,9 @@ class SyntheticAccuracyPredictor:
     def __init__(self, accuracy: float, seed: int = 0, tolerance: float = 0.25) -> None:
         if not 0.0 <= accuracy <= 1.0:
             raise ValueError(f"predictor accuracy must be in [0, 1], got {accuracy}")
+        super().__init__(tolerance)
         self.target = float(accuracy)
         self._rng = random.Random(seed)
-        self._accuracy = AccuracyTracker(tolerance)
 
     def predict(self, adapter_id: str | None, input_len: int, max_new_tokens: int) -> int:
         truth = max(1, max_new_tokens)
@@ -119,14 +115,8 @@ class SyntheticAccuracyPredictor:
         factor = self._rng.uniform(0.1, 0.7) if low else self._rng.uniform(1.3, 3.0)
         return max(1, round(truth * factor))
 
-    def observe(
-        self, adapter_id: str | None, input_len: int, output_len: int, predicted: int | None = None
-    ) -> None:
-        if predicted is not None:
-            self._accuracy.record(predicted, output_len)
-
     def accuracy(self) -> Dict[str, float]:
-        return {**self._accuracy.summary(), "target": self.target}
+        return {**super().accuracy(), "target": self.target}
 
 
 class OnlinePredictor:
@@ -166,11 +156,7 @@ class OnlinePredictor:
         return cap
 
     def observe(
-        self,
-        adapter_id: str | None,
-        input_len: int,
-        output_len: int,
-        predicted: int | None = None,
+        self, adapter_id: str | None, input_len: int, output_len: int, predicted: int | None = None
     ) -> None:
         cell = (adapter_id, input_bucket(input_len))
         _window_of(self._cells, cell, self._window).append(output_len)

@@ -97,14 +97,7 @@ def test_zipf_exponent_is_configurable():
 
 @pytest.mark.parametrize(
     "tokens,expected_in,expected_out",
-    [
-        (0, 1, 4),
-        (7, 1, 4),
-        (8, 1, 4),
-        (40, 5, 5),
-        (800, 100, 64),
-        (100000, 512, 64),
-    ],
+    [(0, 1, 4), (7, 1, 4), (8, 1, 4), (40, 5, 5), (800, 100, 64), (100000, 512, 64)],
 )
 def test_scaling_and_caps(tokens, expected_in, expected_out):
     assert scale_length(tokens, 8.0, 1, 512) == expected_in

@@ -143,6 +143,21 @@ def test_the_dp_event_loop_we_replace_is_still_sglangs_at_the_pin():
     assert source.strip() == DP_EVENT_LOOP_BODY.strip()
 
 
+def test_the_adapter_cache_pool_is_built_with_every_argument_of_sglangs_pool():
+    """``ChameleonLoRAPool.for_manager`` passes each ``LoRAMemoryPool`` argument from the
+    manager attribute SGLang's ``init_memory_pool`` passes it from."""
+    from sglang.srt.lora.lora_manager import LoRAManager
+    from sglang.srt.lora.mem_pool import LoRAMemoryPool
+
+    from chameleon_sglang.integration.lora_pool import POOL_ARGUMENTS
+
+    expected = set(inspect.signature(LoRAMemoryPool.__init__).parameters) - {"self"}
+    assert {name for name, _ in POOL_ARGUMENTS} == expected
+    source = inspect.getsource(LoRAManager.init_memory_pool)
+    for name, attribute in POOL_ARGUMENTS:
+        assert f"{name}=self.{attribute}," in source, name
+
+
 def test_the_kv_allocator_keeps_the_free_lists_the_slot_store_reads():
     import torch
     from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator

@@ -128,31 +128,6 @@ def install_reporter(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> 
     return result
 
 
-def report_when_idle(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
-    """After ``Scheduler.on_idle``: the replica's exact state (sent only if it changed)."""
-    state = state_of(scheduler)
-    if state is not None and state.reporter is not None:
-        state.reporter.report(force=True)
-    return result
-
-
-def report_after(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
-    """After an abort or a batch result: this replica's state, if it changed."""
-    state = state_of(scheduler)
-    if state is not None and state.reporter is not None:
-        state.reporter.report()
-    return result
-
-
-def report_prefill_batch(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
-    """After a prefill pass: the state with the batch just formed (``result``), whose requests
-    are in no queue SGLang keeps until the pass runs."""
-    state = state_of(scheduler)
-    if state is not None and state.reporter is not None:
-        state.reporter.report(batch=result)
-    return result
-
-
 def report_enqueued(
     result: Any, scheduler: Any, req: Any, is_retracted: bool = False, *args: Any, **kwargs: Any
 ) -> Any:
@@ -164,12 +139,3 @@ def report_enqueued(
         else:
             state.reporter.on_enqueued(req)
     return result
-
-
-def count_received(scheduler: Any, recv_req: Any, *args: Any, **kwargs: Any) -> None:
-    """Before ``Scheduler.handle_generate_request`` / ``handle_embedding_request``: the replica
-    acknowledges one more request from the controller (whatever becomes of it)."""
-    state = state_of(scheduler)
-    if state is not None and state.reporter is not None:
-        state.reporter.on_received(recv_req)
-    return None

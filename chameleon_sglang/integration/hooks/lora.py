@@ -83,21 +83,7 @@ def init_lora_pool(original: Callable, manager: Any, *args: Any, **kwargs: Any) 
         return original(manager, *args, **kwargs)
     from chameleon_sglang.integration.lora_pool import ChameleonLoRAPool
 
-    manager.memory_pool = ChameleonLoRAPool(
-        base_hf_config=manager.base_hf_config,
-        max_loras_per_batch=manager.max_loras_per_batch,
-        dtype=manager.dtype,
-        max_lora_rank=manager.max_lora_rank,
-        target_modules=manager.target_modules,
-        base_model=manager.base_model,
-        eviction_policy=manager.eviction_policy,
-        lora_added_tokens_size=manager.lora_added_tokens_size,
-        experts_shared_outer_loras=manager.experts_shared_outer_loras,
-        strict_loading=manager.lora_strict_loading,
-        enable_lora_overlap_loading=manager.enable_lora_overlap_loading,
-        manager=manager,
-        config=config,
-    )
+    manager.memory_pool = ChameleonLoRAPool.for_manager(manager, config)
     manager.max_loras_per_batch = manager.memory_pool.max_loras_per_batch
     backend.attach(manager.memory_pool)
     return None

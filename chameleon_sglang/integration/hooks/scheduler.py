@@ -157,22 +157,6 @@ def on_prefill_pass_end(result: Any, scheduler: Any, *args: Any, **kwargs: Any) 
     return result
 
 
-def squash_before_decode(scheduler: Any, batch: Any = None, *args: Any, **kwargs: Any) -> None:
-    """Before SGLang updates the running batch (its retraction point): squash planned bypasses."""
-    state = state_of(scheduler)
-    if state is not None and state.bridge is not None:
-        state.bridge.apply_squashes(batch)
-    return None
-
-
-def on_batch_result(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
-    """After a batch's results: finished requests release their adapters."""
-    state = state_of(scheduler)
-    if state is not None and state.cache is not None:
-        state.cache.settle_finished()
-    return result
-
-
 # -- reporting ---------------------------------------------------------------------------------
 def add_chameleon_init_info(
     result: Dict[str, Any], scheduler: Any, *args: Any, **kwargs: Any

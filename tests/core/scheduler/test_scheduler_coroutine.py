@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from typing import List
 
-from scheduler_factories import (
-    ADMITTED,
-    QUEUE_MISFIT,
-    STOP,
-    fill,
-    ids,
-    make_queue,
-)
+from scheduler_factories import ADMITTED, QUEUE_MISFIT, STOP, fill, ids, make_queue
 
 
 def drive(mlq, verdicts: dict) -> tuple:

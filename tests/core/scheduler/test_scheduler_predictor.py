@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chameleon_sglang.scheduler import (
-    MaxNewTokensPredictor,
-    OnlinePredictor,
-    create_predictor,
-)
+from chameleon_sglang.scheduler import MaxNewTokensPredictor, OnlinePredictor, create_predictor
 from chameleon_sglang.scheduler.predictor import input_bucket
 from chameleon_sglang.scheduler.quantile import nearest_rank
 

@@ -7,14 +7,7 @@ from typing import Dict, List, Tuple
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scheduler_factories import (
-    ADAPTER_MISFIT,
-    ADMITTED,
-    QUEUE_MISFIT,
-    STOP,
-    make_entry,
-    make_queue,
-)
+from scheduler_factories import ADAPTER_MISFIT, ADMITTED, QUEUE_MISFIT, STOP, make_entry, make_queue
 
 from chameleon_sglang.scheduler import (
     AdmitResult,
