@@ -32,15 +32,16 @@ from typing import Any, Dict, Hashable, Iterable, List, Optional, Set, Tuple
 
 import torch
 from sglang.srt.lora.mem_pool import LoRAMemoryPool
-from sglang.srt.lora.utils import get_target_module_name
 
 from chameleon_kernels import lora_cached_numba
 from chameleon_kernels.lora_locations import MatrixLocations
 from chameleon_kernels.lora_table import DeviceLocationTable, alignment_for
 from chameleon_sglang.cache import AdapterCache, CacheFullError
-from chameleon_sglang.cache.kv_layout import K_PART, AdapterLayout, plan_layout, plan_split_layout
+from chameleon_sglang.cache.kv_layout import K_PART, AdapterLayout
 from chameleon_sglang.config import ChameleonConfig
+from chameleon_sglang.integration.adapter_layouts import AdapterLayouts
 from chameleon_sglang.integration.capability import EMBEDDING_MODULES
+from chameleon_sglang.memory.adapter_ids import AdapterIds
 from chameleon_sglang.memory.device_residency import (
     AdapterCopier,
     device_table_capacity,
@@ -53,8 +54,6 @@ from chameleon_sglang.memory.kv_store import KVAllocation, KVSlotStore
 logger = logging.getLogger(__name__)
 
 HANDLE_ATTR = "chameleon_key"
-BASE_ID = 0
-INITIAL_ID_CAPACITY = 64
 
 
 @dataclasses.dataclass
@@ -106,14 +105,13 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         super().__init__(*args, **kwargs)
         if self.lora_added_tokens_size:
             raise UnsupportedModelError("adapters with added tokens are not cached")
-        self.uid_to_buffer_id: Dict[Optional[str], int] = {None: BASE_ID}
-        self.buffer_id_to_uid: List[Optional[str]] = [None]
-        self.max_loras_per_batch = INITIAL_ID_CAPACITY
-        self._free_ids: List[int] = list(range(INITIAL_ID_CAPACITY - 1, 0, -1))
+        self.ids = AdapterIds()
+        self.uid_to_buffer_id = self.ids.id_of  # what SGLang's LoRA manager reads
+        self.buffer_id_to_uid = self.ids.uid_of
+        self.max_loras_per_batch = self.ids.capacity
         self.resident: Dict[str, ResidentAdapter] = {}
         self.by_id: Dict[int, ResidentAdapter] = {}
-        self._layouts: Dict[str, AdapterLayout] = {}  # one piece
-        self._split_layouts: Dict[str, Optional[AdapterLayout]] = {}  # None: no second way
+        self.layouts: Optional[AdapterLayouts] = None  # once bound to the KV buffers
         self.cache: Optional[AdapterCache] = None
         self.store: Optional[KVSlotStore] = None
         self._k_buffers: List[torch.Tensor] = []
@@ -192,8 +190,8 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         """Unload: drop the cached copy now if idle, else when its last request releases it."""
         if self.cache is not None:
             self.cache.drop(uid)
-        self._layouts.pop(uid, None)
-        self._split_layouts.pop(uid, None)
+        if self.layouts is not None:
+            self.layouts.forget(uid)
         self._pinned.pop(uid, None)
         return None
 
@@ -239,6 +237,14 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         if device_table:
             self._make_device_table(kinds, device)
         self._copier = AdapterCopier(device)
+        self.layouts = AdapterLayouts(
+            self.manager,
+            self.target_modules,
+            self.num_layer,
+            self._k_buffers[0].shape[1],
+            self._v_buffers[0].shape[1],
+            self.transposed_b,
+        )
 
     def _make_device_table(self, kinds: List[Tuple[str, str]], device: torch.device) -> None:
         rows = {b.shape[1] for b in self._k_buffers + self._v_buffers}
@@ -247,6 +253,7 @@ class ChameleonLoRAPool(LoRAMemoryPool):
             len(self.manager.loras), getattr(self.manager, "max_loaded_loras", None)
         )
         self.device_table = DeviceLocationTable(kinds, self.num_layer, capacity, device, align)
+        self.ids.limit = self.device_table.capacity
         self._k_flat = [k.view(-1) for k in self._k_buffers]
         logger.info(
             "Chameleon adapter cache: device location table for %d adapter ids "
@@ -281,14 +288,13 @@ class ChameleonLoRAPool(LoRAMemoryPool):
     def footprint_slots(self, uid: str) -> int:
         """The most KV slots a load of the adapter may take (its split layout, where memory is
         fragmented, may take a few more than its one run)."""
-        split = self._split_layout(uid)
-        return max(self._layout(uid).num_slots, split.num_slots if split else 0)
+        return self._layouts().footprint_slots(uid)
 
     def footprint_bytes(self, uid: str) -> int:
         """KV memory the adapter occupies in one run of slots, in bytes (the cache's size of
         it; a split residency holds the pieces' slots)."""
         assert self.store is not None
-        return self._layout(uid).num_slots * self.store.bytes_per_slot
+        return self._layouts().one_run(uid).num_slots * self.store.bytes_per_slot
 
     def is_resident(self, uid: Optional[str]) -> bool:
         return uid is None or (self.cache is not None and self.cache.is_resident(uid))
@@ -317,9 +323,9 @@ class ChameleonLoRAPool(LoRAMemoryPool):
                 cache.admit(uid, num_bytes, self._rank(uid), now)
             return True
         queued_set = frozenset(queued)
-        if not self._id_available():
+        if not self.ids.can_take():
             return False
-        split = self._split_layout(uid)
+        split = self._layouts().split(uid)
         pieces = split.pieces if split is not None else ()
         if not cache.can_admit(uid, num_bytes, now, queued_set, prefetch=prefetch, pieces=pieces):
             return False
@@ -334,7 +340,8 @@ class ChameleonLoRAPool(LoRAMemoryPool):
 
     def _load(self, uid: str, allocation: KVAllocation) -> None:
         started = time.perf_counter()
-        layout = self._split_layout(uid) if allocation.split else self._layout(uid)
+        layouts = self._layouts()
+        layout = layouts.split(uid) if allocation.split else layouts.one_run(uid)
         assert layout is not None and layout.pieces == tuple(r.length for r in allocation.runs)
         views: List[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = []
         copies: List[Tuple[torch.Tensor, torch.Tensor]] = []
@@ -353,7 +360,9 @@ class ChameleonLoRAPool(LoRAMemoryPool):
             for module in sorted({module for module, _ in placed}):
                 layer_views[module] = (placed[(module, "A")], placed[(module, "B")])
             views.append(layer_views)
-        buffer_id = self._take_id()
+        buffer_id = self.ids.take(uid)
+        if self.ids.capacity != self.max_loras_per_batch:  # more ids: SGLang sizes by this
+            self.max_loras_per_batch = self.manager.max_loras_per_batch = self.ids.capacity
         assert self._copier is not None
         self._copier.copy(buffer_id, copies)
         scaling = float(self.manager.loras[uid].scaling)
@@ -364,8 +373,6 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         adapter = ResidentAdapter(uid, buffer_id, allocation, self._rank(uid), scaling, views)
         self.resident[uid] = adapter
         self.by_id[buffer_id] = adapter
-        self.uid_to_buffer_id[uid] = buffer_id
-        self.buffer_id_to_uid[buffer_id] = uid
         self.host_link.hold(weight_bytes, started)
         self.num_loads += 1
         self.weight_bytes_loaded += weight_bytes
@@ -376,11 +383,11 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         is asynchronous (GPU), else the adapter's host weights as they are."""
         assert self._copier is not None
         if not self._copier.asynchronous:
-            return self._host_matrices(uid)
+            return self._layouts().host_matrices(uid)
         sources = self._pinned.get(uid)
         if sources is None:
             sources = self._pinned[uid] = [
-                pinned(layer, True) for layer in self._host_matrices(uid)
+                pinned(layer, True) for layer in self._layouts().host_matrices(uid)
             ]
         return sources
 
@@ -426,9 +433,7 @@ class ChameleonLoRAPool(LoRAMemoryPool):
             if adapter.allocation is allocation:
                 del self.resident[uid]
                 del self.by_id[adapter.buffer_id]
-                del self.uid_to_buffer_id[uid]
-                self.buffer_id_to_uid[adapter.buffer_id] = None
-                self._free_ids.append(adapter.buffer_id)
+                self.ids.release(uid)
                 if self.locations is not None:
                     self.locations.clear(adapter.buffer_id)
                 if self.device_table is not None:
@@ -437,58 +442,14 @@ class ChameleonLoRAPool(LoRAMemoryPool):
                     self._copier.forget(adapter.buffer_id)
                 return
 
-    def _id_available(self) -> bool:
-        """An id is free or can be made (the device table's capacity is fixed)."""
-        if self._free_ids or self.device_table is None:
-            return True
-        return self.max_loras_per_batch < self.device_table.capacity
+    # -- placement ----------------------------------------------------------------------------
+    def _layouts(self) -> AdapterLayouts:
+        if self.layouts is None:
+            raise RuntimeError("the adapter cache is not bound to the KV cache yet")
+        return self.layouts
 
-    def _take_id(self) -> int:
-        if not self._free_ids:
-            old = self.max_loras_per_batch
-            new = 2 * old if self.device_table is None else min(2 * old, self.device_table.capacity)
-            self.max_loras_per_batch = new
-            self._free_ids = list(range(new - 1, old - 1, -1))
-            self.manager.max_loras_per_batch = self.max_loras_per_batch
-        buffer_id = self._free_ids.pop()
-        while len(self.buffer_id_to_uid) <= buffer_id:
-            self.buffer_id_to_uid.append(None)
-        return buffer_id
-
-    # -- layout and weights ------------------------------------------------------------------
     def _rank(self, uid: str) -> int:
         return int(self.manager.configs[uid].r)
-
-    def _layout(self, uid: str) -> AdapterLayout:
-        """The adapter in one run."""
-        layout = self._layouts.get(uid)
-        if layout is None:
-            layout = plan_layout(
-                self._stored_shapes(uid), self._k_buffers[0].shape[1], self._v_buffers[0].shape[1]
-            )
-            self._layouts[uid] = layout
-        return layout
-
-    def _split_layout(self, uid: str) -> Optional[AdapterLayout]:
-        """The adapter in several runs (for fragmented memory); None when it is one piece."""
-        if uid not in self._split_layouts:
-            layout = plan_split_layout(
-                self._stored_shapes(uid), self._k_buffers[0].shape[1], self._v_buffers[0].shape[1]
-            )
-            self._split_layouts[uid] = layout if len(layout.pieces) > 1 else None
-        return self._split_layouts[uid]
-
-    def _stored_shapes(self, uid: str) -> List[List[Tuple[Hashable, Tuple[int, ...]]]]:
-        return [
-            [(key, self._stored_shape(key, w)) for key, w in layer]
-            for layer in self._host_matrices(uid)
-        ]
-
-    def _stored_shape(self, key: Tuple[str, str], weight: torch.Tensor) -> Tuple[int, ...]:
-        """The block a matrix takes: B as ``[r, out]`` when stored transposed."""
-        if key[1] == "B" and self.transposed_b:
-            return tuple(reversed(weight.shape))
-        return tuple(weight.shape)
 
     def _view(
         self, layer_id: int, allocation: KVAllocation, placement: Any, is_b: bool
@@ -499,34 +460,6 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         flat = buffer[run.start : run.stop].view(-1)
         block = flat[placement.offset : placement.offset + placement.numel].view(placement.shape)
         return block.t() if is_b and self.transposed_b else block
-
-    def _host_matrices(self, uid: str) -> List[List[Tuple[Hashable, torch.Tensor]]]:
-        """Per layer, ``((module, "A"|"B"), weight)`` in module order: this rank's slices of the
-        adapter's host weights, rank-exact (A: ``[stack * r, in]``, B: ``[out, r]``)."""
-        adapter = self.manager.loras[uid]
-        result: List[List[Tuple[Hashable, torch.Tensor]]] = []
-        for layer_id in range(self.num_layer):
-            weights = adapter.layers[layer_id].weights
-            modules = {
-                get_target_module_name(name, self.target_modules): module
-                for name, module in self.manager.lora_modules[layer_id].items()
-            }
-            by_module: Dict[str, Dict[str, torch.Tensor]] = {}
-            for name, weight in weights.items():
-                try:
-                    module = get_target_module_name(name, self.target_modules)
-                except ValueError:
-                    continue  # not a target module (SGLang's pool skips it too)
-                by_module.setdefault(module, {})["A" if "lora_A" in name else "B"] = weight
-            layer: List[Tuple[Hashable, torch.Tensor]] = []
-            for module in sorted(by_module):
-                pair = by_module[module]
-                if module not in modules or set(pair) != {"A", "B"}:
-                    continue
-                layer.append(((module, "A"), modules[module].slice_lora_a_weights(pair["A"])))
-                layer.append(((module, "B"), modules[module].slice_lora_b_weights(pair["B"])))
-            result.append(layer)
-        return result
 
     # -- reporting ---------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:

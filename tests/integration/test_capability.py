@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from test_config import server_args
+from config_factories import server_args
 
 from chameleon_sglang.integration import capability
 from chameleon_sglang.integration.capability import ModelFacts, unsupported_reason

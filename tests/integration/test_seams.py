@@ -158,6 +158,33 @@ def test_the_adapter_cache_pool_is_built_with_every_argument_of_sglangs_pool():
         assert f"{name}=self.{attribute}," in source, name
 
 
+@pytest.mark.parametrize(
+    "target, attribute",
+    [
+        # turned off under the Chameleon policy (non-preemptive): set in init_schedule_policy
+        (
+            "sglang.srt.managers.scheduler.Scheduler.init_schedule_policy",
+            "enable_priority_preemption",
+        ),
+        # reset when only one request did not fit, or after a squash freed memory
+        ("sglang.srt.managers.scheduler.Scheduler.update_running_batch", "batch_is_full"),
+        # replaced by adapter-affinity dispatch after init_dispatcher
+        (
+            "sglang.srt.managers.data_parallel_controller.DataParallelController.__init__",
+            "dispatching",
+        ),
+        (
+            "sglang.srt.managers.data_parallel_controller.DataParallelController.__init__",
+            "refresh_load_budget_on_dispatch",
+        ),
+    ],
+)
+def test_the_sglang_state_we_write_is_still_there(target, attribute):
+    """Every attribute of an SGLang object our code writes is still set where we expect SGLang
+    to set (and so read) it."""
+    assert f".{attribute}" in inspect.getsource(resolve(target)), (target, attribute)
+
+
 def test_the_kv_allocator_keeps_the_free_lists_the_slot_store_reads():
     import torch
     from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
