@@ -117,12 +117,16 @@ class Assets:
         raise KeyError(f"no adapter named {name!r} in {self.root}")
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+"""The checkout this package runs from (``chameleon_sglang/dev/`` is two levels below it)."""
+
+
 def default_cache_dir() -> Path:
     """``$CHAMELEON_ASSETS_DIR``, else ``.cache/assets`` at the project root."""
     env = os.environ.get("CHAMELEON_ASSETS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / ".cache" / "assets"
+    return PROJECT_ROOT / ".cache" / "assets"
 
 
 def recipe_for(preset: str, num_adapters: int | None = None) -> Recipe:

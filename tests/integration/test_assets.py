@@ -85,3 +85,14 @@ def test_unknown_preset_is_refused():
     """An unknown preset name is a clear error."""
     with pytest.raises(ValueError, match="unknown preset"):
         recipe_for("huge")
+
+
+def test_builds_are_cached_at_the_project_root(monkeypatch):
+    """Without ``CHAMELEON_ASSETS_DIR`` builds go to ``.cache/assets`` beside ``Makefile`` (where
+    ``make clean`` removes them), never inside the package."""
+    from chameleon_sglang.dev.assets import default_cache_dir
+
+    monkeypatch.delenv("CHAMELEON_ASSETS_DIR", raising=False)
+    root = Path(__file__).resolve().parents[2]
+    assert (root / "Makefile").is_file()
+    assert default_cache_dir() == root / ".cache" / "assets"
