@@ -48,3 +48,57 @@ def test_server_runs_in_own_group_of_callers_session_and_stops_whole_group(tmp_p
     while _alive(ids["child"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(ids["pid"]) and not _alive(ids["child"])
+
+
+# A stand-in launcher that records the signals it and its child receive; with ``ignore`` it
+# ignores SIGINT (a launcher that does not stop on its own).
+SIGNAL_RECORDER = r"""
+import http.server, os, signal, subprocess, sys, threading
+port, out, ignore = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "ignore"
+def record(who):
+    def handler(sig, frame):
+        with open(out, "a") as f:
+            f.write(f"{who}:{signal.Signals(sig).name}\n")
+        if who == "launcher" and not (ignore and sig == signal.SIGINT):
+            os._exit(0)
+    return handler
+child = subprocess.Popen([sys.executable, "-c", (
+    "import signal, sys, time\n"
+    "def h(s, f):\n"
+    f"    open({out!r}, 'a').write('child:' + signal.Signals(s).name + '\\n'); sys.exit(0)\n"
+    "signal.signal(signal.SIGINT, h); signal.signal(signal.SIGTERM, h)\n"
+    "time.sleep(600)\n")])
+signal.signal(signal.SIGINT, record("launcher"))
+signal.signal(signal.SIGTERM, record("launcher"))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def _stop_recording(tmp_path: Path, mode: str, grace_s: float) -> tuple:
+    port, out = free_port(), tmp_path / f"signals-{mode}.txt"
+    server = ServerProcess([sys.executable, "-c", SIGNAL_RECORDER, str(port), str(out), mode], port)
+    server.start()
+    time.sleep(0.5)  # the child has installed its handlers
+    started = time.monotonic()
+    server.stop(grace_s=grace_s)
+    took = time.monotonic() - started
+    return out.read_text().split(), took
+
+
+def test_stop_interrupts_the_launcher_alone_first(tmp_path: Path):
+    """As Ctrl-C would: SIGINT to the launcher only (SGLang's launcher stops its own children;
+    a group-wide signal makes it report a crashed child), and no waiting when it exits."""
+    signals, took = _stop_recording(tmp_path, "obey", grace_s=10)
+    assert signals == ["launcher:SIGINT"]
+    assert took < 5
+
+
+def test_a_launcher_that_does_not_stop_gets_the_group_terminated(tmp_path: Path):
+    signals, _ = _stop_recording(tmp_path, "ignore", grace_s=1)
+    assert signals[0] == "launcher:SIGINT"
+    assert sorted(signals[1:]) == ["child:SIGTERM", "launcher:SIGTERM"]
