@@ -81,7 +81,7 @@ HOOKS: List[Tuple[str, Callable[..., Any], str]] = [
     (f"{LORA_POOL}.load_lora_weight_to_buffer", lora.load_into_slot_with_host_link, AROUND),
     # requests and HTTP (launcher process)
     (f"{TOKENIZER_MANAGER}._validate_one_request", requests.refuse_token_ids_outside_vocab, BEFORE),
-    ("sglang.srt.entrypoints.http_server.launch_server", http.add_http_routes, BEFORE),
+    ("sglang.srt.entrypoints.http_server.launch_server", http.serve_http, AROUND),
     # CPU ranks
     (f"{cpu.BOOTSTRAP_MODULE}._init_cpu_threads_env", cpu.bind_cpu_rank_threads, AROUND),
 ]

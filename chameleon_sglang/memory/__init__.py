@@ -1,4 +1,5 @@
 """Where the adapter cache keeps adapters, in torch: runs of KV-cache token slots
-(:mod:`.kv_store`), the GPU location table and copies (:mod:`.device_residency`), and the
-host-link model (:mod:`.host_link`). No SGLang import; SGLang's allocator is used through the
-attributes ``tests/integration/test_seams.py`` pins."""
+(:mod:`.kv_store`), the GPU location table and copies (:mod:`.device_residency`), the ids of
+resident adapters (:mod:`.adapter_ids`) and the host-link model (:mod:`.host_link`). No SGLang
+import; SGLang's allocator is used through the attributes ``tests/integration/test_seams.py``
+pins."""

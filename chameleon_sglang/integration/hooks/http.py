@@ -1,16 +1,33 @@
-"""HTTP routes of the launcher process: ``GET /chameleon/stats``."""
+"""The launcher process's HTTP server: ``GET /chameleon/stats``, and a quiet Ctrl-C."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import logging
+from typing import Any, Callable, Dict
 
 from chameleon_sglang.config import ChameleonConfig
+
+logger = logging.getLogger(__name__)
 
 STATS_PATH = "/chameleon/stats"
 
 
-def add_http_routes(*args: Any, **kwargs: Any) -> None:
-    """Before the HTTP server starts: add ``GET /chameleon/stats`` (once)."""
+def serve_http(original: Callable, server_args: Any, *args: Any, **kwargs: Any) -> Any:
+    """SGLang's ``launch_server``, with ``GET /chameleon/stats`` added. With ``--chameleon``, a
+    Ctrl-C (SIGINT) ends it with one log line instead of a ``KeyboardInterrupt`` traceback:
+    SGLang has shut uvicorn down and stopped its own processes by then (its ``finally``)."""
+    add_http_routes()
+    try:
+        return original(server_args, *args, **kwargs)
+    except KeyboardInterrupt:
+        if not getattr(server_args, "chameleon", False):
+            raise
+        logger.info("Interrupted: the server and its processes are stopped")
+        return None
+
+
+def add_http_routes() -> None:
+    """Add ``GET /chameleon/stats`` to SGLang's app (once)."""
     from sglang.srt.entrypoints import http_server
 
     app = http_server.app
