@@ -38,7 +38,7 @@ assert ltt.HAS_TRITON and ltt.INTERPRETED
 
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
-from chameleon_sglang import lora_backend  # noqa: E402
+from chameleon_sglang.integration import lora_backend  # noqa: E402
 
 HIDDEN, INTER, NUM_LAYERS, MAX_RANK, MAX_BS = 32, 64, 2, 32, 8
 # module -> (input features, output slice bounds)
