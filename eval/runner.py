@@ -1,7 +1,9 @@
 """One measured run of one arm: start its server, warm it up, replay a workload, stop it.
 
 Contract: :func:`arm_server` starts exactly one server (127.0.0.1, a free port, log in
-``server.log``) and stops it by PID when its block exits, also on failure. :func:`measure`
+``server.log``) and stops it by PID when its block exits, also on failure (under
+``CHAMELEON_EVAL_SERVER_POOL``, a test setting, it reuses and leaves running servers of identical
+commands instead: :mod:`eval.server_pool`). :func:`measure`
 replays a workload on a running server and writes into ``run_dir``: ``requests.jsonl`` (one
 :class:`RequestResult` per request), ``status.jsonl`` (sampled ``chameleon_status``),
 ``server_info.json`` (at the end of the run) and ``run.json`` (metrics, profile, queueing
@@ -19,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from chameleon_sglang.dev.assets import AdapterInfo, Assets
 from chameleon_sglang.dev.serve import ServerProcess, free_port
+from eval import server_pool
 from eval.arms import ARM_FLAGS, ServerFlags, arm_command
 from eval.loadgen import RequestResult, run_load_sync
 from eval.machine_load import foreign_share, snapshot, wait_until_quiet
@@ -108,28 +111,30 @@ def arm_server(arm: str, cfg: RunConfig, log_dir: Path) -> Iterator[ArmServer]:
     """A started (healthy) server of ``arm``; stopped by PID when the block exits. First waits
     (at most ``cfg.quiet_max_wait_s``) for other processes to leave the CPU mostly idle."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    quiet = None
-    if cfg.quiet_max_wait_s > 0:
-        quiet = wait_until_quiet(cfg.quiet_max_wait_s, cfg.quiet_threshold)
     port = free_port()
     cmd = arm_command(
         arm, cfg.assets, port, [a.name for a in cfg.adapters], cfg.flags, cfg.own_flags(arm)
     )
+    pool = server_pool.pool_dir()
+    key = server_pool.command_key(cmd, port)
+    pooled = server_pool.lookup(pool, key) if pool is not None else None
+    if pooled is not None:  # a test run: the same server as an earlier run (eval.server_pool)
+        yield ArmServer(arm, str(pooled["url"]), list(pooled["command"]), 0.0, int(pooled["pid"]))
+        return
+    quiet = None
+    if cfg.quiet_max_wait_s > 0:
+        quiet = wait_until_quiet(cfg.quiet_max_wait_s, cfg.quiet_threshold)
     t0 = time.perf_counter()
     server = ServerProcess(cmd, port, log_path=log_dir / "server.log")
     server.start(timeout_s=cfg.start_timeout_s)
+    pgid = server.proc.pid if server.proc is not None else None
+    if pool is not None and pgid is not None:
+        server_pool.record(pool, key, server.url, pgid, cmd)
     try:
-        pgid = server.proc.pid if server.proc is not None else None
-        yield ArmServer(
-            arm=arm,
-            url=server.url,
-            command=cmd,
-            start_s=time.perf_counter() - t0,
-            pgid=pgid,
-            quiet=quiet,
-        )
+        yield ArmServer(arm, server.url, cmd, time.perf_counter() - t0, pgid, quiet)
     finally:
-        server.stop()
+        if pool is None:
+            server.stop()
 
 
 def warm(server: ArmServer, cfg: RunConfig, max_input: int) -> UnloadedProfile:

@@ -2,7 +2,7 @@
 
 ``python -m eval.sweep [--quick] [--preset eval] [--arms stock,chameleon] [--levels ...]
 [--capacity-rps R] [--slo-ttft S] [--probe-rps R] [--requests N] [--adapter-counts 10,50,100,200]
-[--no-load-sweep] [--no-adapter-sweep] [--out DIR]``
+[--no-load-sweep] [--no-adapter-sweep] [--settle S] [--out DIR]``
 
 1. Stock first: its server measures the unloaded latency (sequential sample of the workload;
    SLO = ``--slo-factor`` (5) x unloaded mean TTFT, as the paper) unless ``--slo-ttft`` is
@@ -82,6 +82,12 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--unloaded-requests", type=int, default=20)
     g.add_argument("--adapter-counts", default=None, help="comma-separated adapter counts")
+    g.add_argument(
+        "--settle",
+        type=float,
+        default=SETTLE_S,
+        help="seconds the server idles between points (default %(default)s)",
+    )
     g.add_argument("--no-load-sweep", action="store_true")
     g.add_argument("--no-adapter-sweep", action="store_true")
     return p
@@ -173,7 +179,7 @@ def calibrate_on(
         f"[{server.arm}] unloaded TTFT {state.unloaded.get('ttft_mean_s')} s, SLO "
         f"{state.slo_ttft_s} s, capacity {state.capacity_rps} req/s"
     )
-    time.sleep(SETTLE_S)
+    time.sleep(args.settle)
 
 
 def calibrate(
@@ -219,7 +225,7 @@ def load_sweep(
                     f"[{arm}] {name} {rps:.2f} req/s: TTFT p99 {o.metrics['ttft_p99']}, "
                     f"completed {o.metrics['completed']}/{len(wl)}"
                 )
-                time.sleep(SETTLE_S)
+                time.sleep(args.settle)
 
 
 def adapter_sweep(

@@ -49,6 +49,26 @@ def stop_server(server: ServerProcess) -> None:
     _servers_alive.release()
 
 
+@pytest.fixture(scope="session")
+def eval_server_pool(tmp_path_factory) -> Iterator[Path]:
+    """The eval harness's server pool (``eval.server_pool``) for this session: runs of the
+    harness (in subprocesses too) with identical launch commands share one server, stopped at
+    the end of the session."""
+    from eval.server_pool import POOL_ENV, stop_pool
+
+    pool = tmp_path_factory.mktemp("eval-server-pool")
+    previous = os.environ.get(POOL_ENV)
+    os.environ[POOL_ENV] = str(pool)
+    try:
+        yield pool
+    finally:
+        stop_pool(pool)
+        if previous is None:
+            os.environ.pop(POOL_ENV, None)
+        else:
+            os.environ[POOL_ENV] = previous
+
+
 @pytest.fixture(scope="session", params=["stock", "chameleon"])
 def server(request, tiny_assets: Assets, tmp_path_factory) -> Iterator[ServerProcess]:
     """A patched SGLang server with every tiny adapter, without and with ``--chameleon``."""

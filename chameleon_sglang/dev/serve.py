@@ -141,7 +141,7 @@ class ServerProcess:
                 )
             if self.is_healthy():
                 return
-            time.sleep(0.5)
+            time.sleep(0.2)
         raise TimeoutError(f"server on port {self.port} not healthy after {timeout_s:.0f} s")
 
     def is_healthy(self) -> bool:

@@ -20,7 +20,8 @@ from conftest import start_server, stop_server
 
 from chameleon_sglang.dev.assets import Assets
 
-pytestmark = pytest.mark.slow
+# DP=1's reference outputs come from the session's --chameleon server (tests/conftest.py)
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("server", ["chameleon"], indirect=True)]
 
 NUM_REQUESTS = 24
 NEW_TOKENS = 8
@@ -69,14 +70,11 @@ def _routed(url: str, adapter: Optional[str], replica: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def dp1_outputs(tiny_assets, tmp_path_factory) -> List[List[int]]:
-    """DP=1's greedy outputs of the reference workload (its server is gone before DP=2 starts:
-    the suite runs at most two servers at once, and a session-wide one may be up)."""
-    srv = start_server(tiny_assets, tmp_path_factory.mktemp("dp1"), "dp1", chameleon=True)
-    try:
-        return _run(srv.url, _workload(tiny_assets, NUM_REQUESTS, seed=5))
-    finally:
-        stop_server(srv)
+def dp1_outputs(tiny_assets, server) -> List[List[int]]:
+    """DP=1's greedy outputs of the reference workload, on the session's ``--chameleon`` server
+    (the same launch line without ``--dp-size``; every test of this module asks for that arm)."""
+    assert server.arm == "chameleon"
+    return _run(server.url, _workload(tiny_assets, NUM_REQUESTS, seed=5))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """eval.paper: each experiment's rows put the paper's figure beside ours, read from the tool's
-own outputs (fake outputs here; one quick experiment end to end, slow)."""
+own outputs (fake outputs here; every experiment's quick variant end to end, slow, its servers
+shared with the other eval smoke tests where their launch commands are identical)."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def test_outputs_and_not_built_experiments(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_queues_experiment_quick_end_to_end(tiny_assets, tmp_path):
+def test_queues_experiment_quick_end_to_end(tiny_assets, eval_server_pool, tmp_path):
     out = tmp_path / "queues"
     proc = subprocess.run(
         [
@@ -108,16 +109,37 @@ QUICK_RUNS = {  # experiment: (extra options, claims that must be measured)
     # three mixes: chameleon alone (the rows need stock too; 3 servers instead of 6)
     "popularity": (["--arms", "chameleon"], []),
     "load": (
-        ["--arms", "stock,chameleon", "--levels", "0.5,0.75", "--capacity-rps", "3"],
+        [
+            "--arms",
+            "stock,chameleon",
+            "--levels",
+            "0.5,0.75",
+            "--capacity-rps",
+            "3",
+            "--settle",
+            "0",
+        ],
         ["P99 TTFT at medium load", "P50 TTFT at medium load"],
     ),
-    "adapters": (["--arms", "stock,chameleon", "--adapter-counts", "2", "--capacity-rps", "3"], []),
+    "adapters": (
+        [
+            "--arms",
+            "stock,chameleon",
+            "--adapter-counts",
+            "2",
+            "--capacity-rps",
+            "3",
+            "--settle",
+            "0",
+        ],
+        [],
+    ),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", sorted(QUICK_RUNS))
-def test_each_experiment_runs_quick_end_to_end(tiny_assets, tmp_path, experiment):
+def test_each_experiment_runs_quick_end_to_end(tiny_assets, eval_server_pool, tmp_path, experiment):
     """Every experiment's quick variant on the tiny preset: its tool runs real servers, and the
     rows it was given arms for are measured (the adapter sweep's row may honestly be empty: no
     point need meet an SLO it never measured)."""
