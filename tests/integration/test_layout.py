@@ -22,7 +22,7 @@ from chameleon_sglang.integration import patch_api
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "chameleon_sglang"
-PURE = ("scheduler", "cache", "dp", "config.py", "clock.py", "status.py")
+PURE = ("scheduler", "cache", "catalog", "dp", "config.py", "clock.py", "status.py")
 
 
 def imported_modules(path: Path) -> Iterator[Tuple[int, str]]:
