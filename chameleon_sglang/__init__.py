@@ -9,6 +9,8 @@ Pure policy (no SGLang, no torch; tested with plain data):
   facade;
 - :mod:`.cache` - the adapter cache: check-then-act admission, references, tiered eviction by
   score, the ``SlotStore`` it borrows memory through, the KV-slot layout of an adapter;
+- :mod:`.catalog` - where adapters come from: names resolved to PEFT adapter directories
+  (``--chameleon-adapter-dir``), checked before anything is read;
 - :mod:`.dp` - adapter-affinity dispatch across data-parallel replicas with bounded loads, and
   the replicas' report channel;
 - :mod:`.clock`, :mod:`.status` - the policy's clock; which components are active and why.

@@ -39,6 +39,8 @@ class ChameleonConfig:
     frequency_window_s: float = 300.0
     prefetch: bool = True
     prefetch_policy: PrefetchPolicyName = "queue"
+    # Adapter catalog: directories whose <name>/ subdirectories are served on first request
+    adapter_dirs: Tuple[str, ...] = ()
     # Host-link model (CPU machines): GB/s every host-to-device adapter copy is held to; 0 = off
     host_link_gbps: float = 0.0
     # Data parallelism: the load bound of adapter-affinity dispatch, (1 + dp_epsilon) x mean
@@ -106,6 +108,7 @@ class ChameleonConfig:
             prefetch=get("chameleon_prefetch"),
             prefetch_policy=get("chameleon_prefetch_policy"),
             host_link_gbps=float(get("chameleon_host_link_gbps")),
+            adapter_dirs=tuple(str(d) for d in get("chameleon_adapter_dir") or ()),
             dp_epsilon=float(get("chameleon_dp_epsilon")),
             dp_miss_cost=float(get("chameleon_dp_miss_cost")),
             dp_slack=float(get("chameleon_dp_slack")),

@@ -35,7 +35,7 @@ import requests
 from chameleon_sglang.dev.assets import build
 from chameleon_sglang.dev.serve import ServerProcess, free_port, server_command
 from eval.arms import auto_dtype
-from eval.summary import machine_info
+from eval.summary import machine_header
 
 ARMS = {"chameleon": ["--chameleon"], "stock-65-slots": ["--max-loras-per-batch", "65"]}
 
@@ -87,18 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
     dtype = auto_dtype() if args.dtype == "auto" else args.dtype
-    machine = machine_info()
-    print(
-        json.dumps(
-            {
-                "dtype": dtype,
-                "cpu_model": machine["cpu_model"],
-                "cpu_flags": machine["cpu_flags"],
-                "git_commit": machine["git_commit"],
-            }
-        ),
-        flush=True,
-    )
+    header = machine_header(dtype)
+    print(json.dumps(header), flush=True)
     assets = build("eval")
     names = [a.name for a in assets.adapters]
     counts = [int(v) for v in args.adapters.split(",")]
@@ -125,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary: Dict = {
             "arm": arm,
             "dtype": dtype,
-            "cpu_flags": machine["cpu_flags"],
+            "cpu_flags": header["cpu_flags"],
             "tbt_p50_s": {
                 n: statistics.median(p["tbt_p50_s"] for p in rounds) for n, rounds in points.items()
             },

@@ -27,7 +27,7 @@ import requests
 from chameleon_sglang.dev.assets import build
 from chameleon_sglang.dev.serve import ServerProcess, free_port, server_command
 from eval.arms import auto_dtype
-from eval.summary import machine_info
+from eval.summary import machine_header
 
 ARMS = {"stock": [], "chameleon": ["--chameleon"]}
 SHARED_FLAGS = ["--max-loras-per-batch", "8"]
@@ -91,18 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--log-dir", type=Path, default=Path("eval/results/unloaded"))
     args = p.parse_args(argv)
     dtype = auto_dtype() if args.dtype == "auto" else args.dtype
-    machine = machine_info()
-    print(
-        json.dumps(
-            {
-                "dtype": dtype,
-                "cpu_model": machine["cpu_model"],
-                "cpu_flags": machine["cpu_flags"],
-                "git_commit": machine["git_commit"],
-            }
-        ),
-        flush=True,
-    )
+    header = machine_header(dtype)
+    print(json.dumps(header), flush=True)
     assets = build("eval")
     adapter = args.adapter or next(a.name for a in assets.adapters if a.rank == assets.max_rank)
     lengths = [int(v) for v in args.prompt_lens.split(",")]
@@ -147,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         json.dumps(
             {
                 "dtype": dtype,
-                "cpu_flags": machine["cpu_flags"],
+                "cpu_flags": header["cpu_flags"],
                 "adapter": adapter,
                 **summarize(records),
             }

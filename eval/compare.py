@@ -40,6 +40,7 @@ from eval.experiment import (
     workload_info,
     write_outputs,
 )
+from eval.metrics import ARM_KEYS
 from eval.summary import pick_pair
 from eval.tune_stock import DEFAULT_DRAIN_WAIT_S, parse_slots, tune
 from eval.workload import (
@@ -87,19 +88,7 @@ def parser() -> argparse.ArgumentParser:
 
 def format_summary(summary: Dict[str, Any]) -> str:
     """A short plain-text table of the per-arm medians and the ratios."""
-    keys = [
-        "ttft_p50",
-        "ttft_p99",
-        "tbt_p50",
-        "tbt_p99",
-        "e2e_p50",
-        "e2e_p99",
-        "throughput_rps",
-        "completed",
-        "failed",
-        "retractions",
-        "cache_hit_rate",
-    ]
+    keys = list(ARM_KEYS)
     lines = ["arm".ljust(18) + "".join(k.rjust(15) for k in keys)]
     for arm, m in summary["arms"].items():
         lines.append(arm.ljust(18) + "".join(_cell(m[k]).rjust(15) for k in keys))

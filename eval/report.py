@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
 
-from eval.metrics import QUEUE_SOURCE_SERVER
+from eval.metrics import ARM_KEYS, QUEUE_SOURCE_SERVER
 from eval.workload import SIZE_CLASSES
 
 
@@ -47,19 +47,7 @@ def results_table(arms: Mapping[str, Mapping[str, Any]]) -> List[str]:
         "retractions",
         "cache hit rate",
     ]
-    keys = [
-        "ttft_p50",
-        "ttft_p99",
-        "tbt_p50",
-        "tbt_p99",
-        "e2e_p50",
-        "e2e_p99",
-        "throughput_rps",
-        "completed",
-        "failed",
-        "retractions",
-        "cache_hit_rate",
-    ]
+    keys = list(ARM_KEYS)
     return md_table(header, [[arm] + [m.get(k) for k in keys] for arm, m in arms.items()])
 
 

@@ -88,6 +88,12 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def machine_header(dtype: str) -> Dict[str, Any]:
+    """The first line a benchmark prints: dtype, CPU model and flags, commit."""
+    machine = machine_info()
+    return {"dtype": dtype, **{k: machine[k] for k in ("cpu_model", "cpu_flags", "git_commit")}}
+
+
 def machine_info() -> Dict[str, Any]:
     """CPU count, model and SIMD flags, memory, python / torch / sglang versions, git commit."""
     mem = None

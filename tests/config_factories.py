@@ -26,6 +26,7 @@ def server_args(**overrides):
         chameleon_prefetch=True,
         chameleon_prefetch_policy="queue",
         chameleon_host_link_gbps=0.0,
+        chameleon_adapter_dir=[],
         chameleon_dp_epsilon=0.25,
         chameleon_dp_miss_cost=1.0,
         chameleon_dp_slack=0.0,

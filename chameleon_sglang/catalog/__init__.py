@@ -10,15 +10,23 @@ from chameleon_sglang.catalog.adapter_config import (
     refusal_for,
 )
 from chameleon_sglang.catalog.names import check_adapter_name
-from chameleon_sglang.catalog.resolver import AdapterResolver, DirectoryResolver, resolve
+from chameleon_sglang.catalog.resolver import (
+    AdapterResolver,
+    DirectoryResolver,
+    Survey,
+    resolve,
+    survey,
+)
 
 __all__ = [
     "AdapterRefused",
     "AdapterResolver",
     "AdapterSpec",
     "DirectoryResolver",
+    "Survey",
     "check_adapter_name",
     "read_adapter_spec",
     "refusal_for",
     "resolve",
+    "survey",
 ]

@@ -9,6 +9,7 @@ path (symlinks followed) must stay inside the root's real path.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
@@ -68,3 +69,27 @@ def resolve(resolvers: Iterable[AdapterResolver], name: str) -> Optional[Adapter
         if path is not None:
             return read_adapter_spec(Path(path))
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Survey:
+    """What the adapter directories hold, read from their configs at start-up."""
+
+    num_adapters: int
+    max_rank: int
+    num_refused: int
+
+
+def survey(roots: Sequence[Path]) -> Survey:
+    """Count the adapters under ``roots`` and their largest rank (configs only: no weights are
+    read; entries that are not PEFT LoRA adapters are counted as refused)."""
+    ranks, refused = [], 0
+    for root in roots:
+        for entry in sorted(Path(root).iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            try:
+                ranks.append(read_adapter_spec(entry).rank)
+            except AdapterRefused:
+                refused += 1
+    return Survey(len(ranks), max(ranks, default=0), refused)

@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Tuple
 
-from chameleon_sglang.integration.hooks import args, cpu, dp, http, lora, requests, scheduler
+from chameleon_sglang.integration.hooks import (
+    args,
+    catalog,
+    cpu,
+    dp,
+    http,
+    lora,
+    requests,
+    scheduler,
+)
 from chameleon_sglang.integration.hooks.dp import DP_CONTROLLER_CLASS, LOAD_BALANCE_METHOD_CLASS
 from chameleon_sglang.integration.hooks.forward import call_after, call_before
 
@@ -25,6 +34,7 @@ LORA_POOL = "sglang.srt.lora.mem_pool.LoRAMemoryPool"
 TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 
 RESOLUTION_HOOKS: List[Tuple[str, Callable[[Any, Callable[[Any], None]], None]]] = [
+    ("handle_missing_default_values", catalog.catalog_defaults),
     ("handle_cuda_graph_config", args.cuda_graph_safety),
     ("handle_cpu_backends", args.cpu_backend_defaults),
     ("handle_other_validations", args.validate_chameleon_args),
@@ -80,6 +90,7 @@ HOOKS: List[Tuple[str, Callable[..., Any], str]] = [
     (f"{LORA_MANAGER}.validate_new_adapter", lora.refuse_uncacheable_adapter, AFTER),
     (f"{LORA_POOL}.load_lora_weight_to_buffer", lora.load_into_slot_with_host_link, AROUND),
     # requests and HTTP (launcher process)
+    (f"{TOKENIZER_MANAGER}._resolve_lora_path", catalog.resolve_unregistered_adapters, AROUND),
     (f"{TOKENIZER_MANAGER}._validate_one_request", requests.refuse_token_ids_outside_vocab, BEFORE),
     ("sglang.srt.entrypoints.http_server.launch_server", http.serve_http, AROUND),
     # CPU ranks

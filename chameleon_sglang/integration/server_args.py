@@ -116,6 +116,17 @@ class Chameleon(msgspec.Struct):
         "(those too, then adapters whose next request an arrival-gap histogram predicts now, "
         "into free memory only). " + _default("queue"),
     ] = "queue"
+    chameleon_adapter_dir: A[
+        List[str],
+        Arg(
+            help="Adapter directories: a request naming an adapter that is not registered is "
+            "served from DIR/<name>/ (a PEFT LoRA adapter) without a restart, also without "
+            "--lora-paths. Names are one plain path component; nothing outside DIR is read. "
+            "--max-lora-rank (if unset: the largest rank found there) and --lora-target-modules "
+            "(if unset: all) bound what is served. " + _default("none"),
+            nargs="+",
+        ),
+    ] = msgspec.field(default_factory=list)
     chameleon_host_link_gbps: A[
         float,
         "Host-link model for CPU machines: every host-to-device adapter copy takes at least "

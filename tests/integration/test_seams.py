@@ -51,6 +51,7 @@ PINNED = {
     "sglang.srt.managers.data_parallel_controller.DataParallelController.event_loop": "self",
     "sglang.srt.managers.data_parallel_controller.DataParallelController.maybe_external_dp_rank_routing": "self req",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request": "self obj input_ids",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._resolve_lora_path": "self obj",
     "sglang.srt.lora.backend.base_backend.BaseLoRABackend.__init__": "self max_loras_per_batch device",
     "sglang.srt.lora.backend.base_backend.BaseLoRABackend.prepare_lora_batch": "self forward_batch weight_indices lora_ranks scalings use_decode_cuda_graph use_prefill_cuda_graph",
     "sglang.srt.lora.backend.base_backend.BaseLoRABackend.init_decode_cuda_graph_batch_info": "self max_bs_in_cuda_graph num_tokens_per_req",
@@ -183,6 +184,18 @@ def test_the_sglang_state_we_write_is_still_there(target, attribute):
     """Every attribute of an SGLang object our code writes is still set where we expect SGLang
     to set (and so read) it."""
     assert f".{attribute}" in inspect.getsource(resolve(target)), (target, attribute)
+
+
+def test_sglang_reloads_unregistered_names_from_its_ref_cache():
+    """The adapter catalog hands SGLang an adapter to load by putting a ``LoRARef`` in
+    ``TokenizerManager.lora_ref_cache``, which ``_resolve_lora_path`` loads from when a requested
+    name is not registered."""
+    from sglang.srt.lora.lora_registry import LoRARef
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+    assert LoRARef.__struct_fields__ == ("lora_id", "lora_name", "lora_path", "pinned")
+    source = inspect.getsource(TokenizerManager._resolve_lora_path)
+    assert "self.lora_ref_cache[lora_path]" in source and "self.load_lora_adapter(" in source
 
 
 def test_the_kv_allocator_keeps_the_free_lists_the_slot_store_reads():

@@ -1,0 +1,120 @@
+"""The adapter catalog in SGLang (launcher process): adapters served from ``--chameleon-adapter-
+dir`` on their first request, without a restart and without ``--lora-paths``.
+
+- At argument resolution (:func:`catalog_defaults`): the directories must exist; LoRA is turned
+  on and what the directories need is filled in where the user left it unset: ``--max-lora-rank``
+  (the largest rank found there; 64 for an empty directory) and ``--lora-target-modules all``.
+- Per request (:func:`resolve_unregistered_adapters`, around SGLang's
+  ``TokenizerManager._resolve_lora_path``): a name SGLang has never loaded is resolved
+  (:mod:`chameleon_sglang.catalog`: the name checked, nothing outside the directory read, the
+  adapter's config checked against the server's rank and modules) and handed to SGLang as an
+  adapter to load, which its own path then loads, registers and serves. A name no directory has,
+  or an adapter that must not be served, is a ``ValueError``: HTTP 400 with the reason, nothing
+  else affected. SGLang's load itself stays as it is (it reads the weights in the scheduler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Tuple
+
+from chameleon_sglang.catalog import AdapterRefused, DirectoryResolver, refusal_for, resolve, survey
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_RANK = 64
+"""``--max-lora-rank`` for an adapter directory that holds no adapter yet."""
+
+
+def catalog_defaults(server_args: Any, previous: Callable[[Any], None]) -> None:
+    """Resolution step: the settings ``--chameleon-adapter-dir`` needs (module docstring)."""
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+
+    cfg = resolving_view(server_args)
+    dirs = list(getattr(cfg, "chameleon_adapter_dir", None) or ())
+    if dirs and not getattr(cfg, "chameleon", False):
+        logger.warning("--chameleon-adapter-dir needs --chameleon: the directories are not served")
+    elif dirs:
+        DirectoryResolver([Path(d) for d in dirs])  # a missing directory fails the launch here
+        found = survey([Path(d) for d in dirs])
+        picks: Dict[str, Any] = {}
+        if cfg.enable_lora is None:
+            picks["enable_lora"] = True
+        if cfg.max_lora_rank is None:
+            picks["max_lora_rank"] = found.max_rank or DEFAULT_MAX_RANK
+        if cfg.lora_target_modules is None:
+            picks["lora_target_modules"] = ["all"]
+        if picks:
+            declare_resolution(server_args, "chameleon_sglang.catalog_defaults", **picks)
+        logger.info(
+            "Chameleon adapter catalog: %d adapters in %s (%d entries not PEFT LoRA adapters), "
+            "served on first request; %s",
+            found.num_adapters,
+            dirs,
+            found.num_refused,
+            picks or "flags as given",
+        )
+    previous(server_args)
+
+
+_resolvers: Dict[Tuple[str, ...], DirectoryResolver] = {}
+
+
+def _resolver(dirs: Tuple[str, ...]) -> DirectoryResolver:
+    if dirs not in _resolvers:
+        _resolvers[dirs] = DirectoryResolver([Path(d) for d in dirs])
+    return _resolvers[dirs]
+
+
+async def resolve_unregistered_adapters(
+    original: Callable, manager: Any, obj: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """Around ``TokenizerManager._resolve_lora_path``: names SGLang has never loaded are
+    resolved in the adapter directories first (module docstring)."""
+    server_args = manager.server_args
+    dirs = tuple(getattr(server_args, "chameleon_adapter_dir", None) or ())
+    offered = []
+    if dirs and getattr(server_args, "chameleon", False):
+        for name in sorted(_requested(obj.lora_path) - set(manager.lora_ref_cache)):
+            await _offer(manager, _resolver(dirs), name, dirs)
+            offered.append(name)
+    try:
+        return await original(manager, obj, *args, **kwargs)
+    except Exception:
+        for name in offered:  # not loaded: the next request resolves it afresh (fixed on disk?)
+            manager.lora_ref_cache.pop(name, None)
+        raise
+
+
+def _requested(lora_path: Any) -> set:
+    names: Iterable[Any] = [lora_path] if isinstance(lora_path, str) else (lora_path or ())
+    return {name for name in names if name is not None}
+
+
+async def _offer(
+    manager: Any, resolver: DirectoryResolver, name: str, dirs: Tuple[str, ...]
+) -> None:
+    """Make ``name`` an adapter SGLang will load from its directory, or raise ``ValueError``."""
+    from sglang.srt.lora.lora_registry import LoRARef
+
+    spec = await asyncio.to_thread(resolve, [resolver], name)
+    if spec is None:
+        raise ValueError(
+            f"LoRA adapter {name!r} is not loaded and is in none of the adapter directories "
+            f"{list(dirs)}"
+        )
+    server_args = manager.server_args
+    reason = refusal_for(
+        spec, int(server_args.max_lora_rank or 0), list(server_args.lora_target_modules or ["all"])
+    )
+    if reason is not None:
+        raise AdapterRefused(f"LoRA adapter {name!r} refused: {reason}")
+    if int(getattr(server_args, "dp_size", 1) or 1) > 1:
+        raise ValueError(
+            f"LoRA adapter {name!r}: serving from adapter directories with --dp-size > 1 is not "
+            "supported yet (SGLang loads adapters at run time only with one replica)"
+        )
+    manager.lora_ref_cache.setdefault(name, LoRARef(lora_name=name, lora_path=str(spec.path)))
+    logger.info("Chameleon adapter catalog: %s resolved to %s", name, spec.path)
