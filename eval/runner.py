@@ -115,7 +115,7 @@ def arm_server(arm: str, cfg: RunConfig, log_dir: Path) -> Iterator[ArmServer]:
     cmd = arm_command(
         arm, cfg.assets, port, [a.name for a in cfg.adapters], cfg.flags, cfg.own_flags(arm)
     )
-    pool = server_pool.pool_dir()
+    pool = server_pool.pool_dir(arm)
     key = server_pool.command_key(cmd, port)
     pooled = server_pool.lookup(pool, key) if pool is not None else None
     if pooled is not None:  # a test run: the same server as an earlier run (eval.server_pool)

@@ -1,12 +1,12 @@
 """Servers shared across runs whose launch commands are identical (for the test suite).
 
-With ``CHAMELEON_EVAL_SERVER_POOL=DIR`` in the environment, :func:`eval.runner.arm_server` looks
-a run's launch command (its port left out) up in ``DIR``: a healthy server started for the same
-command earlier, by this process or another, is reused and left running; otherwise the server it
-starts is recorded there and left running too. :func:`stop_pool` stops every recorded server.
-Results of a run then depend on the runs before it on that server (warm caches, a trained
-predictor): the pool is for smoke tests of the harness, never for measurements. Runs are assumed
-sequential (no two processes start the same command at once).
+With ``CHAMELEON_EVAL_SERVER_POOL=DIR`` in the environment, :func:`eval.runner.arm_server` looks the
+launch command (its port left out) of a ``stock`` or ``chameleon`` run up in ``DIR``: a healthy
+server started for the same command earlier, by this process or another, is reused and left running;
+otherwise the server it starts is recorded there and left running too. :func:`stop_pool` stops every
+recorded server. Results of a run then depend on the runs before it on that server (warm caches, a
+trained predictor): the pool is for smoke tests of the harness, never for measurements. Runs are
+assumed sequential (no two processes start the same command at once).
 """
 
 from __future__ import annotations
@@ -23,13 +23,16 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 POOL_ENV = "CHAMELEON_EVAL_SERVER_POOL"
+POOLED_ARMS = ("stock", "chameleon")
+"""Arms whose servers the pool keeps: the two that most runs share. Servers of other arms are
+started and stopped as usual (idle servers left running cost memory and some CPU)."""
 PORT_PLACEHOLDER = "{port}"
 
 
-def pool_dir() -> Optional[Path]:
-    """The pool directory, or None when pooling is off."""
+def pool_dir(arm: str) -> Optional[Path]:
+    """The pool directory for servers of ``arm``, or None (pooling off, or not for this arm)."""
     value = os.environ.get(POOL_ENV)
-    return Path(value) if value else None
+    return Path(value) if value and arm in POOLED_ARMS else None
 
 
 def command_key(command: Sequence[str], port: int) -> str:

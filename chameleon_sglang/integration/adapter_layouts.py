@@ -69,34 +69,7 @@ class AdapterLayouts:
 
     def host_matrices(self, uid: str) -> HostMatrices:
         """This rank's slices of the adapter's host weights, rank-exact, per layer."""
-        adapter = self.manager.loras[uid]
-        return [
-            self._layer_matrices(adapter.layers[layer_id].weights, layer_id)
-            for layer_id in range(self.num_layers)
-        ]
-
-    def _layer_matrices(
-        self, weights: Dict[str, torch.Tensor], layer_id: int
-    ) -> List[Tuple[Hashable, torch.Tensor]]:
-        modules = {
-            get_target_module_name(name, self.target_modules): module
-            for name, module in self.manager.lora_modules[layer_id].items()
-        }
-        by_module: Dict[str, Dict[str, torch.Tensor]] = {}
-        for name, weight in weights.items():
-            try:
-                module = get_target_module_name(name, self.target_modules)
-            except ValueError:
-                continue  # not a target module (SGLang's pool skips it too)
-            by_module.setdefault(module, {})["A" if "lora_A" in name else "B"] = weight
-        layer: List[Tuple[Hashable, torch.Tensor]] = []
-        for module in sorted(by_module):
-            pair = by_module[module]
-            if module not in modules or set(pair) != {"A", "B"}:
-                continue
-            layer.append(((module, "A"), modules[module].slice_lora_a_weights(pair["A"])))
-            layer.append(((module, "B"), modules[module].slice_lora_b_weights(pair["B"])))
-        return layer
+        return host_matrices(self.manager, self.target_modules, uid, self.num_layers)
 
     def _stored_shapes(self, uid: str) -> List[List[Tuple[Hashable, Tuple[int, ...]]]]:
         """The block each matrix takes: B as ``[r, out]`` where stored transposed."""
@@ -109,3 +82,41 @@ class AdapterLayouts:
         if key[1] == "B" and self.transposed_b:
             return tuple(reversed(weight.shape))
         return tuple(weight.shape)
+
+
+def host_matrices(
+    manager: Any, target_modules: Sequence[str], uid: str, num_layers: Optional[int] = None
+) -> HostMatrices:
+    """This rank's slices of the host weights SGLang's ``manager`` holds for adapter ``uid``,
+    rank-exact (A ``[stack * r, in]``, B ``[out, r]``), per layer, in module order, as SGLang's
+    LoRA layers slice them; modules without both matrices are left out."""
+    adapter = manager.loras[uid]
+    layers = num_layers if num_layers is not None else len(manager.lora_modules)
+    return [
+        _layer_matrices(manager, target_modules, adapter.layers[layer_id].weights, layer_id)
+        for layer_id in range(layers)
+    ]
+
+
+def _layer_matrices(
+    manager: Any, target_modules: Sequence[str], weights: Dict[str, torch.Tensor], layer_id: int
+) -> List[Tuple[Hashable, torch.Tensor]]:
+    modules = {
+        get_target_module_name(name, target_modules): module
+        for name, module in manager.lora_modules[layer_id].items()
+    }
+    by_module: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name, weight in weights.items():
+        try:
+            module = get_target_module_name(name, target_modules)
+        except ValueError:
+            continue  # not a target module (SGLang's pool skips it too)
+        by_module.setdefault(module, {})["A" if "lora_A" in name else "B"] = weight
+    layer: List[Tuple[Hashable, torch.Tensor]] = []
+    for module in sorted(by_module):
+        pair = by_module[module]
+        if module not in modules or set(pair) != {"A", "B"}:
+            continue
+        layer.append(((module, "A"), modules[module].slice_lora_a_weights(pair["A"])))
+        layer.append(((module, "B"), modules[module].slice_lora_b_weights(pair["B"])))
+    return layer

@@ -40,6 +40,15 @@ class ModelFacts:
     padded_for_tp: str = ""  # what SGLang padded so CPU tensor parallelism divides ("": nothing)
 
 
+def resolved(server_args: Any) -> Any:
+    """``server_args`` as SGLang resolved them: the raw flags under every decision resolution
+    declared (``--enable-lora`` turned on by ``--lora-paths`` or an adapter directory, backends
+    picked, ...). Child processes receive the raw record with the declarations beside it."""
+    from sglang.srt.arg_groups.overrides import resolved_view
+
+    return resolved_view(server_args)
+
+
 def parallelism_unsupported_reason(cfg: Any) -> Optional[str]:
     """Why SGLang's parallelism in these flags rules Chameleon out (None: it does not). One rule
     for the scheduler, the adapter cache and adapter-affinity dispatch."""

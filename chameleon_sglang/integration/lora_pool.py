@@ -39,7 +39,7 @@ from chameleon_kernels.lora_table import DeviceLocationTable, alignment_for
 from chameleon_sglang.cache import AdapterCache, CacheFullError
 from chameleon_sglang.cache.kv_layout import K_PART, AdapterLayout
 from chameleon_sglang.config import ChameleonConfig
-from chameleon_sglang.integration.adapter_layouts import AdapterLayouts
+from chameleon_sglang.integration.adapter_layouts import AdapterLayouts, host_matrices
 from chameleon_sglang.integration.capability import EMBEDDING_MODULES
 from chameleon_sglang.memory.adapter_ids import AdapterIds
 from chameleon_sglang.memory.device_residency import (
@@ -441,6 +441,25 @@ class ChameleonLoRAPool(LoRAMemoryPool):
                 if self._copier is not None:
                     self._copier.forget(adapter.buffer_id)
                 return
+
+    def shape_problem(self, uid: str) -> Optional[str]:
+        """Why the adapter's matrices do not fit the model's LoRA layers (an adapter of another
+        base model), or None: A must be ``[stack * r, in]`` and B ``[out, r]`` for the layer's
+        ``in``, ``out`` and stacking, ``r`` the adapter's rank."""
+        rank = self._rank(uid)
+        for layer_id, layer in enumerate(host_matrices(self.manager, self.target_modules, uid)):
+            for (module, kind), weight in layer:
+                handle = (self.A_buffer if kind == "A" else self.B_buffer)[module][layer_id]
+                if kind == "A":
+                    expected = (handle.shape[1] // self.max_lora_rank * rank, handle.shape[2])
+                else:
+                    expected = (handle.shape[1], rank)
+                if tuple(weight.shape) != expected:
+                    return (
+                        f"layer {layer_id} {module} {kind} is {list(weight.shape)}, the "
+                        f"model's needs {list(expected)}"
+                    )
+        return None
 
     # -- placement ----------------------------------------------------------------------------
     def _layouts(self) -> AdapterLayouts:

@@ -88,6 +88,7 @@ HOOKS: List[Tuple[str, Callable[..., Any], str]] = [
     ),
     (f"{LORA_MANAGER}.init_memory_pool", lora.init_lora_pool, AROUND),
     (f"{LORA_MANAGER}.validate_new_adapter", lora.refuse_uncacheable_adapter, AFTER),
+    (f"{LORA_MANAGER}.load_lora_adapter", lora.refuse_foreign_adapter, AFTER),
     (f"{LORA_POOL}.load_lora_weight_to_buffer", lora.load_into_slot_with_host_link, AROUND),
     # requests and HTTP (launcher process)
     (f"{TOKENIZER_MANAGER}._resolve_lora_path", catalog.resolve_unregistered_adapters, AROUND),

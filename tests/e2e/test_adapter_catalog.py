@@ -103,7 +103,7 @@ def test_the_server_starts_with_no_adapter_registered_and_the_cache_on(catalog_s
     info = requests.get(catalog_server.url + "/server_info", timeout=30).json()
     assert set(info["chameleon_status"]["active_components"]) == {"scheduler", "adapter_cache"}
     assert info["max_lora_rank"] == 64 and info["enable_lora"] is True
-    assert not any(":" in m and m.split(":", 1)[1] in SERVED for m in _models(catalog_server.url))
+    assert not set(SERVED) & _models(catalog_server.url)  # /v1/models lists adapters by name
 
 
 def test_adapters_never_registered_are_served_from_the_directory(catalog_server, expected):
@@ -115,9 +115,7 @@ def test_adapters_never_registered_are_served_from_the_directory(catalog_server,
             for _ in range(2):
                 out = generate(catalog_server.url, ids, name, NUM_NEW_TOKENS)["output_ids"]
                 assert out == reference[(name, i)], name
-    assert {f"{served}:{n}" for served in [_served(catalog_server)] for n in SERVED[:3]} <= _models(
-        catalog_server.url
-    )
+    assert set(SERVED[:3]) <= _models(catalog_server.url)
 
 
 def _served(server) -> str:

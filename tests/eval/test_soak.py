@@ -1,4 +1,4 @@
-"""The overload soak, short: a tiny-preset server at twice its measured capacity for 20 s with
+"""The overload soak, short: a tiny-preset server at twice its measured capacity for 12 s with
 clients hanging up and adapters unloaded and reloaded under traffic; the soak's own verdict
 (nothing lost, invariants clean, quotas and references back to zero, probe output unchanged,
 memory flat) must be PASSED."""
@@ -28,9 +28,9 @@ def test_short_soak_loses_nothing(tmp_path):
             "--dtype",
             "float32",
             "--duration",
-            "20",
+            "12",
             "--capacity-seconds",
-            "8",
+            "6",
             "--clients",
             "8",
             "--hangup",

@@ -7,20 +7,24 @@ dir`` on their first request, without a restart and without ``--lora-paths``.
 - Per request (:func:`resolve_unregistered_adapters`, around SGLang's
   ``TokenizerManager._resolve_lora_path``): a name SGLang has never loaded is resolved
   (:mod:`chameleon_sglang.catalog`: the name checked, nothing outside the directory read, the
-  adapter's config checked against the server's rank and modules) and handed to SGLang as an
-  adapter to load, which its own path then loads, registers and serves. A name no directory has,
-  or an adapter that must not be served, is a ``ValueError``: HTTP 400 with the reason, nothing
-  else affected. SGLang's load itself stays as it is (it reads the weights in the scheduler).
+  adapter's config checked against the server's rank and modules) and handed to SGLang as an adapter
+  to load, which its own path then loads, registers and serves. Requests for a name that is not
+  registered wait in turn (:class:`NameLocks`): concurrent first requests cause one load. A name no
+  directory has, or an adapter that must not be served, is a ``ValueError``: HTTP 400 with the
+  reason, nothing else affected. SGLang's load itself stays as it is (it reads the weights in the
+  scheduler).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, Iterable, List, Sequence, Tuple
 
 from chameleon_sglang.catalog import AdapterRefused, DirectoryResolver, refusal_for, resolve, survey
+from chameleon_sglang.integration import capability
 
 logger = logging.getLogger(__name__)
 
@@ -68,24 +72,69 @@ def _resolver(dirs: Tuple[str, ...]) -> DirectoryResolver:
     return _resolvers[dirs]
 
 
+class NameLocks:
+    """One asyncio lock per adapter name, held while the name is being loaded; a lock lives only
+    while someone holds or waits for it (a burst of distinct names leaves nothing behind)."""
+
+    def __init__(self) -> None:
+        self._locks: Dict[str, Tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, names: Sequence[str]) -> AsyncIterator[None]:
+        """Hold the locks of ``names`` (taken in sorted order: no deadlock between requests)."""
+        ordered = sorted(set(names))
+        for name in ordered:
+            lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+            self._locks[name] = (lock, users + 1)
+        taken: List[asyncio.Lock] = []
+        try:
+            for name in ordered:
+                await self._locks[name][0].acquire()
+                taken.append(self._locks[name][0])
+            yield
+        finally:
+            for lock in taken:
+                lock.release()
+            for name in ordered:
+                lock, users = self._locks[name]
+                if users == 1:
+                    del self._locks[name]
+                else:
+                    self._locks[name] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+_loading = NameLocks()
+
+
 async def resolve_unregistered_adapters(
     original: Callable, manager: Any, obj: Any, *args: Any, **kwargs: Any
 ) -> Any:
-    """Around ``TokenizerManager._resolve_lora_path``: names SGLang has never loaded are
-    resolved in the adapter directories first (module docstring)."""
+    """Around ``TokenizerManager._resolve_lora_path``, with ``--chameleon``: requests for an
+    adapter that is not registered wait in turn, so concurrent first requests cause one load
+    (SGLang alone loads it once per request); names SGLang has never loaded are resolved in the
+    adapter directories first (module docstring)."""
     server_args = manager.server_args
-    dirs = tuple(getattr(server_args, "chameleon_adapter_dir", None) or ())
-    offered = []
-    if dirs and getattr(server_args, "chameleon", False):
-        for name in sorted(_requested(obj.lora_path) - set(manager.lora_ref_cache)):
-            await _offer(manager, _resolver(dirs), name, dirs)
-            offered.append(name)
-    try:
+    names = _requested(obj.lora_path)
+    if not getattr(server_args, "chameleon", False) or not names:
         return await original(manager, obj, *args, **kwargs)
-    except Exception:
-        for name in offered:  # not loaded: the next request resolves it afresh (fixed on disk?)
-            manager.lora_ref_cache.pop(name, None)
-        raise
+    cold = await manager.lora_registry.get_unregistered_loras(names)
+    if not cold:
+        return await original(manager, obj, *args, **kwargs)
+    dirs = tuple(getattr(server_args, "chameleon_adapter_dir", None) or ())
+    async with _loading.hold(sorted(cold)):
+        offered: List[str] = []
+        try:
+            for name in sorted(set(cold) - set(manager.lora_ref_cache)) if dirs else ():
+                await _offer(manager, _resolver(dirs), name, dirs)
+                offered.append(name)
+            return await original(manager, obj, *args, **kwargs)
+        except Exception:
+            for name in offered:  # not loaded: the next request resolves it afresh
+                manager.lora_ref_cache.pop(name, None)
+            raise
 
 
 def _requested(lora_path: Any) -> set:
@@ -105,7 +154,7 @@ async def _offer(
             f"LoRA adapter {name!r} is not loaded and is in none of the adapter directories "
             f"{list(dirs)}"
         )
-    server_args = manager.server_args
+    server_args = capability.resolved(manager.server_args)
     reason = refusal_for(
         spec, int(server_args.max_lora_rank or 0), list(server_args.lora_target_modules or ["all"])
     )
@@ -116,5 +165,6 @@ async def _offer(
             f"LoRA adapter {name!r}: serving from adapter directories with --dp-size > 1 is not "
             "supported yet (SGLang loads adapters at run time only with one replica)"
         )
-    manager.lora_ref_cache.setdefault(name, LoRARef(lora_name=name, lora_path=str(spec.path)))
+    ref = LoRARef(lora_name=name, lora_path=str(spec.path), pinned=False)
+    manager.lora_ref_cache.setdefault(name, ref)
     logger.info("Chameleon adapter catalog: %s resolved to %s", name, spec.path)

@@ -6,6 +6,7 @@
 - ``LoRAManager.init_memory_pool``: :class:`~chameleon_sglang.integration.lora_pool.
   ChameleonLoRAPool` in place of SGLang's slot pool;
 - ``LoRAManager.validate_new_adapter``: refuse what the cache does not store;
+- ``LoRAManager.load_lora_adapter``: refuse an adapter of another base model (shapes);
 - ``LoRAMemoryPool.load_lora_weight_to_buffer``: SGLang's slot fill, held to the host-link model;
 - the ``chameleon`` entry of SGLang's LoRA backend registry.
 """
@@ -55,7 +56,9 @@ def decide_adapter_cache(original: Callable, runner: Any, *args: Any, **kwargs: 
     name resolves to SGLang's own backend, so SGLang's pool serves (logged once)."""
     from sglang.srt.runtime_context import get_lora
 
-    capability.decide_for_runner(runner, runner.server_args, get_lora().lora_backend)
+    capability.decide_for_runner(
+        runner, capability.resolved(runner.server_args), get_lora().lora_backend
+    )
     return original(runner, *args, **kwargs)
 
 
@@ -93,7 +96,7 @@ def refuse_uncacheable_adapter(
     result: Any, manager: Any, lora_config: Any, lora_ref: Any, *args: Any, **kwargs: Any
 ) -> Any:
     """With the adapter cache, refuse adapters with embedding or LM-head weights at load."""
-    if getattr(manager.lora_backend, "name", None) == capability.CHAMELEON_LORA_BACKEND:
+    if _serves_cache(manager):
         targets = set(getattr(lora_config, "target_modules", None) or ())
         embedded = sorted(targets & capability.EMBEDDING_MODULES)
         if embedded or getattr(lora_config, "lora_added_tokens_size", 0):
@@ -103,6 +106,26 @@ def refuse_uncacheable_adapter(
                 f"or with --no-chameleon-cache for such adapters)"
             )
     return result
+
+
+def refuse_foreign_adapter(result: Any, manager: Any, lora_ref: Any, *args: Any, **kwargs: Any):
+    """After ``LoRAManager.load_lora_adapter``, with the adapter cache: an adapter whose matrices
+    do not fit the model's LoRA layers (one trained for another base model) is unloaded again
+    and the load fails, naming the mismatch (the cache's kernels read what the shapes say)."""
+    if not getattr(result, "success", False) or not _serves_cache(manager):
+        return result
+    problem = manager.memory_pool.shape_problem(lora_ref.lora_id)
+    if problem is None:
+        return result
+    manager.unload_lora_adapter(lora_ref)
+    return manager.create_lora_update_result(
+        success=False,
+        error_message=f"LoRA adapter {lora_ref.lora_name} does not fit this model: {problem}",
+    )
+
+
+def _serves_cache(manager: Any) -> bool:
+    return getattr(manager.lora_backend, "name", None) == capability.CHAMELEON_LORA_BACKEND
 
 
 def load_into_slot_with_host_link(

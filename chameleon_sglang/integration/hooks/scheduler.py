@@ -84,7 +84,7 @@ def _statuses(
         if state.cache is not None
         else (
             capability.runner_decision().reason
-            or capability.flags_unsupported_reason(scheduler.server_args)
+            or capability.flags_unsupported_reason(capability.resolved(scheduler.server_args))
             or "not installed"
         )
     )
