@@ -132,4 +132,5 @@ def arm_command(
         adapters=list(adapters),
         extra_args=flags.extra_args() + list(own),
         python=sys.executable,
+        warmup=False,  # every run warms its server up itself (eval.warmup)
     )

@@ -45,8 +45,10 @@ def server_command(
     adapters: Optional[Sequence[str]] = None,
     extra_args: Sequence[str] = (),
     python: str = sys.executable,
+    warmup: bool = True,
 ) -> List[str]:
-    """The launch command for ``assets`` (all its adapters unless ``adapters`` names some)."""
+    """The launch command for ``assets`` (all its adapters unless ``adapters`` names some);
+    ``warmup=False`` skips SGLang's own warm-up request (for callers that warm up themselves)."""
     chosen = assets.adapters if adapters is None else [assets.adapter(n) for n in adapters]
     cmd = [
         python,
@@ -77,6 +79,8 @@ def server_command(
     if chosen:
         cmd += ["--max-loaded-loras", str(max(8, len(chosen)))]
         cmd += ["--lora-paths", *[f"{a.name}={a.path}" for a in chosen]]
+    if not warmup:
+        cmd.append("--skip-server-warmup")
     if chameleon:
         cmd.append("--chameleon")
     cmd += list(extra_args)

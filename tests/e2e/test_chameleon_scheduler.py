@@ -170,37 +170,48 @@ def test_chameleon_stats_report_static_queues(scenario_times):
     assert sched["usage"] == [0, 0, 0, 0]
 
 
-def test_dynamic_queues_are_fitted_from_live_traffic(tiny_assets, tmp_path_factory):
-    """Dynamic mode fits K-means queues once the warm-up requests have arrived."""
+FEATURES = [
+    "--max-running-requests",
+    "2",
+    "--lora-drain-wait-threshold",
+    "0.5",
+    "--chunked-prefill-size",
+    "256",
+    "--max-loras-per-batch",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def dynamic_server(tiny_assets, tmp_path_factory):
+    """One server for the two tests below, in file order: dynamic queues fitted after 12
+    arrivals, metrics on, and SGLang features the scheduler must keep working (FEATURES)."""
     log_dir = tmp_path_factory.mktemp("dyn-logs")
-    srv = start_server(
-        tiny_assets,
-        log_dir,
-        "dynamic",
-        chameleon=True,
-        extra_args=["--chameleon-warmup-requests", "12", "--enable-metrics"],
-    )
+    extra = ["--chameleon-warmup-requests", "12", "--enable-metrics", *FEATURES]
+    srv = start_server(tiny_assets, log_dir, "dynamic", chameleon=True, extra_args=extra)
     try:
-        jobs = [([11 + i] * 8, "a000r8", 4) for i in range(8)]
-        jobs += [([13 + i] * 900, "a004r128", 64) for i in range(6)]
-        threads = [
-            threading.Thread(
-                target=_stream, args=(srv.url, ids, adapter, n, time.monotonic(), {}, "x")
-            )
-            for ids, adapter, n in jobs
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        # One more request so that a pass runs after the warm-up arrivals.
-        _stream(srv.url, [5] * 8, "a000r8", 2, time.monotonic(), {}, "last")
-        sched = requests.get(srv.url + "/chameleon/stats", timeout=30).json()["ranks"][0][
-            "scheduler"
-        ]
-        metrics = requests.get(srv.url + "/metrics", timeout=30).text
+        yield srv
     finally:
         stop_server(srv)
+
+
+def test_dynamic_queues_are_fitted_from_live_traffic(dynamic_server):
+    """Dynamic mode fits K-means queues once the warm-up requests have arrived."""
+    srv = dynamic_server
+    jobs = [([11 + i] * 8, "a000r8", 4) for i in range(8)]
+    jobs += [([13 + i] * 900, "a004r128", 64) for i in range(6)]
+    threads = [
+        threading.Thread(target=_stream, args=(srv.url, ids, adapter, n, time.monotonic(), {}, "x"))
+        for ids, adapter, n in jobs
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    # One more request so that a pass runs after the warm-up arrivals.
+    _stream(srv.url, [5] * 8, "a000r8", 2, time.monotonic(), {}, "last")
+    sched = requests.get(srv.url + "/chameleon/stats", timeout=30).json()["ranks"][0]["scheduler"]
+    metrics = requests.get(srv.url + "/metrics", timeout=30).text
     assert sched["mode"] == "dynamic"
     assert sched["num_refreshes"] >= 1
     assert sched["num_queues"] >= 2, sched  # two clearly separated request sizes
@@ -215,56 +226,36 @@ def test_dynamic_queues_are_fitted_from_live_traffic(tiny_assets, tmp_path_facto
     assert "chameleon:cache_evictions_by_reason{" in metrics and 'reason="unload"' in metrics
 
 
-def test_chameleon_keeps_sglang_features_working(tiny_assets, tmp_path_factory):
+def test_chameleon_keeps_sglang_features_working(tiny_assets, dynamic_server):
     """--max-running-requests, the LoRA drainer, chunked prefill and grammar-constrained
     requests all keep working under the Chameleon scheduler."""
     import re
     from concurrent.futures import ThreadPoolExecutor
 
-    log_dir = tmp_path_factory.mktemp("features-logs")
-    extra = [
-        "--max-running-requests",
-        "2",
-        "--lora-drain-wait-threshold",
-        "0.5",
-        "--chunked-prefill-size",
-        "256",
-        "--max-loras-per-batch",
-        "2",
-    ]
-    srv = start_server(tiny_assets, log_dir, "features", chameleon=True, extra_args=extra)
-    try:
+    srv = dynamic_server
 
-        def one(i: int) -> int:
-            adapter = tiny_assets.adapters[i % len(tiny_assets.adapters)].name
-            body = {
-                "input_ids": [10 + i] * (40 + 300 * (i % 2)),
-                "lora_path": adapter,
-                "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
-            }
-            resp = requests.post(srv.url + "/generate", json=body, timeout=300)
-            resp.raise_for_status()
-            return len(resp.json()["output_ids"])
-
-        with ThreadPoolExecutor(max_workers=10) as pool:
-            assert list(pool.map(one, range(10))) == [6] * 10
-
+    def one(i: int) -> int:
+        adapter = tiny_assets.adapters[i % len(tiny_assets.adapters)].name
         body = {
-            "text": "Give me a number:",
-            "lora_path": "a001r16",
-            "sampling_params": {
-                "max_new_tokens": 24,
-                "temperature": 0,
-                "regex": "(yes|no), [0-9]{3}",
-            },
+            "input_ids": [10 + i] * (40 + 300 * (i % 2)),
+            "lora_path": adapter,
+            "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
         }
         resp = requests.post(srv.url + "/generate", json=body, timeout=300)
         resp.raise_for_status()
-        assert re.fullmatch(r"(yes|no), [0-9]{3}", resp.json()["text"]), resp.json()["text"]
-        sched = requests.get(srv.url + "/chameleon/stats", timeout=30).json()["ranks"][0][
-            "scheduler"
-        ]
-        assert sched["num_running"] == 0 and sum(sched["num_waiting"]) == 0
-        assert sched["usage"] == [0] * sched["num_queues"]
-    finally:
-        stop_server(srv)
+        return len(resp.json()["output_ids"])
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        assert list(pool.map(one, range(10))) == [6] * 10
+
+    body = {
+        "text": "Give me a number:",
+        "lora_path": "a001r16",
+        "sampling_params": {"max_new_tokens": 24, "temperature": 0, "regex": "(yes|no), [0-9]{3}"},
+    }
+    resp = requests.post(srv.url + "/generate", json=body, timeout=300)
+    resp.raise_for_status()
+    assert re.fullmatch(r"(yes|no), [0-9]{3}", resp.json()["text"]), resp.json()["text"]
+    sched = requests.get(srv.url + "/chameleon/stats", timeout=30).json()["ranks"][0]["scheduler"]
+    assert sched["num_running"] == 0 and sum(sched["num_waiting"]) == 0
+    assert sched["usage"] == [0] * sched["num_queues"]

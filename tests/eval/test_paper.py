@@ -129,6 +129,8 @@ QUICK_RUNS = {  # experiment: (extra options, claims that must be measured)
             "2",
             "--capacity-rps",
             "3",
+            "--slo-ttft",  # the SLO given: no calibration server (the load run calibrates)
+            "5",
             "--settle",
             "0",
         ],
