@@ -105,8 +105,12 @@ def server_env() -> dict:
     return env
 
 
-# A new process group in the caller's session (module docs); ``process_group`` from Python 3.11.
-_OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+def _own_group_with_default_sigint() -> None:
+    """In the child before exec: a process group of its own in the caller's session (module
+    docs), and SIGINT handled again where the caller ignores it (a background job of a
+    non-interactive shell does, and children inherit it): :meth:`ServerProcess.stop` uses it."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class ServerProcess:
@@ -121,18 +125,28 @@ class ServerProcess:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout_s: float = 240.0) -> ServerProcess:
-        out = subprocess.DEVNULL
-        if self.log_path is not None:
-            self._log = open(self.log_path, "wb")  # noqa: SIM115 - open while the server runs
-            out = self._log
-        self.proc = subprocess.Popen(
-            self.cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(), **_OWN_GROUP
-        )
+        """:meth:`launch`, then wait until it is healthy (stopped again if it does not get so)."""
+        self.launch()
         try:
             self.wait_healthy(timeout_s)
         except BaseException:
             self.stop()
             raise
+        return self
+
+    def launch(self) -> ServerProcess:
+        """Start the process and return at once (several servers can start side by side)."""
+        out = subprocess.DEVNULL
+        if self.log_path is not None:
+            self._log = open(self.log_path, "wb")  # noqa: SIM115 - open while the server runs
+            out = self._log
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=server_env(),
+            preexec_fn=_own_group_with_default_sigint,
+        )
         return self
 
     def wait_healthy(self, timeout_s: float) -> None:

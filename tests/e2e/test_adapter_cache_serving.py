@@ -9,7 +9,6 @@ so a slot the cache leaked would crash the server.
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
@@ -19,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 import requests
 from client import generate, healthy, integrity_problems
-from conftest import start_server, stop_server
+from conftest import start_server, start_servers, stop_server
 from reference import reference_outputs
 
 from chameleon_sglang.dev.assets import Assets, build
@@ -65,20 +64,23 @@ def mixed_traffic(assets40, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("cache-logs")
     workload = _workload(assets40)
     results = {"workload": workload}
-    for arm in ("stock", "chameleon", "chameleon-split"):
-        if arm == "chameleon-split":
-            os.environ[SPLIT_ENV] = "1"
-        try:
-            srv = start_server(assets40, log_dir, f"mixed-{arm}", chameleon=arm != "stock")
-        finally:
-            os.environ.pop(SPLIT_ENV, None)
-        try:
+    arms = ("stock", "chameleon", "chameleon-split")
+    servers = start_servers(
+        [
+            dict(assets=assets40, log_dir=log_dir, name=f"mixed-{arm}", chameleon=arm != "stock")
+            for arm in arms
+        ],
+        env=[{}, {}, {SPLIT_ENV: "1"}],
+    )
+    try:
+        for arm, srv in zip(arms, servers):  # one at a time; the others idle
             results[arm] = _run(srv.url, workload)
             if arm != "stock":
                 results[f"stats-{arm}"] = _cache_stats(srv.url)
             assert healthy(srv.url)
             assert integrity_problems(srv.url) == []
-        finally:
+    finally:
+        for srv in servers:
             stop_server(srv)
     results["stats"] = results["stats-chameleon"]
     return results

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 import requests
-from conftest import start_server, stop_server
+from conftest import start_server, start_servers, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -106,20 +106,26 @@ def scenario_times(tiny_assets, tmp_path_factory):
         "chameleon": COMMON + ["--chameleon", "--chameleon-scheduler", "static"],
     }
     results = {}
-    for arm, extra in arms.items():
-        srv = start_server(
-            tiny_assets,
-            log_dir,
-            f"hol-{arm}",
-            chameleon=False,
-            max_total_tokens=HOL_TOTAL_TOKENS[arm],
-            extra_args=extra,
-        )
-        try:
+    servers = start_servers(
+        [
+            dict(
+                assets=tiny_assets,
+                log_dir=log_dir,
+                name=f"hol-{arm}",
+                chameleon=False,
+                max_total_tokens=HOL_TOTAL_TOKENS[arm],
+                extra_args=extra,
+            )
+            for arm, extra in arms.items()
+        ]
+    )
+    try:
+        for arm, srv in zip(arms, servers):  # one at a time: the other server idles
             results[arm] = run_scenario(srv.url)
             if arm == "chameleon":
                 results["stats"] = requests.get(srv.url + "/chameleon/stats", timeout=30).json()
-        finally:
+    finally:
+        for srv in servers:
             stop_server(srv)
     return results
 
