@@ -7,7 +7,7 @@ Defaults are the paper's constants and our documented decisions
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Tuple
+from typing import Any, Literal, Optional, Tuple
 
 SchedulerMode = Literal["dynamic", "static", "off"]
 EvictionPolicyName = Literal["chameleon", "lru", "fairshare", "gdsf"]
@@ -41,6 +41,12 @@ class ChameleonConfig:
     prefetch_policy: PrefetchPolicyName = "queue"
     # Adapter catalog: directories whose <name>/ subdirectories are served on first request
     adapter_dirs: Tuple[str, ...] = ()
+    # ... adapter reads off the scheduler loop: worker threads (0: in the loop, as SGLang) and
+    # the time a read may take before its load fails
+    adapter_read_workers: int = 2
+    adapter_read_timeout_s: float = 120.0
+    # ... the host tier's byte budget (GB); None: a share of the RAM available at start
+    host_cache_gb: Optional[float] = None
     # Host-link model (CPU machines): GB/s every host-to-device adapter copy is held to; 0 = off
     host_link_gbps: float = 0.0
     # Data parallelism: the load bound of adapter-affinity dispatch, (1 + dp_epsilon) x mean
@@ -72,6 +78,15 @@ class ChameleonConfig:
         _require(self.frequency_window_s > 0, "--chameleon-frequency-window must be > 0 seconds")
         _require(
             0 <= self.predictor_accuracy <= 1, "--chameleon-predictor-accuracy must be in [0, 1]"
+        )
+        _require(
+            0 <= self.adapter_read_workers <= 64,
+            "--chameleon-adapter-read-workers must be between 0 and 64",
+        )
+        _require(self.adapter_read_timeout_s > 0, "--chameleon-adapter-read-timeout must be > 0")
+        _require(
+            self.host_cache_gb is None or self.host_cache_gb > 0,
+            "--chameleon-host-cache-gb must be > 0",
         )
         _require(self.host_link_gbps >= 0, "--chameleon-host-link-gbps must be >= 0")
         _require(self.dp_epsilon > 0, "--chameleon-dp-epsilon must be > 0")
@@ -109,6 +124,9 @@ class ChameleonConfig:
             prefetch_policy=get("chameleon_prefetch_policy"),
             host_link_gbps=float(get("chameleon_host_link_gbps")),
             adapter_dirs=tuple(str(d) for d in get("chameleon_adapter_dir") or ()),
+            adapter_read_workers=int(get("chameleon_adapter_read_workers")),
+            adapter_read_timeout_s=float(get("chameleon_adapter_read_timeout")),
+            host_cache_gb=_optional_float(get("chameleon_host_cache_gb")),
             dp_epsilon=float(get("chameleon_dp_epsilon")),
             dp_miss_cost=float(get("chameleon_dp_miss_cost")),
             dp_slack=float(get("chameleon_dp_slack")),
@@ -118,3 +136,7 @@ class ChameleonConfig:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _optional_float(value: Any) -> Optional[float]:
+    return None if value is None else float(value)

@@ -77,6 +77,10 @@ _SHAPES: Dict[str, Tuple[int, ...]] = {
 PRESETS: Dict[str, Recipe] = {name: Recipe(*shape) for name, shape in _SHAPES.items()}
 
 
+# The adapter catalog: the eval model with a thousand adapters of ranks 8-64 (~4 GB on disk),
+# served from a directory (``--chameleon-adapter-dir``) or pre-registered (stock).
+PRESETS["catalog"] = dataclasses.replace(PRESETS["eval"], num_adapters=1000, ranks=(8, 16, 32, 64))
+
 # Tensor parallelism on the CPU: tiny with an intermediate size TP=2 divides without the padding
 # SGLang's CPU engine adds otherwise (a padded model runs on SGLang's LoRA pool).
 PRESETS["tiny-tp"] = dataclasses.replace(PRESETS["tiny"], intermediate_size=384, num_adapters=4)
@@ -189,10 +193,13 @@ def _write_build(staging: Path, preset: str, recipe: Recipe, final_root: Path) -
     model.save_pretrained(staging / "model", safe_serialization=True)
     tokenizer.save_pretrained(staging / "model")
     adapters = []
+    templates: Dict[int, _AdapterTemplate] = {}
     for i in range(recipe.num_adapters):
         rank = recipe.adapter_rank(i)
         name = adapter_name(i, rank)
-        _write_adapter(model, recipe, i, rank, staging / "adapters" / name)
+        if rank not in templates:
+            templates[rank] = _AdapterTemplate.of(model, rank, TARGET_MODULES)
+        templates[rank].write(recipe, i, staging / "adapters" / name)
         adapters.append({"name": name, "rank": rank})
     manifest = {
         "preset": preset,
@@ -306,35 +313,67 @@ def _write_adapter(
     out: Path,
     target_modules: Sequence[str] = TARGET_MODULES,
 ) -> None:
-    import copy
+    _AdapterTemplate.of(base_model, rank, target_modules).write(recipe, index, out)
 
-    import torch
-    from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        lora_dropout=0.0,
-        target_modules=list(target_modules),
-        init_lora_weights=False,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(copy.deepcopy(base_model), config)
-    gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + index + 1)
-    with torch.no_grad():
+@dataclasses.dataclass(frozen=True)
+class _AdapterTemplate:
+    """What ``peft`` writes for one rank of one model, made once: the adapter's config and
+    its LoRA parameters (in ``named_parameters`` order, sorted). :meth:`write` fills them with
+    an adapter's seeded values and writes the file ``save_pretrained`` would write, byte for
+    byte, without building a peft model per adapter (a catalog of a thousand in seconds)."""
+
+    config_json: str
+    params: Tuple[Tuple[str, Tuple[int, ...], str], ...]
+    """(saved key, shape, "A" or "B") of each LoRA parameter, in peft's sorted name order."""
+
+    @staticmethod
+    def of(base_model, rank: int, target_modules: Sequence[str]) -> _AdapterTemplate:
+        import copy
+
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            lora_dropout=0.0,
+            target_modules=list(target_modules),
+            init_lora_weights=False,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(copy.deepcopy(base_model), config)
+        params = []
         for name, param in sorted(peft_model.named_parameters()):
-            if ".lora_A." in name or ".lora_embedding_A." in name:
-                fan_in = param.shape[1]
-                param.copy_(torch.randn(param.shape, generator=gen) / fan_in**0.5)
-            elif ".lora_B." in name or ".lora_embedding_B." in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * recipe.lora_b_std)
-    peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
-    # peft records the absolute base-model path it was given; keep the build relocatable.
-    cfg_path = out / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = None
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            kind = "A" if ".lora_A." in name else "B" if ".lora_B." in name else None
+            if kind is not None:
+                params.append((name.replace(".default.", "."), tuple(param.shape), kind))
+        with tempfile.TemporaryDirectory() as tmp:
+            peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+            cfg = json.loads((Path(tmp) / "adapter_config.json").read_text())
+            from safetensors import safe_open
+
+            with safe_open(str(Path(tmp) / "adapter_model.safetensors"), "pt") as saved:
+                if sorted(saved.keys()) != sorted(p[0] for p in params):
+                    raise RuntimeError("peft saved other keys than the template expects")
+        # peft records the absolute base-model path it was given; keep the build relocatable.
+        cfg["base_model_name_or_path"] = None
+        cfg["target_modules"] = sorted(cfg["target_modules"])  # peft writes a set's order
+        return _AdapterTemplate(json.dumps(cfg, indent=2, sort_keys=True) + "\n", tuple(params))
+
+    def write(self, recipe: Recipe, index: int, out: Path) -> None:
+        """The adapter of ``index``: A ~ N(0, 1/fan_in), B ~ N(0, lora_b_std^2), seeded."""
+        import torch
+        from safetensors.torch import save_file
+
+        gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + index + 1)
+        tensors = {}
+        for key, shape, kind in self.params:
+            values = torch.randn(shape, generator=gen)
+            tensors[key] = values / shape[1] ** 0.5 if kind == "A" else values * recipe.lora_b_std
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (out / "adapter_config.json").write_text(self.config_json)
 
 
 def main(argv: List[str] | None = None) -> int:

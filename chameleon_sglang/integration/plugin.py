@@ -14,10 +14,12 @@ from __future__ import annotations
 from typing import Any, Callable, List, Tuple
 
 from chameleon_sglang.integration.hooks import (
+    adapter_loads,
     args,
     catalog,
     cpu,
     dp,
+    host_tier,
     http,
     lora,
     requests,
@@ -32,6 +34,7 @@ KV_CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurato
 LORA_MANAGER = "sglang.srt.lora.lora_manager.LoRAManager"
 LORA_POOL = "sglang.srt.lora.mem_pool.LoRAMemoryPool"
 TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
+IDLE_SLEEPER = "sglang.srt.managers.scheduler_components.idle_sleeper.IdleSleeper"
 
 RESOLUTION_HOOKS: List[Tuple[str, Callable[[Any, Callable[[Any], None]], None]]] = [
     ("handle_missing_default_values", catalog.catalog_defaults),
@@ -89,9 +92,16 @@ HOOKS: List[Tuple[str, Callable[..., Any], str]] = [
     (f"{LORA_MANAGER}.init_memory_pool", lora.init_lora_pool, AROUND),
     (f"{LORA_MANAGER}.validate_new_adapter", lora.refuse_uncacheable_adapter, AFTER),
     (f"{LORA_MANAGER}.load_lora_adapter", lora.refuse_foreign_adapter, AFTER),
+    # adapter loads: the disk read on a worker, installed and answered in a later pass
+    (f"{SCHEDULER}.load_lora_adapter", adapter_loads.defer_adapter_load, AROUND),
+    (f"{SCHEDULER}.process_input_requests", adapter_loads.finish_adapter_loads, AFTER),
+    (f"{LORA_MANAGER}.load_lora_weights", adapter_loads.install_prepared_adapter, AROUND),
+    (f"{IDLE_SLEEPER}.maybe_sleep", adapter_loads.poll_while_reads_pending, AROUND),
     (f"{LORA_POOL}.load_lora_weight_to_buffer", lora.load_into_slot_with_host_link, AROUND),
     # requests and HTTP (launcher process)
     (f"{TOKENIZER_MANAGER}._resolve_lora_path", catalog.resolve_unregistered_adapters, AROUND),
+    (f"{TOKENIZER_MANAGER}.load_lora_adapter", host_tier.bound_host_memory, AROUND),
+    (f"{TOKENIZER_MANAGER}.unload_lora_adapter", host_tier.forget_unloaded, AROUND),
     (f"{TOKENIZER_MANAGER}._validate_one_request", requests.refuse_token_ids_outside_vocab, BEFORE),
     ("sglang.srt.entrypoints.http_server.launch_server", http.serve_http, AROUND),
     # CPU ranks

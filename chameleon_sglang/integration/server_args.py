@@ -9,7 +9,7 @@ frozen view used by our components is :class:`chameleon_sglang.config.ChameleonC
 from __future__ import annotations
 
 import argparse
-from typing import List, Literal
+from typing import List, Literal, Optional
 
 import msgspec
 from sglang.srt.arg_groups.arg_utils import A, Arg
@@ -127,6 +127,22 @@ class Chameleon(msgspec.Struct):
             nargs="+",
         ),
     ] = msgspec.field(default_factory=list)
+    chameleon_adapter_read_workers: A[
+        int,
+        "Worker threads that read adapters from disk off the scheduler loop (running requests "
+        "keep decoding during a read); 0 reads in the loop, as SGLang does. " + _default(2),
+    ] = 2
+    chameleon_adapter_read_timeout: A[
+        float,
+        "Seconds an adapter read may take; a read past it fails that adapter's load only "
+        "(a hung disk or mount). " + _default(120.0),
+    ] = 120.0
+    chameleon_host_cache_gb: A[
+        Optional[float],
+        "Host-memory budget of loaded adapters (GB): past it, adapters neither pinned nor in "
+        "use are unloaded by the cache's eviction score (frequency, recency, size) and read "
+        "again on their next request. " + _default("a quarter of the RAM available at start"),
+    ] = None
     chameleon_host_link_gbps: A[
         float,
         "Host-link model for CPU machines: every host-to-device adapter copy takes at least "

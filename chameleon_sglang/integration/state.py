@@ -1,9 +1,10 @@
 """Chameleon's state inside one SGLang process, kept beside SGLang's objects, never on them.
 
-Each SGLang ``Scheduler`` (one per scheduler process) and ``DataParallelController`` that
-Chameleon serves has one :class:`ChameleonState`, found with :func:`state_of` and created by
-:func:`state_for`. Hooks read what they need from it; nothing is ``setattr`` onto SGLang's
-objects. An owner's state lives as long as the process (SGLang builds these objects once).
+Each SGLang ``Scheduler`` (one per scheduler process), ``DataParallelController`` and
+``TokenizerManager`` (launcher process) that Chameleon serves has one :class:`ChameleonState`,
+found with :func:`state_of` and created by :func:`state_for`. Hooks read what they need from it;
+nothing is ``setattr`` onto SGLang's objects. An owner's state lives as long as the process
+(SGLang builds these objects once).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from chameleon_sglang.config import ChameleonConfig
 from chameleon_sglang.status import ComponentStatus
 
 if TYPE_CHECKING:  # pragma: no cover - types only
+    from chameleon_sglang.catalog.background_reads import BackgroundReads
+    from chameleon_sglang.catalog.host_tier import HostTier
+    from chameleon_sglang.catalog.load_failures import LoadFailures
+    from chameleon_sglang.catalog.name_locks import NameLocks
     from chameleon_sglang.integration.cache_bridge import CacheBridge
     from chameleon_sglang.integration.dp_controller import AffinityRouting
     from chameleon_sglang.integration.dp_reporter import ReplicaReporter
@@ -41,6 +46,14 @@ class ChameleonState:
     """The adapter cache's ``chameleon:cache_*`` gauges (``--enable-metrics``)."""
     statuses: List[ComponentStatus] = dataclasses.field(default_factory=list)
     """Which components are active and why (published in ``/server_info``)."""
+    reads: Optional[BackgroundReads] = None
+    """Adapter reads off the event loop (scheduler process, created on the first load)."""
+    host_tier: Optional[HostTier] = None
+    """Loaded adapters in host memory, bounded in bytes (launcher process)."""
+    load_failures: Optional[LoadFailures] = None
+    """Recent adapter load failures, for backoff (launcher process)."""
+    loading: Optional[NameLocks] = None
+    """Adapter names being loaded for requests (launcher process)."""
     tokenizer_ipc_name: Optional[str] = None
     """The launch's tokenizer IPC name (the DP residency channel is derived from it)."""
 

@@ -34,6 +34,10 @@ PINNED = {
     "sglang.srt.lora.lora_manager.LoRAManager.create_lora_update_result": "self success error_message",
     "sglang.srt.lora.mem_pool.LoRAMemoryPool.load_lora_weight_to_buffer": "self uid buffer_id lora_adapter lora_modules lora_embed_tokens_module lora_lm_head_module",
     "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue": "self req is_retracted",
+    "sglang.srt.managers.scheduler.Scheduler.load_lora_adapter": "self recv_req",
+    "sglang.srt.managers.scheduler.Scheduler.process_input_requests": "self recv_reqs",
+    "sglang.srt.managers.scheduler.Scheduler.send_control_output": "self output recv_req",
+    "sglang.srt.lora.lora_manager.LoRAManager.load_lora_weights": "self lora_ref",
     "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw": "self prefill_delayer_single_pass running_batch",
     "sglang.srt.managers.scheduler.Scheduler._release_aborted_request": "self req",
     "sglang.srt.managers.scheduler.Scheduler.can_schedule_lora_req": "self req running_loras",
@@ -45,6 +49,7 @@ PINNED = {
     "sglang.srt.managers.scheduler.Scheduler.update_running_batch": "self batch",
     "sglang.srt.managers.scheduler.Scheduler.init_ipc_channels": "self port_args",
     "sglang.srt.managers.scheduler.Scheduler.on_idle": "self",
+    "sglang.srt.managers.scheduler_components.idle_sleeper.IdleSleeper.maybe_sleep": "self",
     "sglang.srt.managers.scheduler.Scheduler.handle_generate_request": "self recv_req mm_input_error",
     "sglang.srt.managers.scheduler.Scheduler.handle_embedding_request": "self recv_req mm_input_error",
     "sglang.srt.managers.utils.is_health_check_generate_req": "recv_req",
@@ -55,6 +60,8 @@ PINNED = {
     "sglang.srt.managers.data_parallel_controller.DataParallelController.maybe_external_dp_rank_routing": "self req",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request": "self obj input_ids",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._resolve_lora_path": "self obj",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.load_lora_adapter": "self obj _",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.unload_lora_adapter": "self obj _",
     "sglang.srt.lora.backend.base_backend.BaseLoRABackend.__init__": "self max_loras_per_batch device",
     "sglang.srt.lora.backend.base_backend.BaseLoRABackend.prepare_lora_batch": "self forward_batch weight_indices lora_ranks scalings use_decode_cuda_graph use_prefill_cuda_graph",
     "sglang.srt.lora.backend.base_backend.BaseLoRABackend.init_decode_cuda_graph_batch_info": "self max_bs_in_cuda_graph num_tokens_per_req",
@@ -199,6 +206,46 @@ def test_sglang_reloads_unregistered_names_from_its_ref_cache():
     assert LoRARef.__struct_fields__ == ("lora_id", "lora_name", "lora_path", "pinned")
     source = inspect.getsource(TokenizerManager._resolve_lora_path)
     assert "self.lora_ref_cache[lora_path]" in source and "self.load_lora_adapter(" in source
+
+
+def test_adapter_loads_can_be_answered_later_and_installed_from_a_prepared_adapter():
+    """Background adapter reads rely on: SGLang's dispatcher calling ``self.load_lora_adapter``
+    (our wrapper) and sending nothing for a None answer; every pass calling
+    ``process_input_requests``; SGLang's load reading weights only through
+    ``load_lora_weights``, which builds the ``LoRAAdapter`` as ``build_host_adapter`` does."""
+    from sglang.srt.lora.lora_manager import LoRAManager
+    from sglang.srt.managers.scheduler import Scheduler
+
+    assert "(LoadLoRAAdapterReqInput, self.load_lora_adapter)" in inspect.getsource(
+        Scheduler.init_request_dispatcher
+    )
+    dispatch = inspect.getsource(Scheduler.process_input_requests)
+    assert "if output is not None:" in dispatch and "self.send_control_output(output" in dispatch
+    assert "self.process_input_requests(recv_reqs)" in inspect.getsource(Scheduler.ingest_requests)
+    assert "self.load_lora_weights(lora_ref)" in inspect.getsource(LoRAManager._load_lora_adapter)
+    build = inspect.getsource(LoRAManager.load_lora_weights)
+    for part in (
+        "self.configs[lora_ref.lora_id]",
+        "self.load_config",
+        "base_model=self.base_model",
+        "lora_adapter.initialize_weights()",
+        "self.loras[lora_ref.lora_id] = lora_adapter",
+    ):
+        assert part in build, part
+
+
+def test_the_host_tier_unloads_through_sglangs_locked_unload_and_reads_its_counters():
+    """The host tier unloads with ``lora_update_lock`` held through ``_unload_lora_adapter_locked``
+    (which leaves the name in ``lora_ref_cache``: the next request reloads it), and reads a
+    name's in-flight requests from the registry's counters."""
+    from sglang.srt.lora.lora_registry import LoRARef, LoRARegistry
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+    unload = inspect.getsource(TokenizerManager._unload_lora_adapter_locked)
+    assert "self.lora_update_lock.locked()" in unload and "lora_ref_cache" not in unload
+    registry = LoRARegistry([LoRARef(lora_name="a", lora_path="/a")])
+    ref = registry.get_all_adapters()["a"]
+    assert registry._counters[ref.lora_id].value() == 0
 
 
 def test_the_kv_allocator_keeps_the_free_lists_the_slot_store_reads():

@@ -8,23 +8,25 @@ dir`` on their first request, without a restart and without ``--lora-paths``.
   ``TokenizerManager._resolve_lora_path``): a name SGLang has never loaded is resolved
   (:mod:`chameleon_sglang.catalog`: the name checked, nothing outside the directory read, the
   adapter's config checked against the server's rank and modules) and handed to SGLang as an adapter
-  to load, which its own path then loads, registers and serves. Requests for a name that is not
-  registered wait in turn (:class:`NameLocks`): concurrent first requests cause one load. A name no
-  directory has, or an adapter that must not be served, is a ``ValueError``: HTTP 400 with the
-  reason, nothing else affected. SGLang's load itself stays as it is (it reads the weights in the
-  scheduler).
+  to load, which its own path then loads, registers and serves (the disk read off the scheduler
+  loop: ``hooks/adapter_loads.py``). Requests for a name that is not registered wait in turn
+  (:class:`~chameleon_sglang.catalog.name_locks.NameLocks`): concurrent first requests cause one
+  load. A name whose load failed is refused, naming the error, until its backoff ends (1 s,
+  doubling, at most 60 s). A name no directory has, or an adapter that must not be served, is a
+  ``ValueError``: HTTP 400 with the reason, nothing else affected.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 from chameleon_sglang.catalog import AdapterRefused, DirectoryResolver, refusal_for, resolve, survey
 from chameleon_sglang.integration import capability
+from chameleon_sglang.integration.hooks.host_tier import catalog_state
 
 logger = logging.getLogger(__name__)
 
@@ -72,68 +74,44 @@ def _resolver(dirs: Tuple[str, ...]) -> DirectoryResolver:
     return _resolvers[dirs]
 
 
-class NameLocks:
-    """One asyncio lock per adapter name, held while the name is being loaded; a lock lives only
-    while someone holds or waits for it (a burst of distinct names leaves nothing behind)."""
-
-    def __init__(self) -> None:
-        self._locks: Dict[str, Tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, names: Sequence[str]) -> AsyncIterator[None]:
-        """Hold the locks of ``names`` (taken in sorted order: no deadlock between requests)."""
-        ordered = sorted(set(names))
-        for name in ordered:
-            lock, users = self._locks.get(name, (asyncio.Lock(), 0))
-            self._locks[name] = (lock, users + 1)
-        taken: List[asyncio.Lock] = []
-        try:
-            for name in ordered:
-                await self._locks[name][0].acquire()
-                taken.append(self._locks[name][0])
-            yield
-        finally:
-            for lock in taken:
-                lock.release()
-            for name in ordered:
-                lock, users = self._locks[name]
-                if users == 1:
-                    del self._locks[name]
-                else:
-                    self._locks[name] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-
-_loading = NameLocks()
-
-
 async def resolve_unregistered_adapters(
     original: Callable, manager: Any, obj: Any, *args: Any, **kwargs: Any
 ) -> Any:
-    """Around ``TokenizerManager._resolve_lora_path``, with ``--chameleon``: requests for an
-    adapter that is not registered wait in turn, so concurrent first requests cause one load
-    (SGLang alone loads it once per request); names SGLang has never loaded are resolved in the
-    adapter directories first (module docstring)."""
-    server_args = manager.server_args
+    """Around ``TokenizerManager._resolve_lora_path``, with ``--chameleon``: host-tier hits and
+    misses are counted; requests for an adapter that is not registered wait in turn, so
+    concurrent first requests cause one load (SGLang alone loads it once per request); a name
+    whose last load failed is refused until its backoff ends; names SGLang has never loaded are
+    resolved in the adapter directories first (module docstring)."""
+    state = catalog_state(manager)
     names = _requested(obj.lora_path)
-    if not getattr(server_args, "chameleon", False) or not names:
+    if state is None or not names:
         return await original(manager, obj, *args, **kwargs)
     cold = await manager.lora_registry.get_unregistered_loras(names)
+    now = time.monotonic()
+    state.host_tier.on_request(names, now)
     if not cold:
         return await original(manager, obj, *args, **kwargs)
-    dirs = tuple(getattr(server_args, "chameleon_adapter_dir", None) or ())
-    async with _loading.hold(sorted(cold)):
+    for name in sorted(cold):
+        refusal = state.load_failures.refusal(name, now)
+        if refusal is not None:
+            raise ValueError(f"LoRA adapter {name!r} is not loaded: {refusal}")
+    dirs = tuple(getattr(manager.server_args, "chameleon_adapter_dir", None) or ())
+    async with state.loading.hold(sorted(cold)):
         offered: List[str] = []
+        loading = False
         try:
             for name in sorted(set(cold) - set(manager.lora_ref_cache)) if dirs else ():
                 await _offer(manager, _resolver(dirs), name, dirs)
                 offered.append(name)
+            loading = True
             return await original(manager, obj, *args, **kwargs)
-        except Exception:
+        except Exception as exc:
             for name in offered:  # not loaded: the next request resolves it afresh
                 manager.lora_ref_cache.pop(name, None)
+            if loading:
+                registered = manager.lora_registry.get_all_adapters()
+                for name in set(cold) - set(registered):
+                    state.load_failures.record(name, str(exc)[:500], time.monotonic())
             raise
 
 

@@ -6,6 +6,7 @@ import logging
 from typing import Any, Callable, Dict
 
 from chameleon_sglang.config import ChameleonConfig
+from chameleon_sglang.integration.hooks.host_tier import catalog_stats
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,11 @@ def add_http_routes() -> None:
         states = await manager.get_internal_state()
         config = ChameleonConfig.from_server_args(manager.server_args)
         ranks = [state.get("chameleon", {}) for state in states]
-        return {"enabled": config.enabled, "ranks": sorted(ranks, key=dp_rank_of)}
+        return {
+            "enabled": config.enabled,
+            "host_tier": catalog_stats(manager),
+            "ranks": sorted(ranks, key=dp_rank_of),
+        }
 
     app.add_api_route(STATS_PATH, chameleon_stats, methods=["GET"])
 

@@ -180,6 +180,7 @@ def add_chameleon_internal_state(result: Any, scheduler: Any, *args: Any, **kwar
         "scheduler": state.bridge.stats() if state.bridge is not None else None,
         "adapter_cache": state.cache.stats() if state.cache is not None else None,
         "dp": state.reporter.stats() if state.reporter is not None else None,
+        "adapter_reads": state.reads.stats() if state.reads is not None else None,
     }
     if integrity.enabled():
         internal["chameleon"]["integrity"] = integrity.check_integrity(scheduler)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from chameleon_sglang.integration.hooks.catalog import NameLocks
+from chameleon_sglang.catalog.name_locks import NameLocks
 
 
 def test_requests_for_one_name_take_turns_and_others_do_not_wait():

@@ -1,0 +1,185 @@
+"""The host tier in SGLang (launcher process, ``--chameleon``): loaded adapters bounded in bytes.
+
+SGLang keeps every loaded adapter's weights in host memory (``LoRAManager.loras`` in each
+scheduler) until it is unloaded; its only bound is the count-based ``--max-loaded-loras`` LRU,
+applied in ``TokenizerManager.load_lora_adapter``. Here, after every successful load
+(:func:`bound_host_memory`, around that method), adapters are unloaded through SGLang's own
+unload path until their weights fit ``--chameleon-host-cache-gb``, chosen by the device cache's
+eviction score (frequency, recency, size), never a pinned adapter, one a request holds, or one
+being loaded for a request. An unloaded adapter keeps its ``LoRARef`` in SGLang's
+``lora_ref_cache``, so its next request reads it from disk again. ``--max-loaded-loras``, where
+set, still applies (SGLang's LRU, first); the byte budget applies after it.
+
+A load that fails is remembered (:class:`~chameleon_sglang.catalog.load_failures.LoadFailures`):
+requests for that name are refused at once, naming the error, until its backoff ends.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from chameleon_sglang.cache.eviction import create_eviction_policy
+from chameleon_sglang.catalog.adapter_config import WEIGHT_FILES
+from chameleon_sglang.catalog.host_tier import HostTier
+from chameleon_sglang.catalog.load_failures import LoadFailures
+from chameleon_sglang.catalog.name_locks import NameLocks
+from chameleon_sglang.integration.state import ChameleonState, state_for, state_of
+
+logger = logging.getLogger(__name__)
+
+GB = 1e9
+DEFAULT_RAM_SHARE = 0.25
+"""Share of the RAM available at start that the host tier may use by default."""
+
+
+@functools.cache
+def default_host_budget_gb() -> float:
+    """A quarter of the RAM available when first asked (once per process)."""
+    import psutil
+
+    return round(psutil.virtual_memory().available * DEFAULT_RAM_SHARE / GB, 2)
+
+
+def host_budget_gb(config: Any) -> float:
+    """``--chameleon-host-cache-gb``, or the default share of available RAM."""
+    return config.host_cache_gb if config.host_cache_gb is not None else default_host_budget_gb()
+
+
+def catalog_state(manager: Any) -> Optional[ChameleonState]:
+    """The tokenizer manager's Chameleon state with its host tier and failure memory, or None
+    without ``--chameleon``."""
+    state = state_of(manager)
+    if state is None:
+        if not getattr(manager.server_args, "chameleon", False):
+            return None
+        state = state_for(manager)
+    if state.host_tier is None:
+        config = state.config
+        state.host_tier = HostTier(
+            int(host_budget_gb(config) * GB),
+            create_eviction_policy(
+                config.eviction_policy, config.score_weights, config.frequency_window_s
+            ),
+            config.frequency_window_s,
+        )
+        state.load_failures = LoadFailures()
+        state.loading = NameLocks()
+        _follow_registry(manager, state.host_tier)
+        logger.info(
+            "Chameleon host tier: loaded adapters bounded to %.4g GB of host memory (%s)",
+            host_budget_gb(config),
+            "--chameleon-host-cache-gb" if config.host_cache_gb is not None else "default",
+        )
+    return state
+
+
+def adapter_bytes(path: Optional[str]) -> int:
+    """Bytes of the weight file of the adapter at ``path`` (0 where it is not a local dir)."""
+    if not path:
+        return 0
+    for name in WEIGHT_FILES:
+        try:
+            return os.stat(Path(path) / name).st_size
+        except OSError:
+            continue
+    return 0
+
+
+async def bound_host_memory(
+    original: Callable, manager: Any, obj: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """Around ``TokenizerManager.load_lora_adapter``: after a successful load, the adapter joins
+    the host tier and adapters leave it until it fits its budget (module docstring)."""
+    result = await original(manager, obj, *args, **kwargs)
+    state = catalog_state(manager)
+    if state is None or not getattr(result, "success", False):
+        return result
+    tier = state.host_tier
+    now = time.monotonic()
+    tier.admit(obj.lora_name, adapter_bytes(obj.lora_path), bool(obj.pinned), now)
+    state.load_failures.clear(obj.lora_name)
+    _follow_registry(manager, tier)
+    victims = tier.victims(lambda name: name == obj.lora_name or _in_use(manager, state, name), now)
+    if victims:
+        await _unload(manager, state, victims, result)
+    return result
+
+
+async def _unload(manager: Any, state: ChameleonState, victims: list, result: Any) -> None:
+    from sglang.srt.managers.io_struct import UnloadLoRAAdapterReqInput
+
+    tier = state.host_tier
+    async with manager.lora_update_lock:
+        for name in victims:
+            registered = manager.lora_registry.get_all_adapters()
+            if name not in registered or _in_use(manager, state, name):
+                continue
+            out = await manager._unload_lora_adapter_locked(
+                UnloadLoRAAdapterReqInput(lora_name=name)
+            )
+            if not out.success:
+                logger.warning("Host tier: unloading %s failed: %s", name, out.error_message)
+                continue
+            tier.remove(name, is_eviction=True)
+            loaded = getattr(result, "loaded_adapters", None)
+            if isinstance(loaded, dict):
+                loaded.pop(name, None)
+            logger.info(
+                "Host tier: unloaded %s (%d adapters, %.4g GB of %.4g GB)",
+                name,
+                len(tier),
+                tier.used_bytes / GB,
+                tier.budget_bytes / GB,
+            )
+
+
+async def forget_unloaded(
+    original: Callable, manager: Any, obj: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """Around ``TokenizerManager.unload_lora_adapter``: the adapter left the host tier."""
+    result = await original(manager, obj, *args, **kwargs)
+    state = catalog_state(manager)
+    if state is not None and getattr(result, "success", False):
+        state.host_tier.remove(obj.lora_name)
+        state.load_failures.clear(obj.lora_name)
+    return result
+
+
+def _follow_registry(manager: Any, tier: HostTier) -> None:
+    """Names the tier holds that SGLang no longer has registered (its LRU unloaded them) leave
+    the tier; registered names it does not know (``--lora-paths``) join it."""
+    registered: Dict[str, Any] = manager.lora_registry.get_all_adapters()
+    for name in [n for n in list(tier.names()) if n not in registered]:
+        tier.remove(name)
+    now = time.monotonic()
+    for name, ref in registered.items():
+        if name not in tier:
+            tier.admit(name, adapter_bytes(ref.lora_path), bool(ref.pinned), now)
+
+
+def _in_use(manager: Any, state: ChameleonState, name: str) -> bool:
+    """A request holds ``name`` or is loading it."""
+    if name in state.loading:
+        return True
+    ref = manager.lora_registry.get_all_adapters().get(name)
+    counter = manager.lora_registry._counters.get(ref.lora_id) if ref is not None else None
+    return counter is not None and counter.value() > 0
+
+
+def catalog_stats(manager: Any) -> Optional[Dict[str, Any]]:
+    """The host tier's statistics (``/chameleon/stats``), or None without ``--chameleon``."""
+    state = catalog_state(manager)
+    if state is None:
+        return None
+    return state.host_tier.stats(
+        {
+            "loading": len(state.loading),
+            "failures_remembered": len(state.load_failures),
+            "registered": manager.lora_registry.num_registered_loras,
+        }
+    )
