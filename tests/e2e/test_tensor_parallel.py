@@ -6,6 +6,8 @@ rank runs its own Chameleon scheduler and adapter cache; they stay in step becau
 decision reads the clock rank 0 broadcasts once per pass. Ranks that decided differently would
 run different batches and their collectives would mismatch (an error or a hang), so identical
 greedy outputs under concurrent mixed traffic, with a clean integrity check, are the observable.
+An adapter loaded at run time is read on a worker of each rank and installed in the pass every
+rank has it (one all-reduce of flags): it serves TP=1's outputs too.
 """
 
 from __future__ import annotations
@@ -51,6 +53,23 @@ def _outputs(srv, assets: Assets, tp: int) -> List[List[int]]:
     return outs
 
 
+def _load_at_runtime(srv, assets: Assets) -> List[List[int]]:
+    """An adapter loaded while the server runs (read on a worker of every rank, installed when
+    all ranks have it), then served: its outputs, with the same adapter's under its own name."""
+    import requests
+
+    source = assets.adapters[1]
+    body = {"lora_name": "runtime-copy", "lora_path": source.path}
+    resp = requests.post(srv.url + "/load_lora_adapter", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    assert "Reading LoRA adapter runtime-copy" in srv.log_path.read_text(errors="replace")
+    prompt = [11, 12, 13, 14, 15]
+    return [
+        generate(srv.url, prompt, name, NEW_TOKENS)["output_ids"]
+        for name in ("runtime-copy", source.name)
+    ]
+
+
 def test_tp2_serves_the_greedy_outputs_of_tp1(tmp_path):
     assets = build("tiny-tp")  # sizes TP=2 divides: SGLang's CPU engine pads nothing
     specs = [
@@ -58,14 +77,19 @@ def test_tp2_serves_the_greedy_outputs_of_tp1(tmp_path):
              extra_args=["--tp-size", str(tp)])
         for tp in (1, 2)
     ]  # fmt: skip
-    # started side by side, used one at a time; TP=2 ranks get a core each
-    servers = start_servers(specs, env=[{}, {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"}])
+    # started side by side, used one at a time; TP=2 ranks get a core each; adapter reads take
+    # 0.3 s longer (several scheduler passes see the read pending)
+    slow = {"CHAMELEON_ADAPTER_READ_DELAY_S": "0.3"}
+    servers = start_servers(specs, env=[slow, {**slow, "SGLANG_CPU_OMP_THREADS_BIND": "0|1"}])
     try:
         tp1 = _outputs(servers[0], assets, 1)
         tp2 = _outputs(servers[1], assets, 2)
+        loaded_tp1 = _load_at_runtime(servers[0], assets)
+        loaded_tp2 = _load_at_runtime(servers[1], assets)
     finally:
         for srv in servers:
             stop_server(srv)
+    assert loaded_tp1[0] == loaded_tp1[1] and loaded_tp2 == loaded_tp1
     assert all(len(o) == NEW_TOKENS for o in tp2)
     mismatches = [i for i, (a, b) in enumerate(zip(tp1, tp2)) if a != b]
     assert not mismatches, mismatches
