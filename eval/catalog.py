@@ -18,6 +18,7 @@ and the host tier's hit rate. The workload: ``--requests`` Poisson arrivals at `
 the catalog with Zipf popularity (``--zipf``), prompts 64-256 tokens, outputs 16-48.
 
     python -m eval.catalog                       # the catalog preset, fp32 and bf16
+    python -m eval.catalog --dtypes float32 --host-cache-gb 0.2   # a host tier under pressure
     python -m eval.catalog --preset tiny --requests 20 --dtypes float32   # a smoke run
 """
 
@@ -137,8 +138,16 @@ def process_tree_rss_mb(server: ServerProcess) -> Optional[float]:
     return round(total / 1e6, 1)
 
 
-def arm_command(arm: str, assets: Assets, port: int, dtype: str, scratch: Path) -> List[str]:
-    """The launch command of ``arm`` (module docstring); ``scratch`` holds the empty directory."""
+def arm_command(
+    arm: str,
+    assets: Assets,
+    port: int,
+    dtype: str,
+    scratch: Path,
+    chameleon_args: Sequence[str] = (),
+) -> List[str]:
+    """The launch command of ``arm`` (module docstring); ``scratch`` holds the empty directory;
+    ``chameleon_args`` are added to the Chameleon arms' flags."""
     if arm == "stock":
         return server_command(assets, port, chameleon=False, dtype=dtype, warmup=False)
     directory = Path(assets.root) / "adapters" if arm == "chameleon" else scratch / "empty"
@@ -155,6 +164,7 @@ def arm_command(arm: str, assets: Assets, port: int, dtype: str, scratch: Path) 
             str(directory),
             "--max-lora-rank",
             str(assets.max_rank),
+            *chameleon_args,
         ],
     )
 
@@ -166,10 +176,11 @@ def run_arm(
     requests: Sequence[WorkloadRequest],
     log_dir: Path,
     measure_load: bool = True,
+    chameleon_args: Sequence[str] = (),
 ) -> Dict[str, Any]:
     """Start ``arm``, measure its start-up, run the workload, collect the figures."""
     port = free_port()
-    cmd = arm_command(arm, assets, port, dtype, log_dir)
+    cmd = arm_command(arm, assets, port, dtype, log_dir, chameleon_args)
     server = ServerProcess(cmd, port, log_path=log_dir / f"{arm}-{dtype}.log")
     started = time.monotonic()
     server.start(timeout_s=1800.0)
@@ -248,11 +259,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--zipf", type=float, default=1.0, help="popularity exponent")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument(
+        "--host-cache-gb", type=float, default=None, help="the Chameleon arms' host budget"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the records (JSON)")
     args = parser.parse_args(argv)
 
     assets = build(args.preset)
     requests = catalog_workload(assets, args.requests, args.rate, args.zipf)
+    extra = (
+        [] if args.host_cache_gb is None else ["--chameleon-host-cache-gb", str(args.host_cache_gb)]
+    )
     records: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="catalog-logs-") as logs:
         for dtype in args.dtypes:
@@ -261,11 +278,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                               "requests": args.requests, "rate": args.rate,
                               "zipf": args.zipf, "distinct_adapters_requested":
                               len({r.adapter for r in requests})}), flush=True)  # fmt: skip
-            empty = run_arm("chameleon-empty", assets, dtype, requests, Path(logs), False)
+            empty = run_arm("chameleon-empty", assets, dtype, requests, Path(logs), False, extra)
             print(json.dumps(empty), flush=True)
             records.append(empty)
             for arm in args.arms:
-                record = run_arm(arm, assets, dtype, requests, Path(logs))
+                record = run_arm(arm, assets, dtype, requests, Path(logs), True, extra)
                 print(json.dumps(record), flush=True)
                 records.append(record)
     if args.out is not None:

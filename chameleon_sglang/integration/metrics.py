@@ -29,12 +29,14 @@ _PER_QUEUE = {
 }
 
 
-def metrics_labels(scheduler: Any) -> Optional[Dict[str, str]]:
-    """SGLang's metric labels when it runs with ``--enable-metrics`` on this rank, else None."""
-    reporter = getattr(scheduler, "metrics_reporter", None)
-    if reporter is None or not getattr(reporter, "enable_metrics", False):
+def metrics_labels(owner: Any) -> Optional[Dict[str, str]]:
+    """SGLang's metric labels when it runs with ``--enable-metrics`` in ``owner``'s process (a
+    scheduler rank or the tokenizer manager), else None."""
+    reporter = getattr(owner, "metrics_reporter", None)
+    enabled = getattr(reporter if reporter is not None else owner, "enable_metrics", False)
+    if not enabled:
         return None
-    collector = getattr(scheduler, "metrics_collector", None)
+    collector = getattr(owner, "metrics_collector", None)
     return dict(getattr(collector, "labels", {}) or {})
 
 
@@ -162,3 +164,71 @@ class CacheMetrics:
             self._by_tier.labels(**self._labels, tier=tier).set(float(value))
         for reason, value in (stats.get("evictions_by_reason") or {}).items():
             self._by_reason.labels(**self._labels, reason=reason).set(float(value))
+
+
+_HOST_TIER_SCALARS = {
+    "budget_bytes": "Host-memory budget of loaded adapters (--chameleon-host-cache-gb).",
+    "used_bytes": "Host-memory bytes of loaded adapters.",
+    "adapters": "Adapters loaded in host memory.",
+    "hits": "Requests whose adapter was loaded (total).",
+    "misses": "Requests whose adapter had to be read from disk (total).",
+    "hit_rate": "Host-tier hits over lookups.",
+    "evictions": "Adapters unloaded to fit the budget (total).",
+    "evicted_bytes": "Bytes of adapters unloaded to fit the budget (total).",
+    "loading": "Adapter names being loaded for waiting requests.",
+}
+_READ_SCALARS = {
+    "pending": "Adapter reads in progress off the scheduler loop.",
+    "reads": "Adapter reads finished (total).",
+    "failures": "Adapter reads that failed or timed out (total).",
+    "timeouts": "Adapter reads that timed out (total).",
+    "latency_sum_s": "Seconds spent in finished adapter reads (total).",
+}
+
+
+class ScalarMetrics:
+    """Scalar statistics as ``chameleon:<prefix><key>`` gauges."""
+
+    def __init__(self, prefix: str, docs: Dict[str, str], labels: Dict[str, str]) -> None:
+        from prometheus_client import Gauge
+
+        self._labels = dict(labels)
+        self._gauges = {
+            key: Gauge(
+                f"chameleon:{prefix}{key}",
+                doc,
+                labelnames=list(self._labels),
+                multiprocess_mode="mostrecent",
+            )
+            for key, doc in docs.items()
+        }
+
+    def publish(self, stats: Dict[str, Any]) -> None:
+        for key, gauge in self._gauges.items():
+            gauge.labels(**self._labels).set(float(stats.get(key, 0) or 0))
+
+
+def host_tier_metrics(labels: Optional[Dict[str, str]] = None) -> ScalarMetrics:
+    """The host tier's statistics as ``chameleon:host_tier_*`` gauges (launcher process)."""
+    return ScalarMetrics("host_tier_", _HOST_TIER_SCALARS, labels or {})
+
+
+class ReadMetrics(ScalarMetrics):
+    """Background adapter reads as ``chameleon:adapter_read_*`` gauges, with the read-latency
+    histogram as ``chameleon:adapter_read_seconds_bucket{le=...}`` (cumulative counts)."""
+
+    def __init__(self, labels: Optional[Dict[str, str]] = None) -> None:
+        from prometheus_client import Gauge
+
+        super().__init__("adapter_read_", _READ_SCALARS, labels or {})
+        self._buckets = Gauge(
+            "chameleon:adapter_read_seconds_bucket",
+            "Finished adapter reads that took at most `le` seconds (total).",
+            labelnames=[*self._labels, "le"],
+            multiprocess_mode="mostrecent",
+        )
+
+    def publish(self, stats: Dict[str, Any]) -> None:
+        super().publish(stats)
+        for bound, count in zip(stats["latency_buckets_s"], stats["latency_cumulative"]):
+            self._buckets.labels(**self._labels, le=str(bound)).set(float(count))

@@ -48,8 +48,12 @@ class ChameleonState:
     """Which components are active and why (published in ``/server_info``)."""
     reads: Optional[BackgroundReads] = None
     """Adapter reads off the event loop (scheduler process, created on the first load)."""
+    read_metrics: Optional[MetricsPublisher] = None
+    """The reads' ``chameleon:adapter_read_*`` gauges (``--enable-metrics``)."""
     host_tier: Optional[HostTier] = None
     """Loaded adapters in host memory, bounded in bytes (launcher process)."""
+    host_tier_metrics: Optional[MetricsPublisher] = None
+    """The host tier's ``chameleon:host_tier_*`` gauges (``--enable-metrics``)."""
     load_failures: Optional[LoadFailures] = None
     """Recent adapter load failures, for backoff (launcher process)."""
     loading: Optional[NameLocks] = None

@@ -50,7 +50,10 @@ def servers(tiny_assets: Assets, adapter_dir: Path, tmp_path_factory):
     logs = tmp_path_factory.mktemp("tiers-logs")
     common = ["--chameleon-adapter-dir", str(adapter_dir), "--max-lora-rank", "64"]
     specs = [
-        dict(extra_args=[*common, "--chameleon-host-cache-gb", str(BUDGET_GB)], name="background"),
+        dict(
+            extra_args=[*common, "--chameleon-host-cache-gb", str(BUDGET_GB), "--enable-metrics"],
+            name="background",
+        ),
         dict(extra_args=[*common, "--chameleon-adapter-read-workers", "0"], name="in_loop"),
     ]
     env = {"CHAMELEON_ADAPTER_READ_DELAY_S": str(READ_DELAY_S)}
@@ -143,6 +146,22 @@ def test_the_host_tier_stays_within_its_budget_and_reloads_from_disk(servers):
     assert evicted, registered
     assert _post(url, evicted[0]).json()["output_ids"] == first[evicted[0]]
     assert _host_tier(url)["misses"] >= len(NAMES) + 1
+
+
+def test_the_tiers_are_prometheus_series(servers):
+    """With --enable-metrics, /metrics has the host tier's gauges and the read-latency
+    histogram (published at most every 0.5 s: one more request after a pause publishes)."""
+    url = servers["background"].url
+    assert _post(url, "a001r16").status_code == 200
+    time.sleep(0.6)
+    assert _post(url, "a001r16").status_code == 200
+    text = requests.get(url + "/metrics", timeout=30).text
+    used = [line for line in text.splitlines() if line.startswith("chameleon:host_tier_used_bytes")]
+    assert used and 0 < float(used[0].split()[-1]) <= BUDGET_GB * 1e9, used
+    buckets = [
+        line for line in text.splitlines() if "chameleon:adapter_read_seconds_bucket" in line
+    ]
+    assert any('le="+Inf"' in line and float(line.split()[-1]) >= 1 for line in buckets), buckets
 
 
 def test_a_failed_load_backs_off_then_serves_the_fixed_adapter(servers, adapter_dir, tiny_assets):

@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from chameleon_sglang.catalog.background_reads import BackgroundReads, Outcome, ReadStatus
 from chameleon_sglang.integration import capability
+from chameleon_sglang.integration.metrics import MetricsPublisher, ReadMetrics
 from chameleon_sglang.integration.state import state_of
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def background_reads_for(scheduler: Any) -> Optional[BackgroundReads]:
             state.config.adapter_read_workers, state.config.adapter_read_timeout_s
         )
         _in_process.append(state.reads)
+        state.read_metrics = MetricsPublisher(scheduler, ReadMetrics)
     return state.reads
 
 
@@ -80,7 +82,10 @@ def finish_adapter_loads(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
     and answer their load requests (module docstring)."""
     state = state_of(scheduler)
     reads = state.reads if state is not None else None
-    if reads is None or reads.num_pending == 0:
+    if reads is None:
+        return result
+    state.read_metrics.maybe_publish(time.monotonic(), reads.stats)
+    if reads.num_pending == 0:
         return result
     for outcome in reads.take(_agreed(reads.status())):
         original, recv_req = outcome.payload

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 from chameleon_sglang.catalog import AdapterRefused, DirectoryResolver, refusal_for, resolve, survey
 from chameleon_sglang.integration import capability
-from chameleon_sglang.integration.hooks.host_tier import catalog_state
+from chameleon_sglang.integration.hooks.host_tier import catalog_state, publish_host_tier
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ async def resolve_unregistered_adapters(
     cold = await manager.lora_registry.get_unregistered_loras(names)
     now = time.monotonic()
     state.host_tier.on_request(names, now)
+    publish_host_tier(manager, state)
     if not cold:
         return await original(manager, obj, *args, **kwargs)
     for name in sorted(cold):

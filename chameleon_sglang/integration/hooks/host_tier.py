@@ -28,6 +28,7 @@ from chameleon_sglang.catalog.adapter_config import WEIGHT_FILES
 from chameleon_sglang.catalog.host_tier import HostTier
 from chameleon_sglang.catalog.load_failures import LoadFailures
 from chameleon_sglang.catalog.name_locks import NameLocks
+from chameleon_sglang.integration.metrics import MetricsPublisher, host_tier_metrics
 from chameleon_sglang.integration.state import ChameleonState, state_for, state_of
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def catalog_state(manager: Any) -> Optional[ChameleonState]:
         )
         state.load_failures = LoadFailures()
         state.loading = NameLocks()
+        state.host_tier_metrics = MetricsPublisher(manager, host_tier_metrics)
         _follow_registry(manager, state.host_tier)
         logger.info(
             "Chameleon host tier: loaded adapters bounded to %.4g GB of host memory (%s)",
@@ -107,6 +109,7 @@ async def bound_host_memory(
     victims = tier.victims(lambda name: name == obj.lora_name or _in_use(manager, state, name), now)
     if victims:
         await _unload(manager, state, victims, result)
+    publish_host_tier(manager, state)
     return result
 
 
@@ -169,6 +172,11 @@ def _in_use(manager: Any, state: ChameleonState, name: str) -> bool:
     ref = manager.lora_registry.get_all_adapters().get(name)
     counter = manager.lora_registry._counters.get(ref.lora_id) if ref is not None else None
     return counter is not None and counter.value() > 0
+
+
+def publish_host_tier(manager: Any, state: ChameleonState) -> None:
+    """The host tier's gauges, where SGLang runs with ``--enable-metrics`` (rate-limited)."""
+    state.host_tier_metrics.maybe_publish(time.monotonic(), lambda: catalog_stats(manager) or {})
 
 
 def catalog_stats(manager: Any) -> Optional[Dict[str, Any]]:
