@@ -92,6 +92,7 @@ HOOKS: List[Tuple[str, Callable[..., Any], str]] = [
     (f"{LORA_MANAGER}.init_memory_pool", lora.init_lora_pool, AROUND),
     (f"{LORA_MANAGER}.validate_new_adapter", lora.refuse_uncacheable_adapter, AFTER),
     (f"{LORA_MANAGER}.load_lora_adapter", lora.refuse_foreign_adapter, AFTER),
+    (f"{LORA_MANAGER}.unload_lora_adapter", lora.return_freed_memory, AFTER),
     # adapter loads: the disk read on a worker, installed and answered in a later pass
     (f"{SCHEDULER}.load_lora_adapter", adapter_loads.defer_adapter_load, AROUND),
     (f"{SCHEDULER}.process_input_requests", adapter_loads.finish_adapter_loads, AFTER),

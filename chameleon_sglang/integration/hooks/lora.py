@@ -124,6 +124,36 @@ def refuse_foreign_adapter(result: Any, manager: Any, lora_ref: Any, *args: Any,
     )
 
 
+def return_freed_memory(result: Any, manager: Any, *args: Any, **kwargs: Any) -> Any:
+    """After ``LoRAManager.unload_lora_adapter``, with ``--chameleon``: the adapter's host
+    tensors are freed; glibc is asked to hand the freed heap back to the system (``malloc_trim``),
+    so host RSS follows the host tier's budget instead of the peak (the worker threads' arenas
+    keep freed memory otherwise). A no-op where the C library has no ``malloc_trim``."""
+    from sglang.srt.runtime_context import get_server_args
+
+    if getattr(get_server_args(), "chameleon", False):
+        release_freed_heap()
+    return result
+
+
+def release_freed_heap() -> None:
+    """``malloc_trim(0)`` where glibc provides it."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
 def _serves_cache(manager: Any) -> bool:
     return getattr(manager.lora_backend, "name", None) == capability.CHAMELEON_LORA_BACKEND
 
