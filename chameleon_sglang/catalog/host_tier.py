@@ -27,6 +27,7 @@ class HostTier:
         self._window_s = float(window_s)
         self._entries: Dict[str, CacheEntry] = {}
         self._pinned: Dict[str, bool] = {}
+        self._used_bytes = 0
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -46,13 +47,15 @@ class HostTier:
     @property
     def used_bytes(self) -> int:
         """Bytes of every adapter in the tier."""
-        return sum(e.num_bytes for e in self._entries.values())
+        return self._used_bytes
 
     def admit(self, name: str, num_bytes: int, pinned: bool, now: float) -> None:
         """``name`` is in host memory now (loaded; ``num_bytes`` of weights)."""
+        self.remove(name)
         entry = CacheEntry(name, max(0, int(num_bytes)), 0, 0, None, last_use=now)
         entry.record_use(now, self._window_s)
         self._entries[name] = entry
+        self._used_bytes += entry.num_bytes
         self._pinned[name] = bool(pinned)
         self._policy.on_admit(entry, now)
 
@@ -62,6 +65,7 @@ class HostTier:
         self._pinned.pop(name, None)
         if entry is None:
             return
+        self._used_bytes -= entry.num_bytes
         if is_eviction:
             self.evictions += 1
             self.evicted_bytes += entry.num_bytes

@@ -120,3 +120,11 @@ def test_pyproject_installs_every_package():
     on_disk.add("chameleon_kernels")
     assert listed == on_disk
     assert config["package-dir"] == {"chameleon_kernels": "kernels"}
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test modules by basename (rootdir import mode): two files of one name in
+    different test folders fail the whole collection."""
+    tests = Path(__file__).resolve().parents[1]
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

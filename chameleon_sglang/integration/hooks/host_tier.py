@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Set
 
 from chameleon_sglang.cache.eviction import create_eviction_policy
 from chameleon_sglang.catalog.adapter_config import WEIGHT_FILES
@@ -106,7 +106,8 @@ async def bound_host_memory(
     tier.admit(obj.lora_name, adapter_bytes(obj.lora_path), bool(obj.pinned), now)
     state.load_failures.clear(obj.lora_name)
     _follow_registry(manager, tier)
-    victims = tier.victims(lambda name: name == obj.lora_name or _in_use(manager, state, name), now)
+    held = _held(manager, state) | {obj.lora_name}
+    victims = tier.victims(held.__contains__, now)
     if victims:
         await _unload(manager, state, victims, result)
     publish_host_tier(manager, state)
@@ -120,7 +121,7 @@ async def _unload(manager: Any, state: ChameleonState, victims: list, result: An
     async with manager.lora_update_lock:
         for name in victims:
             registered = manager.lora_registry.get_all_adapters()
-            if name not in registered or _in_use(manager, state, name):
+            if name not in registered or name in _held(manager, state):
                 continue
             out = await manager._unload_lora_adapter_locked(
                 UnloadLoRAAdapterReqInput(lora_name=name)
@@ -165,13 +166,15 @@ def _follow_registry(manager: Any, tier: HostTier) -> None:
             tier.admit(name, adapter_bytes(ref.lora_path), bool(ref.pinned), now)
 
 
-def _in_use(manager: Any, state: ChameleonState, name: str) -> bool:
-    """A request holds ``name`` or is loading it."""
-    if name in state.loading:
-        return True
-    ref = manager.lora_registry.get_all_adapters().get(name)
-    counter = manager.lora_registry._counters.get(ref.lora_id) if ref is not None else None
-    return counter is not None and counter.value() > 0
+def _held(manager: Any, state: ChameleonState) -> Set[str]:
+    """Names a request holds (SGLang's in-flight counter above zero) or is loading."""
+    counters = manager.lora_registry._counters
+    held = {
+        name
+        for name, ref in manager.lora_registry.get_all_adapters().items()
+        if ref.lora_id in counters and counters[ref.lora_id].value() > 0
+    }
+    return held | {name for name in state.host_tier.names() if name in state.loading}
 
 
 def publish_host_tier(manager: Any, state: ChameleonState) -> None:

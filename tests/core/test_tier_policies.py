@@ -158,3 +158,14 @@ def test_failure_memory_is_bounded():
         failures.record(f"n{i}", "bad", now=0)
     assert len(failures) == 3 and failures.refusal("n0", now=0) is None
     assert failures.refusal("n9", now=0) is not None
+
+
+def test_host_tier_bytes_follow_admissions_and_removals():
+    tier = _tier(10_000)
+    tier.admit("a", 100, pinned=False, now=0)
+    tier.admit("a", 150, pinned=False, now=1)  # admitted again (reloaded): counted once
+    tier.admit("b", 50, pinned=True, now=1)
+    assert (tier.used_bytes, len(tier), sorted(tier.names())) == (200, 2, ["a", "b"])
+    tier.remove("a")
+    tier.remove("unknown")
+    assert tier.used_bytes == 50 and tier.stats()["evictions"] == 0
