@@ -21,11 +21,12 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 RECIPE_VERSION = 1
 ADAPTER_RANKS: Tuple[int, ...] = (8, 16, 32, 64, 128)
@@ -316,6 +317,14 @@ def _write_adapter(
     _AdapterTemplate.of(base_model, rank, target_modules).write(recipe, index, out)
 
 
+def _lora_kind(param_name: str) -> Optional[str]:
+    """ "A" or "B" for a peft LoRA parameter (linear or embedding), None for anything else."""
+    for kind in ("A", "B"):
+        if f".lora_{kind}." in param_name or f".lora_embedding_{kind}." in param_name:
+            return kind
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class _AdapterTemplate:
     """What ``peft`` writes for one rank of one model, made once: the adapter's config and
@@ -345,9 +354,9 @@ class _AdapterTemplate:
         peft_model = get_peft_model(copy.deepcopy(base_model), config)
         params = []
         for name, param in sorted(peft_model.named_parameters()):
-            kind = "A" if ".lora_A." in name else "B" if ".lora_B." in name else None
-            if kind is not None:
-                params.append((name.replace(".default.", "."), tuple(param.shape), kind))
+            kind = _lora_kind(name)
+            if kind is not None:  # saved without the adapter's name ("default")
+                params.append((re.sub(r"\.default(?=\.|$)", "", name), tuple(param.shape), kind))
         with tempfile.TemporaryDirectory() as tmp:
             peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
             cfg = json.loads((Path(tmp) / "adapter_config.json").read_text())

@@ -40,6 +40,7 @@ def adapter_dir(tiny_assets: Assets, tmp_path_factory) -> Path:
         shutil.copytree(tiny_assets.adapter(name).path, root / name)
     shutil.copytree(tiny_assets.adapter(COLD).path, root / COLD)
     shutil.copytree(tiny_assets.adapter("a000r8").path, root / "broken")
+    shutil.copytree(tiny_assets.adapter("a000r8").path, root / "vanishing")
     weights = root / "broken" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     return root
@@ -181,6 +182,21 @@ def test_a_failed_load_backs_off_then_serves_the_fixed_adapter(servers, adapter_
     assert fixed.status_code == 200, fixed.text
     expected = generate(servers["in_loop"].url, PROMPT, "a000r8", 4)["output_ids"]
     assert fixed.json()["output_ids"][:4] == expected[:4]
+
+
+def test_an_adapter_deleted_while_it_is_read_fails_alone(servers, adapter_dir):
+    """The adapter is resolved, then its files are deleted while the (1.5 s) read is under
+    way: that request gets a 400 naming the missing file; others are served meanwhile."""
+    url = servers["background"].url
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_post, url, "vanishing")
+        time.sleep(0.5)
+        shutil.rmtree(adapter_dir / "vanishing")
+        assert _post(url, "a002r32").status_code == 200
+        resp = pending.result()
+    assert resp.status_code == 400, resp.text
+    assert "vanishing" in resp.text, resp.text
+    assert healthy(url)
 
 
 def test_unload_drops_an_adapter_from_the_host_tier_and_it_reloads(servers):

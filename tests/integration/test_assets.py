@@ -96,3 +96,24 @@ def test_builds_are_cached_at_the_project_root(monkeypatch):
     root = Path(__file__).resolve().parents[2]
     assert (root / "Makefile").is_file()
     assert default_cache_dir() == root / ".cache" / "assets"
+
+
+def test_an_extra_adapter_is_what_peft_writes_also_with_embedding_lora(small_build, tmp_path):
+    """``write_adapter`` writes peft's keys (embedding LoRA included) with the seeded values,
+    without building a peft model per adapter; the catalog preset is the eval model with a
+    thousand adapters of ranks 8-64."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import LlamaForCausalLM
+
+    from chameleon_sglang.dev.assets import PRESETS, write_adapter
+
+    out = tmp_path / "emb"
+    write_adapter(small_build.model_path, out, rank=8, seed=3,
+                  target_modules=("q_proj", "embed_tokens"))  # fmt: skip
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert any("lora_embedding_A" in k for k in keys) and any(".lora_A." in k for k in keys)
+    base = LlamaForCausalLM.from_pretrained(small_build.model_path)
+    PeftModel.from_pretrained(base, out)  # peft reads it back
+    assert PRESETS["catalog"].num_adapters == 1000 and PRESETS["catalog"].ranks == (8, 16, 32, 64)
