@@ -1,10 +1,11 @@
 """The adapter tiers below the device cache, on real servers: disk reads off the scheduler loop,
 the byte-bounded host tier, backoff after a failed load, unload from every tier.
 
-Two servers of one adapter directory start side by side, every adapter read made 1.5 s slower
+Two servers of one adapter directory start side by side, every adapter read made slower
 (``CHAMELEON_ADAPTER_READ_DELAY_S``: a slow disk): ``background`` (the default: reads on worker
-threads, a 1.5 MB host budget) and ``in_loop`` (``--chameleon-adapter-read-workers 0``: reads in
-the scheduler loop, as SGLang does), the contrast that shows what the workers remove.
+threads, 1 s each, a 1.5 MB host budget) and ``in_loop`` (``--chameleon-adapter-read-workers 0``:
+reads in the scheduler loop, as SGLang does, 1.5 s each), the contrast that shows what the
+workers remove.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from chameleon_sglang.dev.assets import Assets
 
 pytestmark = pytest.mark.slow
 
-READ_DELAY_S = 1.5
+READ_DELAY_S = 1.5  # reads in the loop (the contrast)
+BACKGROUND_READ_DELAY_S = 1.0  # reads on the workers (every other test reads there)
 BUDGET_GB = 0.0015  # about the tiny rank-8, 16 and 32 adapters together, not with rank 64
 NAMES = ("a000r8", "a001r16", "a002r32", "a003r64", "a006r16", "a007r32")
 COLD = "a005r8"  # for the stall test only
@@ -57,10 +59,10 @@ def servers(tiny_assets: Assets, adapter_dir: Path, tmp_path_factory):
         ),
         dict(extra_args=[*common, "--chameleon-adapter-read-workers", "0"], name="in_loop"),
     ]
-    env = {"CHAMELEON_ADAPTER_READ_DELAY_S": str(READ_DELAY_S)}
+    delay = "CHAMELEON_ADAPTER_READ_DELAY_S"
     started = start_servers(
         [dict(assets=tiny_assets, log_dir=logs, chameleon=True, adapters=[], **s) for s in specs],
-        env=[env, env],
+        env=[{delay: str(BACKGROUND_READ_DELAY_S)}, {delay: str(READ_DELAY_S)}],
     )
     by_name = dict(zip([s["name"] for s in specs], started))
     for name, server in by_name.items():
@@ -121,13 +123,16 @@ def _stream_gaps_during_cold_load(url: str, cold: str) -> Dict[str, float]:
 
 def test_a_cold_read_does_not_stall_running_requests(servers):
     """With reads in the loop, a running stream stops for the whole 1.5 s read; with the
-    workers, it keeps its pace (the largest gap stays well under the read)."""
+    workers, it keeps its pace (its largest gap stays under half of its 1 s read)."""
     background = _stream_gaps_during_cold_load(servers["background"].url, COLD)
     in_loop = _stream_gaps_during_cold_load(servers["in_loop"].url, COLD)
     for run in (background, in_loop):
         assert run["status"] == 200 and run["covered"], run
     assert in_loop["max_gap_s"] >= 0.8 * READ_DELAY_S, in_loop
-    assert background["max_gap_s"] < 0.4 * READ_DELAY_S, (background, in_loop)
+    assert background["max_gap_s"] < 0.5 * BACKGROUND_READ_DELAY_S, (background, in_loop)
+    print(
+        f"largest stream gap: workers {background['max_gap_s']:.3f} s, loop {in_loop['max_gap_s']:.3f} s"
+    )
 
 
 def test_the_host_tier_stays_within_its_budget_and_reloads_from_disk(servers):
@@ -185,7 +190,7 @@ def test_a_failed_load_backs_off_then_serves_the_fixed_adapter(servers, adapter_
 
 
 def test_an_adapter_deleted_while_it_is_read_fails_alone(servers, adapter_dir):
-    """The adapter is resolved, then its files are deleted while the (1.5 s) read is under
+    """The adapter is resolved, then its files are deleted while the (1 s) read is under
     way: that request gets a 400 naming the missing file; others are served meanwhile."""
     url = servers["background"].url
     with ThreadPoolExecutor(1) as pool:
