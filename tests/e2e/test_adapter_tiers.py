@@ -130,9 +130,6 @@ def test_a_cold_read_does_not_stall_running_requests(servers):
         assert run["status"] == 200 and run["covered"], run
     assert in_loop["max_gap_s"] >= 0.8 * READ_DELAY_S, in_loop
     assert background["max_gap_s"] < 0.5 * BACKGROUND_READ_DELAY_S, (background, in_loop)
-    print(
-        f"largest stream gap: workers {background['max_gap_s']:.3f} s, loop {in_loop['max_gap_s']:.3f} s"
-    )
 
 
 def test_the_host_tier_stays_within_its_budget_and_reloads_from_disk(servers):
