@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -92,7 +93,28 @@ def served_model_name(assets: Assets) -> str:
     return f"chameleon-{assets.preset}"
 
 
+SERVER_PORTS = (10000, 21999)
+"""Where :func:`free_port` looks: below the kernel's ephemeral range (``bind(0)`` and outgoing
+connections take ports from there) and below the range SGLang draws its own late-bound ports
+from (22000-29999)."""
+_handed_out: set = set()
+
+
 def free_port() -> int:
+    """A port free now that no other server started from this process was given, for a server
+    that binds it only once it has started (tens of seconds later): a port the kernel would not
+    hand to an outgoing connection or a ``bind(0)`` meanwhile."""
+    low, high = SERVER_PORTS
+    for port in random.sample(range(low, high + 1), 256):
+        if port in _handed_out:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((DEFAULT_HOST, port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((DEFAULT_HOST, 0))
         return s.getsockname()[1]

@@ -102,3 +102,14 @@ def test_a_launcher_that_does_not_stop_gets_the_group_terminated(tmp_path: Path)
     signals, _ = _stop_recording(tmp_path, "ignore", grace_s=1)
     assert signals[0] == "launcher:SIGINT"
     assert sorted(signals[1:]) == ["child:SIGTERM", "launcher:SIGTERM"]
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_are_not_handed_out_twice():
+    """A server binds its port tens of seconds after it was chosen; a port from the ephemeral
+    range could meanwhile become some outgoing connection's local port (address in use)."""
+    from chameleon_sglang.dev.serve import SERVER_PORTS
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(SERVER_PORTS[0] <= p <= SERVER_PORTS[1] < low for p in ports)
