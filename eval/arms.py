@@ -76,6 +76,10 @@ class ServerFlags:
     max_loras_per_batch: int = 8
     enable_metrics: bool = True
     extra: Tuple[str, ...] = ()
+    memory_budget: str = "equal"
+    """``equal``: ``max_total_tokens`` is every arm's whole budget, and an arm with LoRA slot
+    buffers runs with its KV pool cut by their bytes (:mod:`eval.memory_budget`); ``as-is``:
+    every arm gets ``max_total_tokens`` of KV on top of whatever slots it has."""
 
     def extra_args(self) -> List[str]:
         args = ["--max-loras-per-batch", str(self.max_loras_per_batch)]

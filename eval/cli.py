@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from chameleon_sglang.dev.assets import AdapterInfo, Assets
 from eval.arms import ServerFlags, auto_dtype
+from eval.memory_budget import MEMORY_BUDGETS
 from eval.runner import RunConfig
 from eval.trace import DEFAULT_TRACE, REPO_ROOT
 from eval.workload import WorkloadSpec
@@ -92,7 +93,20 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "bfloat16", "float32", "float16"],
         help="auto: bfloat16 where the CPU has AVX512-BF16/AMX, else float32",
     )
-    g.add_argument("--max-total-tokens", type=int, default=65536)
+    g.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=65536,
+        help="KV tokens; under --memory-budget equal, every arm's whole memory budget",
+    )
+    g.add_argument(
+        "--memory-budget",
+        choices=MEMORY_BUDGETS,
+        default="equal",
+        help="equal: arms with LoRA slot buffers (stock) lose their bytes from the KV pool, as "
+        "on a GPU, so every arm has the same memory; as-is: every arm gets --max-total-tokens "
+        "of KV on top of its slots",
+    )
     g.add_argument("--max-lora-rank", type=int, default=128)
     g.add_argument("--max-loras-per-batch", type=int, default=8)
     g.add_argument(
@@ -172,6 +186,7 @@ def flags_from_args(args: argparse.Namespace) -> ServerFlags:
         max_loras_per_batch=args.max_loras_per_batch,
         enable_metrics=not args.no_server_metrics,
         extra=tuple(args.server_arg),
+        memory_budget=args.memory_budget,
     )
 
 
@@ -188,6 +203,7 @@ def run_config(
         progress=not args.no_progress,
         seed=args.seed,
         quiet_max_wait_s=resolve(args, "wait_quiet"),
+        min_kv_tokens=args.max_input + args.max_output,
     )
 
 

@@ -2,13 +2,17 @@
 
 ``python -m eval.compare [--quick] [--trace PATH] [--rps R] [--duration S] [--requests N]
 [--adapters N] [--arms stock,chameleon] [--repeats K] [--seed S] [--preset eval|tiny]
-[--dtype auto] [--out DIR] [--replay workload.jsonl]``
+[--dtype auto] [--memory-budget equal|as-is] [--client harness|bench-serving] [--out DIR]
+[--replay workload.jsonl]``
 
 Builds (or replays) one workload, then for each repetition starts every arm's server in turn
 (never two at once), warms it up, replays the workload open-loop and stops it by PID. Writes
 ``OUT/workload.jsonl``, ``OUT/summary.json``, ``OUT/details.json``, ``OUT/report.md``, the PNGs
 and ``OUT/runs/<arm>-r<k>/`` (see ``eval/README.md``). Exit status 0 when every run completed
-at least one request.
+at least one request. Every arm gets the same memory under ``--memory-budget equal`` (the
+default, :mod:`eval.memory_budget`); an arm that does not fit it is reported and not run.
+``--client bench-serving`` drives the arms with SGLang's own benchmark client instead
+(:mod:`eval.bench_serving_client`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from chameleon_sglang.dev.assets import build
 from eval.arms import ARM_NAMES, TUNED_STOCK_ARM, parse_arms
+from eval.bench_serving_client import DISTRIBUTIONS, BenchSpec, report_lines, run_arms
 from eval.cli import (
     add_run_args,
     add_server_args,
@@ -41,6 +46,8 @@ from eval.experiment import (
     write_outputs,
 )
 from eval.metrics import ARM_KEYS
+from eval.profiles import PROFILES, apply_gpu_like
+from eval.runner import infeasible_arms
 from eval.summary import pick_pair
 from eval.tune_stock import DEFAULT_DRAIN_WAIT_S, parse_slots, tune
 from eval.workload import (
@@ -83,6 +90,27 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-tune-overlap", action="store_true", help="do not try --enable-lora-overlap-loading"
     )
+    p.add_argument_group("cost profile").add_argument(
+        "--profile",
+        choices=PROFILES,
+        default="cpu",
+        help="gpu-like: every arm's adapter copies held to a host link at which a mean adapter "
+        "load costs, next to an unloaded TTFT, what it costs on the paper's GPU (eval.profiles; "
+        "calibrated on a stock server first)",
+    )
+    g = p.add_argument_group("client")
+    g.add_argument(
+        "--client",
+        choices=("harness", "bench-serving"),
+        default="harness",
+        help="harness: replay the trace workload with our load generator; bench-serving: drive "
+        "each arm with python -m sglang.bench_serving (random-ids, --requests at --rps; "
+        "writes OUT/bench_serving.{json,md})",
+    )
+    g.add_argument("--bench-input-len", type=int, default=256)
+    g.add_argument("--bench-output-len", type=int, default=48)
+    g.add_argument("--bench-range-ratio", type=float, default=0.5)
+    g.add_argument("--bench-lora-distribution", choices=DISTRIBUTIONS, default="uniform")
     return p
 
 
@@ -131,6 +159,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save_workload(out / "workload.jsonl", workload)
     save_spec(out / SPEC_FILE, spec)
     cfg = run_config(args, assets, adapters)
+    cost_profile: Dict[str, Any] = {"profile": args.profile}
+    if args.profile == "gpu-like":
+        mean_input = round(sum(r.input_len for r in workload) / len(workload))
+        if args.client == "bench-serving":  # its prompts: uniform in [ratio * len, len]
+            mean_input = round(args.bench_input_len * (1 + args.bench_range_ratio) / 2)
+        cfg, cost_profile = apply_gpu_like(cfg, mean_input, out, adapters)
+        print(f"gpu-like cost profile: {cost_profile}", flush=True)
     tuning: Optional[Dict[str, Any]] = None
     if TUNED_STOCK_ARM in arms:
         if args.stock_tuned_flags is not None:
@@ -153,7 +188,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tuned = tuple(tuning["flags"] or ())
         cfg = dataclasses.replace(cfg, arm_flags={**cfg.arm_flags, TUNED_STOCK_ARM: tuned})
         print(f"stock-tuned: {' '.join(tuned)}", flush=True)
+    infeasible = infeasible_arms(arms, cfg)
+    for why in infeasible.values():
+        print(f"not run, does not fit the memory budget: {why}", flush=True)
+    arms = [a for a in arms if a not in infeasible]
+    if not arms:
+        return 2
     repeats = resolve(args, "repeats")
+    meta = {
+        "command_line": _command_line(argv),
+        "started": started,
+        "stock_tuning": tuning,
+        "memory_budget": cfg.flags.memory_budget,
+        "cost_profile": cost_profile,
+        "infeasible_arms": infeasible,
+    }
+    if args.client == "bench-serving":
+        return _bench_serving(args, arms, repeats, cfg, out, meta)
     print(f"{len(workload)} requests, arms {arms}, {repeats} repeat(s)", flush=True)
     outcomes = run_interleaved(
         arms, repeats, workload, cfg, out, log=lambda s: print(s, flush=True)
@@ -167,16 +218,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg.flags.dtype,
         str(args.replay) if args.replay else None,
     )
-    meta = {
-        "command_line": _command_line(argv),
-        "started": started,
-        "wall_s": time.perf_counter() - t0,
-        "stock_tuning": tuning,
-    }
+    meta["wall_s"] = time.perf_counter() - t0
     summary = write_outputs(out, info, outcomes, meta)
     print(format_summary(summary), flush=True)
     print(f"wall time {time.perf_counter() - t0:.0f} s; results in {out}", flush=True)
     return 0 if all(o.metrics["completed"] > 0 for os_ in outcomes.values() for o in os_) else 1
+
+
+def _bench_serving(
+    args: argparse.Namespace,
+    arms: Sequence[str],
+    repeats: int,
+    cfg: Any,
+    out: Any,
+    meta: Dict[str, Any],
+) -> int:
+    """The comparison with SGLang's own client (``eval.bench_serving_client``)."""
+    spec = BenchSpec(
+        num_prompts=resolve(args, "requests"),
+        rps=resolve(args, "rps"),
+        input_len=args.bench_input_len,
+        output_len=args.bench_output_len,
+        range_ratio=args.bench_range_ratio,
+        distribution=args.bench_lora_distribution,
+        seed=args.seed,
+    )
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    summary = run_arms(arms, repeats, cfg, spec, out, log=log, meta=meta)
+    print("\n".join(report_lines(summary)), flush=True)
+    print(f"results in {out}", flush=True)
+    return 0 if all((m["completed"] or 0) > 0 for m in summary["arms"].values()) else 1
 
 
 def _command_line(argv: Optional[Sequence[str]]) -> str:

@@ -152,6 +152,26 @@ def machine_load_line(runs: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+def memory_table(settings: Mapping[str, Mapping[str, Any]]) -> List[str]:
+    """One row per arm: its memory budget, KV tokens, LoRA slot bytes and their total."""
+    rows = []
+    for arm, s in settings.items():
+        mem = s.get("memory") or {}
+        mib = lambda b: None if b is None else b / 2**20  # noqa: E731
+        rows.append(
+            [
+                arm,
+                mem.get("budget"),
+                s.get("max_total_num_tokens"),
+                mib(mem.get("slot_bytes")),
+                mib(mem.get("total_bytes")),
+            ]
+        )
+    return md_table(
+        ["arm", "memory budget", "KV tokens (server)", "LoRA slots (MiB)", "KV + slots (MiB)"], rows
+    )
+
+
 def tuning_table(tuning: Mapping[str, Any]) -> List[str]:
     """One row per stock candidate the tuning ran; the chosen one marked."""
     rows = []
@@ -166,7 +186,7 @@ def tuning_table(tuning: Mapping[str, Any]) -> List[str]:
                 c.get("tbt_p99"),
                 c.get("throughput_rps"),
                 c.get("failed"),
-                c.get("error") or "",
+                c.get("error") or ("infeasible: " + c["infeasible"] if c.get("infeasible") else ""),
             ]
         )
     return md_table(
@@ -215,6 +235,8 @@ def write_report(path: Path, summary: Mapping[str, Any], details: Mapping[str, A
     if tuning:
         lines += ["## Tuning stock SGLang for this workload (`eval.tune_stock`)", ""]
         lines += tuning_table(tuning) + [""]
+    lines += ["## Memory: KV cache and LoRA slot buffers per arm", ""]
+    lines += memory_table(details.get("settings", {})) + [""]
     lines += ["## Queueing share of end-to-end time per size class", ""]
     lines += queueing_table(details.get("queueing", {})) + [""]
     lines += ["## Setup", ""] + _setup(wl, m, details) + [""]

@@ -22,9 +22,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from chameleon_sglang.dev.assets import AdapterInfo, Assets
 from chameleon_sglang.dev.serve import ServerProcess, free_port
 from eval import server_pool
-from eval.arms import ARM_FLAGS, ServerFlags, arm_command
+from eval.arms import ARM_FLAGS, TUNED_STOCK_ARM, ServerFlags, arm_command
 from eval.loadgen import RequestResult, run_load_sync
 from eval.machine_load import foreign_share, snapshot, wait_until_quiet
+from eval.memory_budget import arm_memory, max_feasible_slots, with_kv_tokens
 from eval.metrics import client_lag, queue_source, queueing_share, run_metrics
 from eval.server_status import StatusSampler, cache_hit_rate, chameleon_status, server_info
 from eval.warmup import UnloadedProfile, warm_up
@@ -65,6 +66,9 @@ class RunConfig:
     quiet_threshold: float = 0.25
     arm_flags: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
     """Own flags of arms not in :data:`eval.arms.ARM_FLAGS` (``stock-tuned``), or overrides."""
+    min_kv_tokens: int = 0
+    """The fewest KV tokens an arm may be left with under the ``equal`` memory budget (the
+    workload's longest request); fewer makes the arm infeasible."""
 
     def own_flags(self, arm: str) -> Tuple[str, ...]:
         if arm in self.arm_flags:
@@ -72,6 +76,49 @@ class RunConfig:
         if arm not in ARM_FLAGS:
             raise ValueError(f"no flags for arm {arm!r} (tune it first: eval.tune_stock)")
         return ARM_FLAGS[arm]
+
+
+class InfeasibleArm(RuntimeError):
+    """The arm's LoRA slot buffers leave too little of the memory budget for its KV cache."""
+
+
+def planned_command(arm: str, cfg: RunConfig, port: int) -> Tuple[List[str], Dict[str, Any]]:
+    """The launch command of ``arm`` under ``cfg``'s memory budget and the record of its share
+    (``{"budget": "equal"|"as-is", ...}``, see :mod:`eval.memory_budget`); raises
+    :class:`InfeasibleArm` when the arm does not fit the budget."""
+    cmd = arm_command(
+        arm, cfg.assets, port, [a.name for a in cfg.adapters], cfg.flags, cfg.own_flags(arm)
+    )
+    mode = cfg.flags.memory_budget
+    if mode == "as-is":
+        return cmd, {"budget": mode}
+    memory = arm_memory(cmd, cfg.flags.max_total_tokens, cfg.min_kv_tokens)
+    record = {"budget": mode, "budget_tokens": cfg.flags.max_total_tokens, **memory.record()}
+    if not memory.feasible:
+        raise InfeasibleArm(f"{arm}: {memory.reason}")
+    return with_kv_tokens(cmd, memory.kv_tokens), record
+
+
+def infeasible_arms(arms: Sequence[str], cfg: RunConfig) -> Dict[str, str]:
+    """The arms of ``arms`` that do not fit ``cfg``'s memory budget, with the reason."""
+    out: Dict[str, str] = {}
+    for arm in arms:
+        try:
+            planned_command(arm, cfg, 0)
+        except InfeasibleArm as exc:
+            out[arm] = str(exc)
+    return out
+
+
+def max_slots(cfg: RunConfig, own: Sequence[str]) -> int:
+    """The most ``--max-loras-per-batch`` a stock server with ``own`` flags may have within
+    ``cfg``'s memory budget (``as-is``: one per adapter served)."""
+    if cfg.flags.memory_budget == "as-is":
+        return len(cfg.adapters)
+    cmd = arm_command(
+        TUNED_STOCK_ARM, cfg.assets, 0, [a.name for a in cfg.adapters], cfg.flags, own
+    )
+    return max_feasible_slots(cmd, cfg.flags.max_total_tokens, cfg.min_kv_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +131,7 @@ class ArmServer:
     start_s: float
     pgid: Optional[int] = None
     quiet: Optional[Dict[str, object]] = None
+    memory: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -112,14 +160,13 @@ def arm_server(arm: str, cfg: RunConfig, log_dir: Path) -> Iterator[ArmServer]:
     (at most ``cfg.quiet_max_wait_s``) for other processes to leave the CPU mostly idle."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cmd = arm_command(
-        arm, cfg.assets, port, [a.name for a in cfg.adapters], cfg.flags, cfg.own_flags(arm)
-    )
+    cmd, memory = planned_command(arm, cfg, port)
     pool = server_pool.pool_dir(arm)
     key = server_pool.command_key(cmd, port)
     pooled = server_pool.lookup(pool, key) if pool is not None else None
     if pooled is not None:  # a test run: the same server as an earlier run (eval.server_pool)
-        yield ArmServer(arm, str(pooled["url"]), list(pooled["command"]), 0.0, int(pooled["pid"]))
+        url, command, pid = str(pooled["url"]), list(pooled["command"]), int(pooled["pid"])
+        yield ArmServer(arm, url, command, 0.0, pid, memory=memory)
         return
     quiet = None
     if cfg.quiet_max_wait_s > 0:
@@ -131,7 +178,7 @@ def arm_server(arm: str, cfg: RunConfig, log_dir: Path) -> Iterator[ArmServer]:
     if pool is not None and pgid is not None:
         server_pool.record(pool, key, server.url, pgid, cmd)
     try:
-        yield ArmServer(arm, server.url, cmd, time.perf_counter() - t0, pgid, quiet)
+        yield ArmServer(arm, server.url, cmd, time.perf_counter() - t0, pgid, quiet, memory)
     finally:
         if pool is None:
             server.stop()
@@ -173,7 +220,8 @@ def measure(
         metrics=run_metrics(results, cache_hit_rate(status)),
         queueing=queueing_share(results, profile),
         status_samples=sampler.samples,
-        settings={k: info.get(k) for k in SERVER_SETTING_KEYS} | {"chameleon_status": status},
+        settings={k: info.get(k) for k in SERVER_SETTING_KEYS}
+        | {"chameleon_status": status, "memory": server.memory},
         command=server.command,
         start_s=server.start_s,
         load_s=load_s,

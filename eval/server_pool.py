@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 POOL_ENV = "CHAMELEON_EVAL_SERVER_POOL"
-POOLED_ARMS = ("stock", "chameleon")
-"""Arms whose servers the pool keeps: the two that most runs share. Servers of other arms are
-started and stopped as usual (idle servers left running cost memory and some CPU)."""
+POOLED_ARMS = ("stock", "stock-tuned", "chameleon")
+"""Arms whose servers the pool keeps: the two that most runs share, and stock-tuned (the tuning
+runs its chosen candidate first). Servers of other arms are started and stopped as usual (idle
+servers left running cost memory and some CPU)."""
 PORT_PLACEHOLDER = "{port}"
 
 

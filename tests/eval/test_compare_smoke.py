@@ -86,7 +86,7 @@ def test_compare_against_tuned_stock_end_to_end(tuned_comparison):
     assert summary["ratios"]["vs_tuned"]["ttft_p99"] is not None
     tuning = json.loads((out / "tune.json").read_text())
     tried = [c["flags"] for c in tuning["candidates"]]
-    assert tried[0] == ["--max-loras-per-batch", "8"]
+    assert tried[0][:4] == ["--max-loras-per-batch", "8", "--max-lora-rank", "128"]
     assert any("--lora-drain-wait-threshold" in f for f in tried)
     assert not any("--enable-lora-overlap-loading" in f for f in tried)  # --no-tune-overlap
     chosen = [c for c in tuning["candidates"] if c["chosen"]]
@@ -95,3 +95,23 @@ def test_compare_against_tuned_stock_end_to_end(tuned_comparison):
     assert details["arm_flags"]["stock-tuned"] == tuning["flags"]
     report = (out / "report.md").read_text()
     assert "stock-tuned" in report and "Tuning stock SGLang" in report
+
+
+def test_stock_arms_run_with_their_kv_cut_by_their_lora_slots(tuned_comparison):
+    """The default memory budget: the stock servers really ran with the KV pool the budget left
+    them (SGLang's own count), Chameleon with the whole budget, and every arm's KV + slot bytes
+    is the same to within one token."""
+    details = json.loads((tuned_comparison / "details.json").read_text())
+    settings = details["settings"]
+    assert details["memory_budget"] == "equal" and details["infeasible_arms"] == {}
+    for arm in ARMS:
+        memory = settings[arm]["memory"]
+        assert settings[arm]["max_total_num_tokens"] == memory["kv_tokens"], arm
+    assert settings["chameleon"]["memory"]["slot_bytes"] == 0
+    assert settings["chameleon"]["max_total_num_tokens"] == 65536
+    for arm in ("stock", "stock-tuned"):
+        memory = settings[arm]["memory"]
+        assert memory["slot_bytes"] > 0 and memory["kv_tokens"] < 65536, arm
+        gap = settings["chameleon"]["memory"]["total_bytes"] - memory["total_bytes"]
+        assert 0 <= gap < memory["kv_bytes_per_token"], arm
+    assert "LoRA slots (MiB)" in (tuned_comparison / "report.md").read_text()

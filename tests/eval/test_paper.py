@@ -125,8 +125,8 @@ QUICK_RUNS = {  # experiment: (extra options, claims that must be measured)
         [
             "--arms",
             "stock,chameleon",
-            "--adapter-counts",
-            "2",
+            "--adapter-counts",  # every tiny adapter: the pooled servers' command
+            "8",
             "--capacity-rps",
             "3",
             "--slo-ttft",  # the SLO given: no calibration server (the load run calibrates)
@@ -177,4 +177,4 @@ def test_each_experiment_runs_quick_end_to_end(tiny_assets, eval_server_pool, tm
     if experiment == "adapters":  # the SLO its row is judged by was measured (no load sweep)
         sweep = json.loads((out / "sweep.json").read_text())
         assert sweep["slo_ttft_s"] is not None and sweep["capacity_rps"] == 3.0
-        assert {p["adapters"] for p in sweep["adapter_points"]} == {2}
+        assert {p["adapters"] for p in sweep["adapter_points"]} == {8}

@@ -3,6 +3,7 @@ server runs replaced by fakes (the end-to-end run is in test_compare_smoke)."""
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ import pytest
 
 from eval import tune_stock
 from eval.arms import TUNED_STOCK_ARM, ServerFlags, arm_command
-from eval.runner import RunConfig
+from eval.runner import InfeasibleArm, RunConfig
 from eval.tune_stock import best, candidate_flags, parse_slots, slot_counts, tune
 
 
@@ -58,30 +59,60 @@ def test_arm_command_needs_flags_for_the_tuned_arm():
     assert cfg.own_flags("chameleon") == ("--chameleon",)
 
 
+def served(tmp_path, count: int, rank: int = 64):
+    """``count`` fake adapters sharing one directory with a peft config of ``rank``."""
+    d = tmp_path / "adapter"
+    d.mkdir(exist_ok=True)
+    config = {"r": rank, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    (d / "adapter_config.json").write_text(json.dumps(config))
+    return tuple(SimpleNamespace(path=d, name=f"a{i}") for i in range(count))
+
+
+def test_fitted_slot_flags_are_the_largest_rank_and_the_union_of_modules(tmp_path):
+    (a,) = served(tmp_path, 1, rank=16)
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "adapter_config.json").write_text(json.dumps({"r": 32, "target_modules": ["o_proj"]}))
+    flags = tune_stock.fitted_slot_flags([a.path, b])
+    modules = ("down_proj", "o_proj", "q_proj", "v_proj")
+    assert flags == ("--max-lora-rank", "32", "--lora-target-modules", *modules)
+    assert tune_stock.fitted_slot_flags([]) == ()
+    assert slot_counts(100, (8, "max", "all"), 40) == [8, 40, 100]
+    assert slot_counts(100, (8, "max"), 0) == [8]  # not even one slot fits: nothing to add
+
+
 def test_tune_sweeps_slots_then_drainer_then_overlap_and_records_failures(monkeypatch, tmp_path):
     """P99 TTFT falls with more slots up to 32; the drainer helps; overlap loading does not
-    start: the choice is 32 slots with the drainer, and every candidate is recorded."""
-    p99 = {8: 3.0, 16: 1.5, 32: 1.0, 64: 1.2, 100: 1.3}
+    start; above 40 slots the memory budget is exceeded: the choice is 32 slots with the
+    drainer, and every candidate is recorded, infeasible ones as such."""
+    p99 = {8: 3.0, 16: 1.5, 32: 1.0, 40: 1.1}
     seen = []
 
     def fake_run_arm(arm, repeat, workload, cfg, run_dir):
         assert arm == TUNED_STOCK_ARM
         flags = cfg.own_flags(arm)
         seen.append(flags)
+        if int(flags[1]) > 40:
+            raise InfeasibleArm(f"{flags[1]} slots leave too little KV")
         if "--enable-lora-overlap-loading" in flags:
             raise RuntimeError("server exited during start-up: needs CUDA")
         value = p99[int(flags[1])] * (0.8 if "--lora-drain-wait-threshold" in flags else 1.0)
         metrics = {k: 0.1 for k in tune_stock.METRIC_KEYS}
         metrics.update(ttft_p99=value, failed=0, completed=10)
-        return SimpleNamespace(metrics=metrics)
+        return SimpleNamespace(metrics=metrics, settings={"memory": {"kv_tokens": 1}})
 
     monkeypatch.setattr(tune_stock, "run_arm", fake_run_arm)
-    cfg = RunConfig(assets=None, adapters=tuple(range(100)), flags=ServerFlags())
+    monkeypatch.setattr(tune_stock, "max_slots", lambda cfg, own: 40)
+    cfg = RunConfig(assets=None, adapters=served(tmp_path, 100), flags=ServerFlags())
     result = tune([], cfg, tmp_path, log=lambda s: None)
-    assert [f[1] for f in seen] == ["8", "16", "32", "64", "100", "32", "50"]
-    assert seen[5] == candidate_flags(32, 1.0)
-    assert seen[6] == candidate_flags(50, 1.0, overlap=True)  # max loaded <= 2 x slots
-    assert result["flags"] == list(candidate_flags(32, 1.0))
+    fit = ("--max-lora-rank", "64", "--lora-target-modules", "down_proj", "q_proj", "v_proj")
+    assert [f[1] for f in seen] == ["8", "16", "32", "40", "64", "100", "32", "50"]
+    assert all(f[-len(fit) :] == fit for f in seen)
+    assert seen[6] == candidate_flags(32, 1.0, fit=fit)
+    assert seen[7] == candidate_flags(50, 1.0, overlap=True, fit=fit)  # max loaded <= 2 x slots
+    assert result["flags"] == list(candidate_flags(32, 1.0, fit=fit))
+    assert result["max_slots"] == 40 and result["memory_budget"] == "equal"
     assert sum(r["chosen"] for r in result["candidates"]) == 1
-    failed = result["candidates"][-1]
-    assert "needs CUDA" in failed["error"] and not failed["chosen"]
+    infeasible = [r for r in result["candidates"] if r.get("infeasible")]
+    assert [r["flags"][1] for r in infeasible] == ["64", "100", "50"]
+    assert not any(r["chosen"] for r in infeasible)
