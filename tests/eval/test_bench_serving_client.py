@@ -54,13 +54,8 @@ def test_records_are_read_in_seconds_and_ratios_are_candidate_over_reference():
     assert ratios["vs_reference"]["tpot_p99"] is None
 
 
-@pytest.mark.slow
-def test_compare_with_sglangs_bench_serving_end_to_end(tiny_assets, eval_server_pool, tmp_path):
-    """Each arm's server (memory-equal budget, gpu-like cost profile: calibrated on a stock
-    server, then every arm's adapter copies held to the derived host link) is driven by
-    ``python -m sglang.bench_serving``: every request completes, the table and ratios are
-    written."""
-    out = tmp_path / "bench"
+def compare(out, *options):
+    """``python -m eval.compare`` on the tiny preset with SGLang's client, 8 short requests."""
     cmd = [
         sys.executable,
         "-m",
@@ -69,8 +64,6 @@ def test_compare_with_sglangs_bench_serving_end_to_end(tiny_assets, eval_server_
         "tiny",
         "--client",
         "bench-serving",
-        "--arms",
-        "stock,chameleon",
         "--requests",
         "8",
         "--rps",
@@ -81,17 +74,23 @@ def test_compare_with_sglangs_bench_serving_end_to_end(tiny_assets, eval_server_
         "64",
         "--bench-output-len",
         "8",
-        "--profile",
-        "gpu-like",
         "--wait-quiet",
         "0",
         "--out",
         str(out),
         "--no-progress",
+        *options,
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((out / "bench_serving.json").read_text())
+    return json.loads((out / "bench_serving.json").read_text())
+
+
+@pytest.mark.slow
+def test_compare_with_sglangs_bench_serving_end_to_end(tiny_assets, eval_server_pool, tmp_path):
+    """Each arm's server (memory-equal budget) is driven by ``python -m sglang.bench_serving``:
+    every request completes, the table and ratios are written."""
+    summary = compare(tmp_path / "bench", "--arms", "stock,chameleon")
     assert set(summary["arms"]) == {"stock", "chameleon"}
     for arm, m in summary["arms"].items():
         assert m["completed"] == 8, arm
@@ -99,10 +98,19 @@ def test_compare_with_sglangs_bench_serving_end_to_end(tiny_assets, eval_server_
     assert summary["ratios"]["vs_reference"]["ttft_p99"] is not None
     stock_memory = summary["runs"]["stock"][0]["memory"]
     assert stock_memory["budget"] == "equal" and stock_memory["slot_bytes"] > 0
-    assert "| chameleon |" in (out / "bench_serving.md").read_text()
+    assert "| chameleon |" in (tmp_path / "bench" / "bench_serving.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_like_profile_calibrates_then_holds_every_arms_loads(
+    tiny_assets, eval_server_pool, tmp_path
+):
+    """``--profile gpu-like``: the unloaded TTFT is measured on a stock server, the host link
+    derived from it (a mean adapter load = 0.132 of it) is given to the arm, which serves."""
+    summary = compare(tmp_path / "gpu-like", "--arms", "chameleon", "--profile", "gpu-like")
+    assert summary["arms"]["chameleon"]["completed"] == 8
     profile = summary["meta"]["cost_profile"]
     assert profile["profile"] == "gpu-like" and profile["unloaded_ttft_s"] > 0
     assert profile["mean_load_s"] == pytest.approx(0.132 * profile["unloaded_ttft_s"], rel=1e-3)
     link = f"--chameleon-host-link-gbps={profile['host_link_gbps']:.6g}"
-    for arm in ("stock", "chameleon"):
-        assert link in summary["runs"][arm][0]["command"], arm
+    assert link in summary["runs"]["chameleon"][0]["command"]
