@@ -78,8 +78,8 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--tune-slots",
-        default="8,16,32,64,all",
-        help="--max-loras-per-batch values the tuning tries",
+        default="8,16,32,64,all,max",
+        help="--max-loras-per-batch values the tuning tries (max: the most the budget allows)",
     )
     g.add_argument(
         "--tune-drain-wait",
