@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Sequence
 from chameleon_sglang.dev.assets import AdapterInfo, Assets
 from eval.arms import ServerFlags, auto_dtype
 from eval.memory_budget import MEMORY_BUDGETS
+from eval.profiles import PROFILES
 from eval.runner import RunConfig
 from eval.trace import DEFAULT_TRACE, REPO_ROOT
 from eval.workload import WorkloadSpec
@@ -119,6 +120,17 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="extra sglang flag for every arm (repeatable; use --server-arg=--flag)",
+    )
+
+
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument_group("cost profile").add_argument(
+        "--profile",
+        choices=PROFILES,
+        default="cpu",
+        help="gpu-like: every arm's adapter copies held to a host link at which a mean adapter "
+        "load costs, next to an unloaded TTFT, what it costs on the paper's GPU (eval.profiles; "
+        "calibrated on a stock server first)",
     )
 
 

@@ -24,12 +24,14 @@ import json
 import shlex
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from chameleon_sglang.dev.assets import build
 from eval.arms import ARM_NAMES, TUNED_STOCK_ARM, parse_arms
 from eval.bench_serving_client import DISTRIBUTIONS, BenchSpec, report_lines, run_arms
 from eval.cli import (
+    add_profile_args,
     add_run_args,
     add_server_args,
     add_workload_args,
@@ -46,8 +48,8 @@ from eval.experiment import (
     write_outputs,
 )
 from eval.metrics import ARM_KEYS
-from eval.profiles import PROFILES, apply_gpu_like
-from eval.runner import infeasible_arms
+from eval.profiles import apply_gpu_like
+from eval.runner import RunConfig, infeasible_arms
 from eval.summary import pick_pair
 from eval.tune_stock import DEFAULT_DRAIN_WAIT_S, parse_slots, tune
 from eval.workload import (
@@ -90,14 +92,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-tune-overlap", action="store_true", help="do not try --enable-lora-overlap-loading"
     )
-    p.add_argument_group("cost profile").add_argument(
-        "--profile",
-        choices=PROFILES,
-        default="cpu",
-        help="gpu-like: every arm's adapter copies held to a host link at which a mean adapter "
-        "load costs, next to an unloaded TTFT, what it costs on the paper's GPU (eval.profiles; "
-        "calibrated on a stock server first)",
-    )
+    add_profile_args(p)
     g = p.add_argument_group("client")
     g.add_argument(
         "--client",
@@ -159,35 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save_workload(out / "workload.jsonl", workload)
     save_spec(out / SPEC_FILE, spec)
     cfg = run_config(args, assets, adapters)
-    cost_profile: Dict[str, Any] = {"profile": args.profile}
-    if args.profile == "gpu-like":
-        mean_input = round(sum(r.input_len for r in workload) / len(workload))
-        if args.client == "bench-serving":  # its prompts: uniform in [ratio * len, len]
-            mean_input = round(args.bench_input_len * (1 + args.bench_range_ratio) / 2)
-        cfg, cost_profile = apply_gpu_like(cfg, mean_input, out, adapters)
-        print(f"gpu-like cost profile: {cost_profile}", flush=True)
-    tuning: Optional[Dict[str, Any]] = None
-    if TUNED_STOCK_ARM in arms:
-        if args.stock_tuned_flags is not None:
-            tuned = tuple(shlex.split(args.stock_tuned_flags))
-        else:
-            print("tuning stock SGLang on this workload", flush=True)
-            tuning = tune(
-                workload,
-                cfg,
-                out,
-                parse_slots(args.tune_slots),
-                args.tune_drain_wait,
-                not args.no_tune_overlap,
-                log=lambda s: print(s, flush=True),
-            )
-            (out / "tune.json").write_text(json.dumps(tuning, indent=1) + "\n")
-            if tuning["flags"] is None:
-                print("no stock candidate started: stock-tuned dropped", file=sys.stderr)
-                arms = [a for a in arms if a != TUNED_STOCK_ARM]
-            tuned = tuple(tuning["flags"] or ())
-        cfg = dataclasses.replace(cfg, arm_flags={**cfg.arm_flags, TUNED_STOCK_ARM: tuned})
-        print(f"stock-tuned: {' '.join(tuned)}", flush=True)
+    cfg, cost_profile = _cost_profile(args, cfg, workload, out)
+    arms, cfg, tuning = _stock_tuned(args, arms, cfg, workload, out)
     infeasible = infeasible_arms(arms, cfg)
     for why in infeasible.values():
         print(f"not run, does not fit the memory budget: {why}", flush=True)
@@ -225,12 +193,58 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0 if all(o.metrics["completed"] > 0 for os_ in outcomes.values() for o in os_) else 1
 
 
+def _cost_profile(
+    args: argparse.Namespace, cfg: RunConfig, workload: Sequence[Any], out: Path
+) -> Tuple[RunConfig, Dict[str, Any]]:
+    """``cfg`` under ``--profile`` and the profile's record (``eval.profiles``)."""
+    if args.profile != "gpu-like":
+        return cfg, {"profile": args.profile}
+    mean_input = round(sum(r.input_len for r in workload) / len(workload))
+    if args.client == "bench-serving":  # its prompts: uniform in [ratio * len, len]
+        mean_input = round(args.bench_input_len * (1 + args.bench_range_ratio) / 2)
+    cfg, record = apply_gpu_like(cfg, mean_input, out, cfg.adapters)
+    print(f"gpu-like cost profile: {record}", flush=True)
+    return cfg, record
+
+
+def _stock_tuned(
+    args: argparse.Namespace, arms: List[str], cfg: RunConfig, workload: Sequence[Any], out: Path
+) -> Tuple[List[str], RunConfig, Optional[Dict[str, Any]]]:
+    """With ``stock-tuned`` among the arms: its flags given or tuned on the workload (written
+    to ``OUT/tune.json``); the arms (without it when no candidate started), the config with its
+    flags, the tuning record."""
+    if TUNED_STOCK_ARM not in arms:
+        return arms, cfg, None
+    tuning: Optional[Dict[str, Any]] = None
+    if args.stock_tuned_flags is not None:
+        tuned = tuple(shlex.split(args.stock_tuned_flags))
+    else:
+        print("tuning stock SGLang on this workload", flush=True)
+        tuning = tune(
+            workload,
+            cfg,
+            out,
+            parse_slots(args.tune_slots),
+            args.tune_drain_wait,
+            not args.no_tune_overlap,
+            log=lambda s: print(s, flush=True),
+        )
+        (out / "tune.json").write_text(json.dumps(tuning, indent=1) + "\n")
+        if tuning["flags"] is None:
+            print("no stock candidate started: stock-tuned dropped", file=sys.stderr)
+            arms = [a for a in arms if a != TUNED_STOCK_ARM]
+        tuned = tuple(tuning["flags"] or ())
+    cfg = dataclasses.replace(cfg, arm_flags={**cfg.arm_flags, TUNED_STOCK_ARM: tuned})
+    print(f"stock-tuned: {' '.join(tuned)}", flush=True)
+    return arms, cfg, tuning
+
+
 def _bench_serving(
     args: argparse.Namespace,
     arms: Sequence[str],
     repeats: int,
-    cfg: Any,
-    out: Any,
+    cfg: RunConfig,
+    out: Path,
     meta: Dict[str, Any],
 ) -> int:
     """The comparison with SGLang's own client (``eval.bench_serving_client``)."""

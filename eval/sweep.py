@@ -36,6 +36,7 @@ import numpy as np
 from chameleon_sglang.dev.assets import Assets, build
 from eval.arms import parse_arms
 from eval.cli import (
+    add_profile_args,
     add_run_args,
     add_server_args,
     add_workload_args,
@@ -45,6 +46,7 @@ from eval.cli import (
     spec_from_args,
 )
 from eval.experiment import select_adapters
+from eval.profiles import apply_gpu_like
 from eval.runner import ArmServer, RunConfig, RunOutcome, arm_server, measure, warm
 from eval.summary import machine_info
 from eval.sweep_report import write_sweep_outputs
@@ -64,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.sweep", description=__doc__.split("\n\n")[0])
     add_workload_args(p)
     add_server_args(p)
+    add_profile_args(p)
     add_run_args(p)
     g = p.add_argument_group("sweep")
     g.add_argument(
@@ -294,6 +297,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log(f"output: {out}")
     assets = build(args.preset)
     cfg = run_config(args, assets, select_adapters(assets, args.adapters))
+    cost_profile: Dict[str, Any] = {"profile": args.profile}
+    if args.profile == "gpu-like":
+        probe = _workload(args, assets, cfg.adapters, args.probe_rps, 0, n)
+        mean_input = round(sum(r.input_len for r in probe) / max(1, len(probe)))
+        cfg, cost_profile = apply_gpu_like(cfg, mean_input, out, cfg.adapters)
+        log(f"gpu-like cost profile: {cost_profile}")
     state = SweepState(capacity_rps=args.capacity_rps, slo_ttft_s=args.slo_ttft)
     if not args.no_load_sweep:
         t = time.perf_counter()
@@ -315,6 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "adapter_counts": counts,
         "machine": machine_info(),
         "preset": args.preset,
+        "memory_budget": cfg.flags.memory_budget,
+        "cost_profile": cost_profile,
         "command_line": "python -m eval.sweep " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     result = {**meta, **dataclasses.asdict(state)}
