@@ -11,10 +11,10 @@ the KV pool is fixed by ``--max-total-tokens``, so the slots would cost stock no
 
 and an arm that keeps adapters in KV memory gets the whole budget. ``KV bytes + slot bytes`` is
 then the same for every arm. An arm whose remainder cannot hold the workload's longest request is
-*infeasible*: recorded, never run. Shapes are SGLang's own at the pin
-(``sglang.srt.lora.utils.get_default_hidden_dim`` / ``get_stacked_multiply``, the functions its
-``LoRAMemoryPool`` sizes buffers with for models that define no ``get_hidden_dim``, Llama among
-them); tensor parallelism 1, dense models (what the evaluation serves).
+*infeasible*: recorded, never run. Slot bytes are those of SGLang's own ``LoRAMemoryPool``
+at the pin, built on the ``meta`` device (:func:`slot_bytes`); target modules and rank are read
+from the launch command as SGLang reads them. Tensor parallelism 1, dense models (what the
+evaluation serves).
 """
 
 from __future__ import annotations
