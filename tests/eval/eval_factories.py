@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from chameleon_sglang.dev.assets import ADAPTER_RANKS, AdapterInfo, adapter_name
 from eval.loadgen import STATUS_OK, RequestResult
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_eval_tool(module: str, *args: str, timeout: float = 900) -> None:
+    """``python -m <module> <args>`` from the repository root, as a user runs it; fails the test
+    with the end of its output unless it exits 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def make_adapters(n: int = 100) -> List[AdapterInfo]:

@@ -5,15 +5,12 @@ the tiny preset, ``python -m sglang.bench_serving`` driving real servers."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from eval_factories import run_eval_tool
 
 from eval.bench_serving_client import BenchSpec, bench_command, bench_metrics, summarize
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_command_sends_random_ids_with_every_adapter_at_the_rate():
@@ -56,9 +53,7 @@ def test_records_are_read_in_seconds_and_ratios_are_candidate_over_reference():
 
 def compare(out, *options):
     """``python -m eval.compare`` on the tiny preset with SGLang's client, 8 short requests."""
-    cmd = [
-        sys.executable,
-        "-m",
+    run_eval_tool(
         "eval.compare",
         "--preset",
         "tiny",
@@ -80,9 +75,7 @@ def compare(out, *options):
         str(out),
         "--no-progress",
         *options,
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
     return json.loads((out / "bench_serving.json").read_text())
 
 

@@ -5,18 +5,16 @@ smoke tests through ``eval.server_pool``)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from eval_factories import run_eval_tool
 
 from eval.experiment import PNG_FILES
 from eval.summary import validate_summary
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 ARMS = ("stock", "stock-tuned", "chameleon")
 
 
@@ -26,9 +24,7 @@ def tuned_comparison(tiny_assets, eval_server_pool, tmp_path_factory) -> Path:
     adapters, then with the drainer (overlap loading, tried next in a full tuning, is left to the
     unit tests), picks one, and the comparison runs every arm once."""
     out = tmp_path_factory.mktemp("compare") / "tuned"
-    cmd = [
-        sys.executable,
-        "-m",
+    run_eval_tool(
         "eval.compare",
         "--preset",
         "tiny",
@@ -50,9 +46,8 @@ def tuned_comparison(tiny_assets, eval_server_pool, tmp_path_factory) -> Path:
         "--out",
         str(out),
         "--no-progress",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        timeout=1500,
+    )
     return out
 
 

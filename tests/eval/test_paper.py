@@ -5,15 +5,11 @@ shared with the other eval smoke tests where their launch commands are identical
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from eval_factories import run_eval_tool
 
 from eval import paper
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def arms(**p99):
@@ -70,32 +66,23 @@ def test_outputs_and_not_built_experiments(tmp_path, capsys):
 @pytest.mark.slow
 def test_queues_experiment_quick_end_to_end(tiny_assets, eval_server_pool, tmp_path):
     out = tmp_path / "queues"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eval.paper",
-            "queues",
-            "--quick",
-            "--out",
-            str(out),
-            "--",
-            "--preset",
-            "tiny",
-            "--requests",
-            "12",
-            "--rps",
-            "3",
-            "--wait-quiet",
-            "0",
-            "--no-progress",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    run_eval_tool(
+        "eval.paper",
+        "queues",
+        "--quick",
+        "--out",
+        str(out),
+        "--",
+        "--preset",
+        "tiny",
+        "--requests",
+        "12",
+        "--rps",
+        "3",
+        "--wait-quiet",
+        "0",
+        "--no-progress",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((out / "paper.json").read_text())
     assert record["rows"][0]["ours"] is not None
     assert (out / "summary.json").exists() and (out / "paper.png").exists()
@@ -147,25 +134,9 @@ def test_each_experiment_runs_quick_end_to_end(tiny_assets, eval_server_pool, tm
     point need meet an SLO it never measured)."""
     extra, measured = QUICK_RUNS[experiment]
     out = tmp_path / experiment
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eval.paper",
-            experiment,
-            "--quick",
-            "--out",
-            str(out),
-            "--",
-            *TINY,
-            *extra,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    run_eval_tool(
+        "eval.paper", experiment, "--quick", "--out", str(out), "--", *TINY, *extra, timeout=1200
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["claim"]: r["ours"] for r in json.loads((out / "paper.json").read_text())["rows"]}
     assert rows, "no rows"
     for claim in measured:
