@@ -255,22 +255,23 @@ def group_rss_kb(pid: int) -> int:
     return total
 
 
-def probe(url: str, adapter: str) -> List[int]:
+def probe(url: str, adapter: str, headers: Optional[Dict[str, str]] = None) -> List[int]:
     body = {
         "input_ids": PROBE_IDS,
         "lora_path": adapter,
         "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True},
     }
-    resp = requests.post(url + "/generate", json=body, timeout=300)
+    resp = requests.post(url + "/generate", json=body, headers=headers, timeout=300)
     resp.raise_for_status()
     return resp.json()["output_ids"]
 
 
-def settle(url: str, timeout_s: float) -> Dict[str, Any]:
+def settle(url: str, timeout_s: float, headers: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Wait until nothing runs or waits (quota usage and references zero); the last stats."""
     deadline = time.monotonic() + timeout_s
     while True:
-        rank = requests.get(url + "/chameleon/stats", timeout=60).json()["ranks"][0]
+        stats = requests.get(url + "/chameleon/stats", headers=headers, timeout=60)
+        rank = stats.json()["ranks"][0]
         sched, cache = rank.get("scheduler") or {}, rank.get("adapter_cache") or {}
         quiet = (
             not any(sched.get("usage", []))

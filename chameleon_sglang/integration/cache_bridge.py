@@ -21,7 +21,7 @@ Under ``--chameleon`` (cache on) :class:`CacheBridge` replaces SGLang's per-batc
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from chameleon_sglang.cache.arrival_histogram import ArrivalHistogram
 from chameleon_sglang.clock import SchedulerClock
@@ -79,6 +79,13 @@ class CacheBridge:
 
     def free_slots_for(self, num_slots: int) -> None:
         self.cache.shrink_to_free(num_slots, self.clock.last, self._queued_adapters())
+
+    def held_slots(self) -> List[int]:
+        return [
+            slot
+            for name in self.cache.resident_ids()
+            for slot in self.cache.lookup(name).handle.slots()
+        ]
 
     # -- admission ------------------------------------------------------------------------
     def begin_pass(self, adder: Any) -> None:

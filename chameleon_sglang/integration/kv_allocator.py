@@ -21,8 +21,9 @@ until :func:`make_cache_aware` binds the cache to it, it behaves exactly as SGLa
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, List, Optional, Protocol
 
+import torch
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
 from chameleon_sglang.memory.kv_store import free_slot_count
@@ -37,6 +38,10 @@ class BorrowedSlots(Protocol):
 
     def free_slots_for(self, num_slots: int) -> None:
         """Evict idle adapters until the allocator has ``num_slots`` free (best effort)."""
+        ...
+
+    def held_slots(self) -> List[int]:
+        """Every slot index cached adapters hold (idle or in use)."""
         ...
 
 
@@ -64,6 +69,19 @@ class CacheAwareTokenAllocator(TokenToKVPoolAllocator):
 
             tree_cache.evict_for_alloc(EvictParams(num_tokens=shortfall))
         return None
+
+    def clear(self) -> None:
+        """SGLang's reset of the whole pool (``/flush_cache``, when no request runs) frees every
+        slot; once bound, the slots cached adapters hold stay out of the free list (their
+        weights live there; handing them out as KV would overwrite them, and freeing them
+        again on eviction would count them twice)."""
+        super().clear()
+        if self.chameleon_slots is None:
+            return
+        held = self.chameleon_slots.held_slots()
+        if held:
+            held_t = torch.tensor(held, dtype=self.free_pages.dtype, device=self.free_pages.device)
+            self.free_pages = self.free_pages[~torch.isin(self.free_pages, held_t)]
 
     def alloc(self, need_size: int) -> Any:
         if self.chameleon_slots is not None:

@@ -100,6 +100,9 @@ class CacheSlots:
         self.calls.append(num_slots)
         self.cache.shrink_to_free(num_slots, self.now)
 
+    def held_slots(self) -> list:
+        return sorted(held_slots(self.cache))
+
 
 def make_kv_cache(size: int, policy: str = "lru", need_sort: bool = False):
     allocator = make_allocator(size, need_sort)
@@ -598,6 +601,42 @@ def test_alloc_beyond_free_slots_evicts_idle_adapters_only_as_needed(need_sort):
     assert cache.lookup("busy").refcount == 1
     assert not set(got.tolist()) & (held_slots(cache) | set(kv.tolist()))
     assert cache.stats()["evictions_by_reason"]["kv_pressure"] == 1
+
+
+@NEED_SORT
+def test_clear_keeps_cached_adapters_slots_out_of_the_free_list(need_sort):
+    """SGLang's pool reset (/flush_cache) frees every slot but the cached adapters' (idle or in
+    use): nothing is handed out twice, and evicting the adapters afterwards returns each of
+    their slots exactly once (found by API fuzzing: a flush under --chameleon counted adapter
+    slots twice and SGLang's idle leak check stopped the server)."""
+    size = 48
+    allocator, store, cache = make_kv_cache(size, need_sort=need_sort)
+    make_cache_aware(allocator, CacheSlots(cache))
+    load(cache, "idle", 6, now=0.0)
+    load(cache, "busy", 5, now=1.0, in_use=True)
+    allocator.alloc(10)
+    allocator.clear()
+    held = held_slots(cache)
+    assert len(held) == 11
+    free = free_list(allocator)
+    assert len(free) == len(set(free)) == size - 11 and not set(free) & held
+    assert allocator.available_size() == size - 5  # the idle adapter is reclaimable
+    got = allocator.alloc(size - 5)
+    assert got is not None and not set(got.tolist()) & held_slots(cache)
+    assert cache.resident_ids() == ["busy"]
+    allocator.free(got)
+    cache.release("busy", now=2.0)
+    cache.shrink_to_free(size, now=3.0)
+    free = free_list(allocator)
+    assert sorted(free) == list(range(1, size + 1))
+
+
+def test_clear_of_an_unbound_allocator_is_sglangs():
+    ours, stock = make_allocator(16), TokenToKVPoolAllocator(16, torch.float32, "cpu", None, False)
+    for allocator in (ours, stock):
+        allocator.alloc(5)
+        allocator.clear()
+    assert free_list(ours) == free_list(stock)
 
 
 def _prefix_cache_holding(allocator, num_tokens: int, first_token: int = 0):
