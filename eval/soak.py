@@ -1,7 +1,7 @@
 """Overload soak: does a ``--chameleon`` server lose anything when driven past its capacity?
 
 ``python -m eval.soak [--preset eval] [--dtype auto] [--overload 2] [--duration 600]
-[--warmup 600] [--hangup 0.1] [--reload-every 20] [--out DIR]``
+[--warmup 600] [--hangup 0.1] [--reload-every 20] [--faults] [--out DIR]``
 
 1. starts one ``--chameleon`` server (integrity checks on) and takes a probe: a greedy request's
    output before any load;
@@ -15,11 +15,14 @@
    ``--hangup`` of clients stream and hang up after the first tokens; every ``--reload-every``
    seconds an adapter is unloaded and loaded again under the traffic: one of the spare
    adapters no request names (default), or with ``--reload-in-use`` one the requests use;
+   ``--faults`` adds :mod:`eval.soak_faults` (its own adapter directory changed on disk under
+   the traffic, admin unload/load storms, hang-ups at random points, 10x bursts);
 5. waits for the backlog to drain, then asserts: every request either completed with all its
    tokens or received an explicit error (HTTP error with a message, an error in the stream);
    none was lost (no response, a broken stream, a timeout); the invariant checker finds nothing;
    quota usage and adapter references are back to zero; the probe's greedy output is
-   unchanged; the server's memory (RSS of its process group) grew by less than 5%.
+   unchanged; the server's memory (RSS of its process group) grew by less than 5%; with
+   faults, no request for a bad adapter of the directory completed.
 
 Prints a verdict and writes ``soak.json``; exit status 0 only when every check holds.
 """
@@ -44,6 +47,15 @@ from chameleon_sglang.dev.assets import Assets, build
 from chameleon_sglang.dev.serve import ServerProcess, free_port, server_command
 from chameleon_sglang.integration import integrity
 from eval.arms import auto_dtype
+from eval.soak_faults import (
+    AdapterDirectory,
+    FaultPlan,
+    admin_storms,
+    burst_windows,
+    describe,
+    disk_faults,
+    rate_at,
+)
 from eval.summary import cpu_flags
 
 PROBE_IDS = [3, 14, 15, 92, 65, 35, 89, 79]
@@ -90,9 +102,11 @@ async def one_request(
     url: str,
     index: int,
     spec: Dict[str, Any],
-    hang_up: bool,
+    hang_up_after: Optional[int],
     timeout_s: float,
 ) -> Outcome:
+    """One streamed request; the client leaves after ``hang_up_after`` tokens (0: as soon as
+    the response headers arrive) unless that is None."""
     body = {
         "input_ids": spec["input_ids"],
         "lora_path": spec["adapter"],
@@ -115,6 +129,8 @@ async def one_request(
             if resp.status != 200:
                 text = (await resp.text())[:200]
                 return done("error" if text.strip() else "lost", f"HTTP {resp.status} {text}")
+            if hang_up_after == 0:
+                return done("hung_up")
             tokens = 0
             async for raw in resp.content:
                 line = raw.decode(errors="replace").strip()
@@ -127,7 +143,7 @@ async def one_request(
                 if "error" in chunk:
                     return done("error", str(chunk["error"])[:200])
                 tokens = len(chunk.get("output_ids") or []) or tokens + 1
-                if hang_up and tokens >= 2:
+                if hang_up_after is not None and tokens >= hang_up_after:
                     return done("hung_up")
             if tokens >= spec["max_new_tokens"]:
                 return done("completed")
@@ -150,7 +166,7 @@ async def closed_loop(
             nonlocal completed
             i = c
             while time.perf_counter() < deadline:
-                out = await one_request(session, url, i, mix[i % len(mix)], False, 300)
+                out = await one_request(session, url, i, mix[i % len(mix)], None, 300)
                 completed += out.kind == "completed"
                 i += clients
 
@@ -193,49 +209,83 @@ async def reloader(
             log.append(entry)
 
 
+@dataclasses.dataclass
+class LoadPlan:
+    """One open-loop phase: Poisson arrivals at ``rps`` for ``duration_s``, and what goes on
+    beside them (hang-ups, reloads, and with ``faults`` the faults of :mod:`eval.soak_faults`)."""
+
+    rps: float
+    duration_s: float
+    hangup: float
+    reload_every_s: float
+    seed: int
+    timeout_s: float
+    reload_in_use: bool
+    faults: Optional[FaultPlan] = None
+    directory: Optional[AdapterDirectory] = None
+
+
+def _adapter_of(spec: Dict[str, Any], plan: LoadPlan, rng: random.Random) -> Dict[str, Any]:
+    """The request as sent: with faults, a share names an adapter of the soak's directory."""
+    directory = plan.directory
+    if plan.faults is None or directory is None or rng.random() >= plan.faults.catalog_share:
+        return spec
+    names = directory.names()
+    return dict(spec, adapter=rng.choice(names)) if names else spec
+
+
+def _hang_up_point(spec: Dict[str, Any], plan: LoadPlan, rng: random.Random) -> Optional[int]:
+    if rng.random() >= plan.hangup:
+        return None
+    return rng.randint(0, spec["max_new_tokens"] - 1) if plan.faults else 2
+
+
 async def open_loop(
-    url: str,
-    assets: Assets,
-    mix: Sequence[Dict[str, Any]],
-    rps: float,
-    duration_s: float,
-    hangup: float,
-    reload_every_s: float,
-    seed: int,
-    timeout_s: float,
-    reload_in_use: bool,
+    url: str, assets: Assets, mix: Sequence[Dict[str, Any]], plan: LoadPlan
 ) -> Dict[str, Any]:
-    rng = random.Random(seed + 1)
+    rng = random.Random(plan.seed + 1)
     tasks: List[asyncio.Task] = []
     reloads: List[Dict[str, Any]] = []
     stop = asyncio.Event()
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        reload_task = (
-            asyncio.create_task(reloader(url, assets, reload_every_s, stop, reloads, reload_in_use))
-            if reload_every_s > 0
-            else None
+    side: List[Any] = []
+    if plan.reload_every_s > 0 and plan.faults is None:  # storms reload the spares instead
+        side.append(reloader(url, assets, plan.reload_every_s, stop, reloads, plan.reload_in_use))
+    windows: List[tuple] = []
+    if plan.faults is not None:
+        windows = burst_windows(plan.duration_s, plan.faults)
+        spares = assets.adapters[-SPARE_ADAPTERS:]
+        side.append(
+            admin_storms(
+                url, spares, plan.faults.storm_every_s, plan.faults.storm_rounds, stop, reloads
+            )
         )
+        if plan.directory is not None:
+            side.append(disk_faults(plan.directory, plan.faults.every_s, stop))
+    connector = aiohttp.TCPConnector(limit=0)
+    sent: List[Dict[str, Any]] = []
+    async with aiohttp.ClientSession(connector=connector) as session:
+        side_tasks = [asyncio.create_task(c) for c in side]
         started = time.perf_counter()
         t, i = 0.0, 0
-        while t < duration_s:
+        factor = plan.faults.burst_factor if plan.faults else 1.0
+        while t < plan.duration_s:
             delay = started + t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            spec = _adapter_of(mix[i % len(mix)], plan, rng)
+            sent.append(spec)
+            hang_up_after = _hang_up_point(spec, plan, rng)
             tasks.append(
                 asyncio.create_task(
-                    one_request(
-                        session, url, i, mix[i % len(mix)], rng.random() < hangup, timeout_s
-                    )
+                    one_request(session, url, i, spec, hang_up_after, plan.timeout_s)
                 )
             )
             i += 1
-            t += rng.expovariate(rps)
+            t += rng.expovariate(rate_at(t, plan.rps, windows, factor))
         stop.set()
-        if reload_task is not None:
-            await reload_task
+        await asyncio.gather(*side_tasks)
         outcomes = await asyncio.gather(*tasks)
-        drained_s = time.perf_counter() - started - duration_s
+        drained_s = time.perf_counter() - started - plan.duration_s
     return {"outcomes": outcomes, "reloads": reloads, "drain_s": drained_s}
 
 
@@ -316,6 +366,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="reload adapters the requests use (see the README: SGLang's "
         "unload waits for them and its registry races with reloads)",
     )
+    parser.add_argument(
+        "--faults",
+        action="store_true",
+        help="play eval.soak_faults' faults: disk (chameleon: its own adapter directory), "
+        "admin storms (instead of --reload-every), hang-ups at random points, bursts",
+    )
+    parser.add_argument("--fault-every", type=float, default=10.0)
+    parser.add_argument("--storm-every", type=float, default=30.0)
+    parser.add_argument("--bursts", type=int, default=2)
+    parser.add_argument("--burst-seconds", type=float, default=10.0)
     parser.add_argument("--max-input", type=int, default=256)
     parser.add_argument("--max-output", type=int, default=48)
     parser.add_argument("--request-timeout", type=float, default=1800.0)
@@ -330,7 +390,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ[integrity.ENV_FLAG] = "1"
     port = free_port()
     chameleon = args.arm == "chameleon"
-    cmd = server_command(assets, port, chameleon=chameleon, dtype=dtype)
+    faults = (
+        FaultPlan(
+            every_s=args.fault_every,
+            storm_every_s=args.storm_every,
+            bursts=args.bursts,
+            burst_seconds=args.burst_seconds,
+        )
+        if args.faults
+        else None
+    )
+    directory = None
+    extra: List[str] = []
+    if faults is not None and chameleon:
+        sources = [Path(a.path) for a in assets.adapters[:-SPARE_ADAPTERS]]
+        directory = AdapterDirectory(out_dir / "adapter-dir", sources, args.seed)
+        extra = ["--chameleon-adapter-dir", str(directory.root)]
+    cmd = server_command(assets, port, chameleon=chameleon, dtype=dtype, extra_args=extra)
+
+    def plan(duration_s: float, seed: int) -> LoadPlan:
+        return LoadPlan(
+            rps=rate,
+            duration_s=duration_s,
+            hangup=args.hangup,
+            reload_every_s=args.reload_every,
+            seed=seed,
+            timeout_s=args.request_timeout,
+            reload_in_use=args.reload_in_use,
+            faults=faults,
+            directory=directory,
+        )
+
     report: Dict[str, Any] = {
         "arm": args.arm,
         "preset": args.preset,
@@ -356,40 +446,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"capacity {capacity:.2f} req/s; warm-up at {rate:.2f} req/s for {warmup:.0f} s",
                 flush=True,
             )
-            warm = asyncio.run(
-                open_loop(
-                    url,
-                    assets,
-                    mix,
-                    rate,
-                    warmup,
-                    args.hangup,
-                    args.reload_every,
-                    args.seed + 7,
-                    args.request_timeout,
-                    args.reload_in_use,
-                )
-            )
+            warm = asyncio.run(open_loop(url, assets, mix, plan(warmup, args.seed + 7)))
             settle(url, timeout_s=300)
         rss_before = group_rss_kb(server.proc.pid)
         print(
             f"capacity {capacity:.2f} req/s; soak at {rate:.2f} req/s for {args.duration:.0f} s",
             flush=True,
         )
-        run = asyncio.run(
-            open_loop(
-                url,
-                assets,
-                mix,
-                rate,
-                args.duration,
-                args.hangup,
-                args.reload_every,
-                args.seed,
-                args.request_timeout,
-                args.reload_in_use,
-            )
-        )
+        run = asyncio.run(open_loop(url, assets, mix, plan(args.duration, args.seed)))
         final = settle(url, timeout_s=300)
         after_probe = probe(url, probe_adapter)
         rss_after = group_rss_kb(server.proc.pid)
@@ -403,6 +467,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "rss_growth_below_5pct": rss_after <= rss_before * (1 + RSS_GROWTH_LIMIT),
         "reloads_succeeded": all(r.get("unload") and r.get("load") for r in reloads),
     }
+    if directory is not None:
+        served_bad = [o for o in outcomes if directory.is_bad(o.adapter) and o.kind == "completed"]
+        checks["bad_adapters_never_served"] = not served_bad
     if chameleon:
         checks.update(
             integrity=final.get("integrity", ["not reported"]) == [],
@@ -429,6 +496,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         errors=[dataclasses.asdict(o) for o in outcomes if o.kind == "error"][:20],
         checks=checks,
         passed=all(checks.values()),
+        faults=describe(directory, faults) if faults else None,
     )
     (out_dir / "soak.json").write_text(json.dumps(report, indent=1, default=str))
     print(

@@ -35,6 +35,7 @@ LORA_MANAGER = "sglang.srt.lora.lora_manager.LoRAManager"
 LORA_POOL = "sglang.srt.lora.mem_pool.LoRAMemoryPool"
 TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 IDLE_SLEEPER = "sglang.srt.managers.scheduler_components.idle_sleeper.IdleSleeper"
+SAMPLING_PARAMS_VERIFY = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
 
 RESOLUTION_HOOKS: List[Tuple[str, Callable[[Any, Callable[[Any], None]], None]]] = [
     ("handle_missing_default_values", catalog.catalog_defaults),
@@ -104,6 +105,7 @@ HOOKS: List[Tuple[str, Callable[..., Any], str]] = [
     (f"{TOKENIZER_MANAGER}.load_lora_adapter", host_tier.bound_host_memory, AROUND),
     (f"{TOKENIZER_MANAGER}.unload_lora_adapter", host_tier.forget_unloaded, AROUND),
     (f"{TOKENIZER_MANAGER}._validate_one_request", requests.refuse_token_ids_outside_vocab, BEFORE),
+    (SAMPLING_PARAMS_VERIFY, requests.refuse_sampling_values_sglang_overflows, BEFORE),
     ("sglang.srt.entrypoints.http_server.launch_server", http.serve_http, AROUND),
     # CPU ranks
     (f"{cpu.BOOTSTRAP_MODULE}._init_cpu_threads_env", cpu.bind_cpu_rank_threads, AROUND),

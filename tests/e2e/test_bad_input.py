@@ -192,6 +192,36 @@ def test_token_id_outside_the_vocabulary_is_refused(server, tiny_assets, bad_id,
     assert_still_serving(server.url)
 
 
+@pytest.mark.parametrize("api", ["native", "openai"])
+def test_top_k_beyond_int32_is_refused(server, tiny_assets, api):
+    """top_k = 2**31 passes SGLang's own check and then overflows the scheduler's int32 batch
+    tensor, which stops the whole server (found by API fuzzing, stock and chameleon alike):
+    HTTP 400 naming top_k instead, and the server serves on."""
+    if api == "native":
+        url, body = (
+            "/generate",
+            {
+                "input_ids": PROMPT,
+                "sampling_params": {"max_new_tokens": 4, "top_k": 2**31},
+                "lora_path": "a000r8",
+            },
+        )
+    else:
+        url, body = (
+            "/v1/completions",
+            {
+                "model": f"{served_model_name(tiny_assets)}:a000r8",
+                "prompt": PROMPT,
+                "max_tokens": 4,
+                "top_k": 2**31,
+            },
+        )
+    resp = requests.post(server.url + url, timeout=60, json=body)
+    assert resp.status_code == 400, resp.text
+    assert "top_k" in resp.text and str(2**31 - 1) in resp.text
+    assert_still_serving(server.url)
+
+
 def _vocab_of(assets: Assets) -> int:
     import json
 

@@ -59,6 +59,7 @@ PINNED = {
     "sglang.srt.managers.data_parallel_controller.DataParallelController.event_loop": "self",
     "sglang.srt.managers.data_parallel_controller.DataParallelController.maybe_external_dp_rank_routing": "self req",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request": "self obj input_ids",
+    "sglang.srt.sampling.sampling_params.SamplingParams.verify": "self vocab_size",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._resolve_lora_path": "self obj",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.load_lora_adapter": "self obj _",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.unload_lora_adapter": "self obj _",

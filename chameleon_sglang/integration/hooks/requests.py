@@ -6,6 +6,11 @@
   a CPU it serves garbage with 200, on a GPU the out-of-range index is a device-side assert that
   kills the server. Installed with and without ``--chameleon`` (a fix for invalid input only;
   valid requests are untouched).
+- :func:`refuse_sampling_values_sglang_overflows`: a ``top_k`` above 2**31 - 1 passes SGLang's
+  own check, then overflows the int32 tensor the scheduler builds for the batch; that
+  ``RuntimeError`` stops the scheduler and the whole server (found by API fuzzing, stock and
+  ``--chameleon`` alike). Refused with a ``ValueError`` (HTTP 400) where SGLang verifies the
+  sampling parameters. Installed with and without ``--chameleon``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,23 @@ def out_of_vocab_message(input_ids: Optional[Sequence[int]], vocab_size: int) ->
         return None
     bad = lo if lo < 0 else hi
     return f"input_ids holds token id {bad}, outside the model's vocabulary [0, {vocab_size})"
+
+
+INT32_MAX = 2**31 - 1
+
+
+def sampling_overflow_message(top_k: Any) -> Optional[str]:
+    """Why ``top_k`` would overflow the scheduler's int32 batch tensor (None: it would not)."""
+    if isinstance(top_k, int) and top_k > INT32_MAX:
+        return f"top_k must be -1 (the whole vocabulary) or in [1, {INT32_MAX}], got {top_k}."
+    return None
+
+
+def refuse_sampling_values_sglang_overflows(params: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE hook of ``SamplingParams.verify`` (module docstring)."""
+    message = sampling_overflow_message(getattr(params, "top_k", None))
+    if message is not None:
+        raise ValueError(message)
 
 
 def refuse_token_ids_outside_vocab(

@@ -1,0 +1,138 @@
+"""Hostile input over the whole API, and who may call what: a stock and a ``--chameleon`` server,
+both with ``--api-key`` and ``--admin-api-key``, receive the same fuzzed requests
+(:mod:`eval.fuzz`, a fixed budget here; ``python -m eval.fuzz`` runs a larger one), and every
+endpoint we add follows SGLang's key rules."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import pytest
+import requests
+from conftest import start_servers, stop_server
+
+from chameleon_sglang.dev.assets import Assets
+from chameleon_sglang.dev.serve import ServerProcess
+from eval.fuzz import ADMIN_KEY, USER_KEY, Target, launch_args, run
+
+pytestmark = pytest.mark.slow
+
+CATALOG_ONLY = "catalog-only"
+"""An adapter in the chameleon server's directory that no launch line registers."""
+
+
+@pytest.fixture(scope="module")
+def catalog_dir(tiny_assets: Assets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fuzz-catalog")
+    shutil.copytree(tiny_assets.adapters[1].path, out / CATALOG_ONLY)
+    return out
+
+
+@pytest.fixture(scope="module")
+def arms(
+    tiny_assets: Assets, catalog_dir: Path, tmp_path_factory
+) -> Iterator[Dict[str, ServerProcess]]:
+    logs = tmp_path_factory.mktemp("fuzz-logs")
+    specs = [
+        dict(
+            assets=tiny_assets,
+            log_dir=logs,
+            name=arm,
+            chameleon=arm == "chameleon",
+            extra_args=launch_args(arm, catalog_dir),
+        )
+        for arm in ("stock", "chameleon")
+    ]
+    servers = start_servers(specs)
+    try:
+        yield dict(zip(("stock", "chameleon"), servers))
+    finally:
+        for server in servers:
+            stop_server(server)
+
+
+def target(name: str, server: ServerProcess) -> Target:
+    return Target(name, server.url, name == "chameleon", lambda: server.proc.poll() is None)
+
+
+def test_fuzzed_requests_never_break_chameleon_where_stock_holds(arms, tiny_assets):
+    """Schema-generated and near-valid requests, alike to both servers: chameleon fails (5xx,
+    no answer) only where stock does, and afterwards both serve the probe unchanged and
+    chameleon's invariants, quotas and references are clean."""
+    report = run(
+        target("stock", arms["stock"]),
+        target("chameleon", arms["chameleon"]),
+        tiny_assets,
+        schema_examples=6,
+        near_valid=150,
+        seed=1,
+    )
+    assert report["num_chameleon_only_failures"] == 0, report["chameleon_only_failures"]
+    assert report["checks"]["chameleon"] == {
+        "alive": True,
+        "probe_unchanged": True,
+        "integrity_clean": True,
+        "quota_usage_zero": True,
+        "references_zero": True,
+    }
+    assert report["checks"]["stock"] == {"alive": True, "probe_unchanged": True}
+    counts = report["counts"]["chameleon"]
+    # the fuzz reached generation as well as validation
+    assert counts.get("2xx", 0) >= 20 and counts.get("4xx", 0) >= 20, counts
+    assert report["passed"]
+
+
+def status(url: str, method: str, path: str, key: Optional[str], **kwargs) -> int:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.request(method, url + path, headers=headers, timeout=120, **kwargs).status_code
+
+
+KEYS: List[Optional[str]] = [None, USER_KEY, ADMIN_KEY, "wrong"]
+
+
+@pytest.mark.parametrize("arm", ["stock", "chameleon"])
+def test_stats_endpoint_takes_the_keys_server_info_takes(arms, arm):
+    """/chameleon/stats is a read-only status page: each credential gets what it gets from
+    SGLang's /server_info (the user key only, when --api-key is set)."""
+    url = arms[arm].url
+    ours = [status(url, "GET", "/chameleon/stats", key) for key in KEYS]
+    sglang = [status(url, "GET", "/server_info", key) for key in KEYS]
+    assert ours == sglang == [401, 200, 401, 401]
+
+
+@pytest.mark.parametrize("arm", ["stock", "chameleon"])
+def test_adapter_loads_take_the_admin_key_only(arms, tiny_assets, arm):
+    url = arms[arm].url
+    body = {"lora_name": "auth-extra", "lora_path": str(tiny_assets.adapters[2].path)}
+    for key in (None, USER_KEY, "wrong"):
+        assert status(url, "POST", "/load_lora_adapter", key, json=body) == 401
+    assert status(url, "POST", "/load_lora_adapter", ADMIN_KEY, json=body) == 200
+    unload = {"lora_name": "auth-extra"}
+    assert status(url, "POST", "/unload_lora_adapter", USER_KEY, json=unload) == 401
+    assert status(url, "POST", "/unload_lora_adapter", ADMIN_KEY, json=unload) == 200
+
+
+def test_a_directory_adapter_is_served_to_the_user_key_only(arms):
+    """A request naming an adapter of --chameleon-adapter-dir loads it: without the user key it
+    is refused before anything is read; with it, the adapter is served."""
+    url = arms["chameleon"].url
+    body = {
+        "input_ids": [5, 6, 7],
+        "lora_path": CATALOG_ONLY,
+        "sampling_params": {"max_new_tokens": 2, "temperature": 0},
+    }
+
+    def registered() -> int:
+        stats = requests.get(
+            url + "/chameleon/stats", headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=60
+        ).json()
+        return stats["host_tier"]["registered"]
+
+    before = registered()
+    for key in (None, ADMIN_KEY, "wrong"):
+        assert status(url, "POST", "/generate", key, json=body) == 401
+    assert registered() == before
+    assert status(url, "POST", "/generate", USER_KEY, json=body) == 200
+    assert registered() == before + 1
