@@ -375,6 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--fault-every", type=float, default=10.0)
     parser.add_argument("--storm-every", type=float, default=30.0)
     parser.add_argument("--bursts", type=int, default=2)
+    parser.add_argument("--burst-factor", type=float, default=10.0)
     parser.add_argument("--burst-seconds", type=float, default=10.0)
     parser.add_argument("--max-input", type=int, default=256)
     parser.add_argument("--max-output", type=int, default=48)
@@ -396,6 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             storm_every_s=args.storm_every,
             bursts=args.bursts,
             burst_seconds=args.burst_seconds,
+            burst_factor=args.burst_factor,
         )
         if args.faults
         else None

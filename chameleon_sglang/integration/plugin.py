@@ -104,7 +104,7 @@ HOOKS: List[Tuple[str, Callable[..., Any], str]] = [
     (f"{TOKENIZER_MANAGER}._resolve_lora_path", catalog.resolve_unregistered_adapters, AROUND),
     (f"{TOKENIZER_MANAGER}.load_lora_adapter", host_tier.bound_host_memory, AROUND),
     (f"{TOKENIZER_MANAGER}.unload_lora_adapter", host_tier.forget_unloaded, AROUND),
-    (f"{TOKENIZER_MANAGER}._validate_one_request", requests.refuse_token_ids_outside_vocab, BEFORE),
+    (f"{TOKENIZER_MANAGER}._validate_one_request", requests.refuse_unservable_prompts, BEFORE),
     (SAMPLING_PARAMS_VERIFY, requests.refuse_sampling_values_sglang_overflows, BEFORE),
     ("sglang.srt.entrypoints.http_server.launch_server", http.serve_http, AROUND),
     # CPU ranks

@@ -192,6 +192,20 @@ def test_token_id_outside_the_vocabulary_is_refused(server, tiny_assets, bad_id,
     assert_still_serving(server.url)
 
 
+@pytest.mark.parametrize(
+    "input_ids", [[PROMPT, []], [[]]], ids=["batch-with-an-empty-prompt", "batch-of-one-empty"]
+)
+def test_an_empty_prompt_in_a_batch_is_refused(server, input_ids):
+    """A batch holding an empty input_ids passes SGLang's own check (it only looks at the
+    batch), gets scheduled, and its scheduler dies on an assertion when the prefill's KV is
+    released (found by API fuzzing, stock and chameleon alike): HTTP 400 instead."""
+    body = {"input_ids": input_ids, "sampling_params": {"max_new_tokens": 1}}
+    resp = requests.post(server.url + "/generate", timeout=60, json=body)
+    assert resp.status_code == 400, resp.text
+    assert "prompt is empty" in resp.text
+    assert_still_serving(server.url)
+
+
 @pytest.mark.parametrize("api", ["native", "openai"])
 def test_top_k_beyond_int32_is_refused(server, tiny_assets, api):
     """top_k = 2**31 passes SGLang's own check and then overflows the scheduler's int32 batch

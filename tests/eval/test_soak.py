@@ -1,7 +1,8 @@
 """The overload soak, short: a tiny-preset server at twice its measured capacity for 12 s with
-clients hanging up and adapters unloaded and reloaded under traffic; the soak's own verdict
-(nothing lost, invariants clean, quotas and references back to zero, probe output unchanged,
-memory flat) must be PASSED."""
+faults (its adapter directory changed on disk under the traffic, bad adapters among new ones,
+admin unload/load storms, clients hanging up at random points, a burst); the soak's own verdict
+(nothing lost, bad adapters never served, invariants clean, quotas and references back to zero,
+probe output unchanged, memory flat) must be PASSED."""
 
 from __future__ import annotations
 
@@ -35,8 +36,17 @@ def test_short_soak_loses_nothing(tmp_path):
             "8",
             "--hangup",
             "0.2",
-            "--reload-every",
+            "--faults",
+            "--fault-every",
+            "1.5",
+            "--storm-every",
             "4",
+            "--bursts",
+            "1",
+            "--burst-seconds",
+            "1",
+            "--burst-factor",
+            "5",
             "--max-input",
             "128",
             "--max-output",
@@ -57,5 +67,9 @@ def test_short_soak_loses_nothing(tmp_path):
     )
     outcomes = report["outcomes"]
     assert outcomes["completed"] > 0 and outcomes["hung_up"] > 0 and outcomes["lost"] == 0
-    assert report["reloads"] >= 2
+    assert report["reloads"] >= 4  # two storms of every spare adapter
+    faults = report["faults"]
+    assert faults["disk_faults"] >= 6 and faults["bad"] >= 1, faults
+    # requests named bad adapters and got explicit errors, never a completion
+    assert outcomes["error"] > 0 and report["checks"]["bad_adapters_never_served"]
     assert report["offered_rps"] >= 1.9 * report["capacity_rps"]

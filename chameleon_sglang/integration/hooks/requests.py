@@ -1,11 +1,13 @@
 """Checks of incoming requests that SGLang 0.5.23 does not make, installed in every server.
 
-- :func:`refuse_token_ids_outside_vocab`: a prompt given as ``input_ids`` with an id outside
+- :func:`refuse_unservable_prompts`: a prompt given as ``input_ids`` with an id outside
   ``[0, vocab_size)`` is refused with a ``ValueError`` before tokenisation ends, which SGLang's
   HTTP layer answers with 400 and the message. Stock SGLang passes such ids to the embedding: on
   a CPU it serves garbage with 200, on a GPU the out-of-range index is a device-side assert that
-  kills the server. Installed with and without ``--chameleon`` (a fix for invalid input only;
-  valid requests are untouched).
+  kills the server. An empty prompt (an empty ``input_ids`` in a batch, which SGLang's own
+  check misses) is refused too: stock SGLang schedules it and its scheduler dies on an
+  assertion when the prefill's KV is released (found by API fuzzing). Installed with and
+  without ``--chameleon`` (a fix for invalid input only; valid requests are untouched).
 - :func:`refuse_sampling_values_sglang_overflows`: a ``top_k`` above 2**31 - 1 passes SGLang's
   own check, then overflows the int32 tensor the scheduler builds for the batch; that
   ``RuntimeError`` stops the scheduler and the whole server (found by API fuzzing, stock and
@@ -46,10 +48,16 @@ def refuse_sampling_values_sglang_overflows(params: Any, *args: Any, **kwargs: A
         raise ValueError(message)
 
 
-def refuse_token_ids_outside_vocab(
+EMPTY_PROMPT_MESSAGE = "the prompt is empty: input_ids (or the tokenized text) needs a token"
+
+
+def refuse_unservable_prompts(
     manager: Any, obj: Any, input_ids: Any, *args: Any, **kwargs: Any
 ) -> None:
-    """BEFORE hook of ``TokenizerManager._validate_one_request`` (module docstring)."""
+    """BEFORE hook of ``TokenizerManager._validate_one_request``, called for every prompt of a
+    batch too (module docstring)."""
+    if isinstance(input_ids, list) and not input_ids and getattr(obj, "input_embeds", None) is None:
+        raise ValueError(EMPTY_PROMPT_MESSAGE)
     vocab_size = int(getattr(getattr(manager, "model_config", None), "vocab_size", 0) or 0)
     if isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], int):
         message = out_of_vocab_message(input_ids, vocab_size)
