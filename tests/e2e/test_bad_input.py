@@ -206,6 +206,22 @@ def test_an_empty_prompt_in_a_batch_is_refused(server, input_ids):
     assert_still_serving(server.url)
 
 
+def test_more_top_logprobs_than_the_vocabulary_has_are_refused(server):
+    """top_logprobs_num above the vocabulary size made the scheduler's topk fail and stopped
+    the server (found by API fuzzing, stock too): HTTP 400 naming the field instead."""
+    body = {
+        "input_ids": PROMPT,
+        "sampling_params": {"max_new_tokens": 2},
+        "lora_path": "a000r8",
+        "return_logprob": True,
+        "top_logprobs_num": 10**6,
+    }
+    resp = requests.post(server.url + "/generate", timeout=60, json=body)
+    assert resp.status_code == 400, resp.text
+    assert "top_logprobs_num" in resp.text
+    assert_still_serving(server.url)
+
+
 @pytest.mark.parametrize("api", ["native", "openai"])
 def test_top_k_beyond_int32_is_refused(server, tiny_assets, api):
     """top_k = 2**31 passes SGLang's own check and then overflows the scheduler's int32 batch

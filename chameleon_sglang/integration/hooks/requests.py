@@ -6,8 +6,10 @@
   a CPU it serves garbage with 200, on a GPU the out-of-range index is a device-side assert that
   kills the server. An empty prompt (an empty ``input_ids`` in a batch, which SGLang's own
   check misses) is refused too: stock SGLang schedules it and its scheduler dies on an
-  assertion when the prefill's KV is released (found by API fuzzing). Installed with and
-  without ``--chameleon`` (a fix for invalid input only; valid requests are untouched).
+  assertion when the prefill's KV is released (found by API fuzzing). So is a
+  ``top_logprobs_num`` above the vocabulary size: the scheduler's ``topk`` fails and stops the
+  server (fuzzing again; SGLang checks ``token_ids_logprob`` itself). Installed with
+  and without ``--chameleon`` (a fix for invalid input only; valid requests are untouched).
 - :func:`refuse_sampling_values_sglang_overflows`: a ``top_k`` above 2**31 - 1 passes SGLang's
   own check, then overflows the int32 tensor the scheduler builds for the batch; that
   ``RuntimeError`` stops the scheduler and the whole server (found by API fuzzing, stock and
@@ -48,6 +50,17 @@ def refuse_sampling_values_sglang_overflows(params: Any, *args: Any, **kwargs: A
         raise ValueError(message)
 
 
+def logprob_request_message(top_logprobs_num: Any, vocab_size: int) -> Optional[str]:
+    """Why ``top_logprobs_num`` log-probabilities cannot be computed for a vocabulary of
+    ``vocab_size`` (None: they can)."""
+    if vocab_size > 0 and isinstance(top_logprobs_num, int) and top_logprobs_num > vocab_size:
+        return (
+            f"top_logprobs_num must be at most the vocabulary size {vocab_size}, "
+            f"got {top_logprobs_num}"
+        )
+    return None
+
+
 EMPTY_PROMPT_MESSAGE = "the prompt is empty: input_ids (or the tokenized text) needs a token"
 
 
@@ -59,6 +72,9 @@ def refuse_unservable_prompts(
     if isinstance(input_ids, list) and not input_ids and getattr(obj, "input_embeds", None) is None:
         raise ValueError(EMPTY_PROMPT_MESSAGE)
     vocab_size = int(getattr(getattr(manager, "model_config", None), "vocab_size", 0) or 0)
+    message = logprob_request_message(getattr(obj, "top_logprobs_num", None), vocab_size)
+    if message is not None:
+        raise ValueError(message)
     if isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], int):
         message = out_of_vocab_message(input_ids, vocab_size)
         if message is not None:
