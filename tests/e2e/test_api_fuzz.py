@@ -1,11 +1,17 @@
-"""Hostile input over the whole API, and who may call what: a stock and a ``--chameleon`` server,
-both with ``--api-key`` and ``--admin-api-key``, receive the same fuzzed requests
-(:mod:`eval.fuzz`, a fixed budget here; ``python -m eval.fuzz`` runs a larger one), and every
-endpoint we add follows SGLang's key rules."""
+"""Hostile input over the whole API, who may call what, and a quiet stop: a stock and a
+``--chameleon`` server, both with ``--api-key`` and ``--admin-api-key``, receive the same fuzzed
+requests (:mod:`eval.fuzz`, a fixed budget here; ``python -m eval.fuzz`` runs a larger one);
+every endpoint we add follows SGLang's key rules; and ``make serve``'s command, started beside
+them, stops on Ctrl-C quickly and without crash reports."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
@@ -13,8 +19,8 @@ import pytest
 import requests
 from conftest import start_servers, stop_server
 
-from chameleon_sglang.dev.assets import Assets
-from chameleon_sglang.dev.serve import ServerProcess
+from chameleon_sglang.dev.assets import PROJECT_ROOT, Assets
+from chameleon_sglang.dev.serve import ServerProcess, free_port
 from eval.fuzz import ADMIN_KEY, USER_KEY, Target, launch_args, run
 
 pytestmark = pytest.mark.slow
@@ -30,10 +36,56 @@ def catalog_dir(tiny_assets: Assets, tmp_path_factory) -> Path:
     return out
 
 
+class ServeCommand:
+    """``make serve``'s command (``python -m chameleon_sglang.dev.serve``) as a terminal runs a
+    foreground job: in a process group of its own, which Ctrl-C signals as a whole."""
+
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "chameleon_sglang.dev.serve", "--port", str(self.port)],
+                cwd=PROJECT_ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                process_group=0,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while "Server ready" not in self.output():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.output()[-3000:]
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        """Whatever is left of it (the command's group and its server's session)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def serve_command(tiny_assets: Assets, tmp_path_factory) -> Iterator[ServeCommand]:
+    serve = ServeCommand(tmp_path_factory.mktemp("serve") / "serve.log")
+    try:
+        yield serve
+    finally:
+        serve.kill()
+
+
 @pytest.fixture(scope="module")
 def arms(
-    tiny_assets: Assets, catalog_dir: Path, tmp_path_factory
+    tiny_assets: Assets, catalog_dir: Path, serve_command: ServeCommand, tmp_path_factory
 ) -> Iterator[Dict[str, ServerProcess]]:
+    """The two arms, started while ``serve_command`` starts too."""
     logs = tmp_path_factory.mktemp("fuzz-logs")
     specs = [
         dict(
@@ -136,3 +188,22 @@ def test_a_directory_adapter_is_served_to_the_user_key_only(arms):
     assert registered() == before
     assert status(url, "POST", "/generate", USER_KEY, json=body) == 200
     assert registered() == before + 1
+
+
+def test_ctrl_c_stops_make_serve_quickly_and_quietly(serve_command: ServeCommand, arms):
+    """Ctrl-C (SIGINT to the foreground job's group) on ``make serve``'s command, idle: it
+    returns within 2 s, its server's processes are gone, and nothing reads like a crash (no
+    crashed-child report, no SIGQUIT, no crash-diagnostics sleep, no traceback)."""
+    serve_command.wait_ready()
+    started = time.monotonic()
+    os.killpg(serve_command.proc.pid, signal.SIGINT)
+    returncode = serve_command.proc.wait(timeout=30)
+    took = time.monotonic() - started
+    output = serve_command.output()
+    tail = output[output.index("Server ready") :]
+    assert took <= 2.0 and returncode == 0, (took, returncode, tail[-3000:])
+    for crash in ("crashed", "SIGQUIT", "crash diagnostics", "Traceback"):
+        assert crash not in tail, tail[-3000:]
+    assert "Interrupted: the server and its processes are stopped" in tail
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{serve_command.port}/health", timeout=5)

@@ -206,6 +206,17 @@ def test_an_empty_prompt_in_a_batch_is_refused(server, input_ids):
     assert_still_serving(server.url)
 
 
+@pytest.mark.parametrize("lora_path", [["a000r8"], ["a000r8", "a001r16"]], ids=["one", "two"])
+def test_one_prompt_with_a_lora_path_that_is_not_a_name_is_refused(server, lora_path):
+    """A single prompt whose lora_path is a list stopped the server (the scheduler's request
+    constructor failed on it; found by API fuzzing, stock too): HTTP 400 saying what it must be."""
+    body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2}, "lora_path": lora_path}
+    resp = requests.post(server.url + "/generate", timeout=60, json=body)
+    assert resp.status_code == 400, resp.text
+    assert "lora_path" in resp.text and "one adapter name" in resp.text
+    assert_still_serving(server.url)
+
+
 def test_more_top_logprobs_than_the_vocabulary_has_are_refused(server):
     """top_logprobs_num above the vocabulary size made the scheduler's topk fail and stopped
     the server (found by API fuzzing, stock too): HTTP 400 naming the field instead."""

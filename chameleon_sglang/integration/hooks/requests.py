@@ -8,7 +8,9 @@
   check misses) is refused too: stock SGLang schedules it and its scheduler dies on an
   assertion when the prefill's KV is released (found by API fuzzing). So is a
   ``top_logprobs_num`` above the vocabulary size: the scheduler's ``topk`` fails and stops the
-  server (fuzzing again; SGLang checks ``token_ids_logprob`` itself). Installed with
+  server (fuzzing again; SGLang checks ``token_ids_logprob`` itself). And so is a single
+  prompt whose ``lora_path`` is not one name (a list, say): the scheduler's request
+  constructor fails on it and the server stops (fuzzing). Installed with
   and without ``--chameleon`` (a fix for invalid input only; valid requests are untouched).
 - :func:`refuse_sampling_values_sglang_overflows`: a ``top_k`` above 2**31 - 1 passes SGLang's
   own check, then overflows the int32 tensor the scheduler builds for the batch; that
@@ -71,6 +73,12 @@ def refuse_unservable_prompts(
     batch too (module docstring)."""
     if isinstance(input_ids, list) and not input_ids and getattr(obj, "input_embeds", None) is None:
         raise ValueError(EMPTY_PROMPT_MESSAGE)
+    lora_path = getattr(obj, "lora_path", None)
+    if lora_path is not None and not isinstance(lora_path, str):
+        raise ValueError(
+            f"lora_path of one prompt must be one adapter name, got {type(lora_path).__name__} "
+            f"{lora_path!r:.80} (a list only for a batch: one name per prompt)"
+        )
     vocab_size = int(getattr(getattr(manager, "model_config", None), "vocab_size", 0) or 0)
     message = logprob_request_message(getattr(obj, "top_logprobs_num", None), vocab_size)
     if message is not None:
