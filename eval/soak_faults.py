@@ -167,6 +167,8 @@ async def admin_storms(
                 ) as resp:
                     payload = await resp.json(content_type=None)
                     entry[op] = bool(resp.status == 200 and payload.get("success"))
+                    if not entry[op]:
+                        entry[f"{op}_error"] = f"HTTP {resp.status} {str(payload)[:300]}"
             return entry
 
         while not await _wait(stop, every_s):
