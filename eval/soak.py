@@ -55,6 +55,8 @@ from eval.soak_faults import (
     describe,
     disk_faults,
     rate_at,
+    reload_adapter,
+    stopped_within,
 )
 from eval.summary import cpu_flags
 
@@ -188,27 +190,10 @@ async def reloader(
     popular = assets.adapters[:4] if in_use else assets.adapters[-SPARE_ADAPTERS:]
     i = 0
     async with aiohttp.ClientSession() as session:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), every_s)
-                return
-            except asyncio.TimeoutError:
-                pass
+        while not await stopped_within(stop, every_s):
             adapter = popular[i % len(popular)]
             i += 1
-            entry: Dict[str, Any] = {"adapter": adapter.name, "t": time.time()}
-            for op, body in (
-                ("unload", {"lora_name": adapter.name}),
-                ("load", {"lora_name": adapter.name, "lora_path": str(adapter.path)}),
-            ):
-                async with session.post(
-                    f"{url}/{op}_lora_adapter", json=body, timeout=aiohttp.ClientTimeout(total=300)
-                ) as resp:
-                    payload = await resp.json(content_type=None)
-                    entry[op] = bool(resp.status == 200 and payload.get("success"))
-                    if not entry[op]:
-                        entry[f"{op}_error"] = f"HTTP {resp.status} {str(payload)[:300]}"
-            log.append(entry)
+            log.append(await reload_adapter(session, url, adapter))
 
 
 @dataclasses.dataclass

@@ -139,9 +139,28 @@ def _damage(adapter: Path, kind: str) -> None:
 
 async def disk_faults(directory: AdapterDirectory, every_s: float, stop: asyncio.Event) -> None:
     step = 0
-    while not await _wait(stop, every_s):
+    while not await stopped_within(stop, every_s):
         await asyncio.to_thread(directory.play, step)
         step += 1
+
+
+async def reload_adapter(
+    session: aiohttp.ClientSession, url: str, adapter: Any, **tags: Any
+) -> Dict[str, Any]:
+    """Unload ``adapter`` (name, path), then load it again; what each call answered."""
+    entry: Dict[str, Any] = {"adapter": adapter.name, "t": time.time(), **tags}
+    for op, body in (
+        ("unload", {"lora_name": adapter.name}),
+        ("load", {"lora_name": adapter.name, "lora_path": str(adapter.path)}),
+    ):
+        async with session.post(
+            f"{url}/{op}_lora_adapter", json=body, timeout=aiohttp.ClientTimeout(total=300)
+        ) as resp:
+            payload = await resp.json(content_type=None)
+            entry[op] = bool(resp.status == 200 and payload.get("success"))
+            if not entry[op]:
+                entry[f"{op}_error"] = f"HTTP {resp.status} {str(payload)[:300]}"
+    return entry
 
 
 async def admin_storms(
@@ -155,28 +174,13 @@ async def admin_storms(
 ) -> None:
     """Every ``every_s``: ``rounds`` times, unload and reload all ``adapters`` concurrently."""
     async with aiohttp.ClientSession(headers=headers) as session:
-
-        async def cycle(adapter: Any) -> Dict[str, Any]:
-            entry: Dict[str, Any] = {"adapter": adapter.name, "t": time.time(), "storm": True}
-            for op, body in (
-                ("unload", {"lora_name": adapter.name}),
-                ("load", {"lora_name": adapter.name, "lora_path": str(adapter.path)}),
-            ):
-                async with session.post(
-                    f"{url}/{op}_lora_adapter", json=body, timeout=aiohttp.ClientTimeout(total=300)
-                ) as resp:
-                    payload = await resp.json(content_type=None)
-                    entry[op] = bool(resp.status == 200 and payload.get("success"))
-                    if not entry[op]:
-                        entry[f"{op}_error"] = f"HTTP {resp.status} {str(payload)[:300]}"
-            return entry
-
-        while not await _wait(stop, every_s):
+        while not await stopped_within(stop, every_s):
             for _ in range(rounds):
-                log.extend(await asyncio.gather(*(cycle(a) for a in adapters)))
+                cycles = (reload_adapter(session, url, a, storm=True) for a in adapters)
+                log.extend(await asyncio.gather(*cycles))
 
 
-async def _wait(stop: asyncio.Event, seconds: float) -> bool:
+async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep ``seconds``; True when ``stop`` was set meanwhile."""
     try:
         await asyncio.wait_for(stop.wait(), seconds)
