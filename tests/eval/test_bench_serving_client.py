@@ -80,10 +80,14 @@ def compare(out, *options):
 
 
 @pytest.mark.slow
-def test_compare_with_sglangs_bench_serving_end_to_end(tiny_assets, eval_server_pool, tmp_path):
+def test_compare_with_sglangs_bench_serving_under_the_gpu_like_profile(
+    tiny_assets, eval_server_pool, tmp_path
+):
     """Each arm's server (memory-equal budget) is driven by ``python -m sglang.bench_serving``:
-    every request completes, the table and ratios are written."""
-    summary = compare(tmp_path / "bench", "--arms", "stock,chameleon")
+    every request completes, the table and ratios are written. ``--profile gpu-like``: the
+    unloaded TTFT is measured on a stock server first, and the host link derived from it (a
+    mean adapter load = 0.132 of it) is given to every arm."""
+    summary = compare(tmp_path / "bench", "--arms", "stock,chameleon", "--profile", "gpu-like")
     assert set(summary["arms"]) == {"stock", "chameleon"}
     for arm, m in summary["arms"].items():
         assert m["completed"] == 8, arm
@@ -92,18 +96,9 @@ def test_compare_with_sglangs_bench_serving_end_to_end(tiny_assets, eval_server_
     stock_memory = summary["runs"]["stock"][0]["memory"]
     assert stock_memory["budget"] == "equal" and stock_memory["slot_bytes"] > 0
     assert "| chameleon |" in (tmp_path / "bench" / "bench_serving.md").read_text()
-
-
-@pytest.mark.slow
-def test_gpu_like_profile_calibrates_then_holds_every_arms_loads(
-    tiny_assets, eval_server_pool, tmp_path
-):
-    """``--profile gpu-like``: the unloaded TTFT is measured on a stock server, the host link
-    derived from it (a mean adapter load = 0.132 of it) is given to the arm, which serves."""
-    summary = compare(tmp_path / "gpu-like", "--arms", "chameleon", "--profile", "gpu-like")
-    assert summary["arms"]["chameleon"]["completed"] == 8
     profile = summary["meta"]["cost_profile"]
     assert profile["profile"] == "gpu-like" and profile["unloaded_ttft_s"] > 0
     assert profile["mean_load_s"] == pytest.approx(0.132 * profile["unloaded_ttft_s"], rel=1e-3)
     link = f"--chameleon-host-link-gbps={profile['host_link_gbps']:.6g}"
-    assert link in summary["runs"]["chameleon"][0]["command"]
+    for arm in ("stock", "chameleon"):
+        assert link in summary["runs"][arm][0]["command"], arm

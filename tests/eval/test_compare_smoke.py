@@ -31,7 +31,7 @@ def tuned_comparison(tiny_assets, eval_server_pool, tmp_path_factory) -> Path:
         "--requests",
         "10",
         "--rps",
-        "2",
+        "4",
         "--arms",
         ",".join(ARMS),
         "--repeats",

@@ -76,9 +76,9 @@ def test_queues_experiment_quick_end_to_end(tiny_assets, eval_server_pool, tmp_p
         "--preset",
         "tiny",
         "--requests",
-        "12",
+        "10",
         "--rps",
-        "3",
+        "4",
         "--wait-quiet",
         "0",
         "--no-progress",
@@ -88,7 +88,7 @@ def test_queues_experiment_quick_end_to_end(tiny_assets, eval_server_pool, tmp_p
     assert (out / "summary.json").exists() and (out / "paper.png").exists()
 
 
-TINY = ["--preset", "tiny", "--requests", "10", "--rps", "3", "--wait-quiet", "0", "--no-progress"]
+TINY = ["--preset", "tiny", "--requests", "8", "--rps", "4", "--wait-quiet", "0", "--no-progress"]
 QUICK_RUNS = {  # experiment: (extra options, claims that must be measured)
     "eviction": ([], ["P99 TTFT, Chameleon eviction", "P99 TTFT, LRU eviction"]),
     "predictor": ([], ["P99 TTFT, 60% over 100% accurate predictor"]),
