@@ -1,7 +1,7 @@
 """Shared fixtures: the built-in tiny assets and real SGLang servers on loopback.
 
 Servers are started by PID in their own process group and always stopped (also when a test
-fails); at most four are up at once. A test that needs several servers starts them side by side
+fails); at most five are up at once. A test that needs several servers starts them side by side
 (:func:`start_servers`: start-up is mostly single-threaded imports, two fit on two cores) and
 uses them one at a time, so a measurement never shares the CPU with a starting server.
 """
@@ -20,7 +20,7 @@ from chameleon_sglang.dev.assets import Assets, build
 from chameleon_sglang.dev.serve import ServerProcess, free_port, server_command
 from chameleon_sglang.integration import integrity
 
-MAX_SERVERS = 4
+MAX_SERVERS = 5
 # every server the suite starts publishes the invariant checker's findings (/chameleon/stats)
 os.environ[integrity.ENV_FLAG] = "1"
 _servers_alive = threading.BoundedSemaphore(MAX_SERVERS)

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 import requests
 from client import generate, healthy, integrity_problems
-from conftest import start_server, start_servers, stop_server
+from conftest import start_servers, stop_server
 from reference import reference_outputs
 
 from chameleon_sglang.dev.assets import Assets, build
@@ -57,31 +57,49 @@ def _cache_stats(url: str) -> Dict:
     return requests.get(url + "/chameleon/stats", timeout=30).json()["ranks"][0]["adapter_cache"]
 
 
+MIXED_ARMS = ("stock", "chameleon", "chameleon-split")
+
+
 @pytest.fixture(scope="module")
-def mixed_traffic(assets40, tmp_path_factory):
-    """The same concurrent mixed workload on stock SGLang, on --chameleon, and on --chameleon
-    with every adapter placed in the pieces of its split layout (as on fragmented memory)."""
+def module_servers(assets40, tmp_path_factory):
+    """Every server of this module, started side by side: the mixed-traffic arms (``mixed-*``;
+    ``chameleon-split`` places every adapter in the pieces of its split layout, as on fragmented
+    memory) and ``pressure`` (a small KV pool, see ``cache_server``)."""
     log_dir = tmp_path_factory.mktemp("cache-logs")
-    workload = _workload(assets40)
-    results = {"workload": workload}
-    arms = ("stock", "chameleon", "chameleon-split")
-    servers = start_servers(
-        [
-            dict(assets=assets40, log_dir=log_dir, name=f"mixed-{arm}", chameleon=arm != "stock")
-            for arm in arms
-        ],
-        env=[{}, {}, {SPLIT_ENV: "1"}],
+    specs = [
+        dict(assets=assets40, log_dir=log_dir, name=f"mixed-{arm}", chameleon=arm != "stock")
+        for arm in MIXED_ARMS
+    ]
+    specs.append(
+        dict(
+            assets=assets40,
+            log_dir=log_dir,
+            name="pressure",
+            chameleon=True,
+            max_total_tokens=PRESSURE_TOTAL_TOKENS,
+        )
     )
+    servers = start_servers(specs, env=[{}, {}, {SPLIT_ENV: "1"}, {}])
     try:
-        for arm, srv in zip(arms, servers):  # one at a time; the others idle
-            results[arm] = _run(srv.url, workload)
-            if arm != "stock":
-                results[f"stats-{arm}"] = _cache_stats(srv.url)
-            assert healthy(srv.url)
-            assert integrity_problems(srv.url) == []
+        yield dict(zip([*MIXED_ARMS, "pressure"], servers))
     finally:
         for srv in servers:
             stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def mixed_traffic(assets40, module_servers):
+    """The same concurrent mixed workload on stock SGLang, on --chameleon, and on --chameleon
+    with every adapter placed in the pieces of its split layout."""
+    workload = _workload(assets40)
+    results = {"workload": workload}
+    for arm in MIXED_ARMS:  # one at a time; the others idle
+        srv = module_servers[arm]
+        results[arm] = _run(srv.url, workload)
+        if arm != "stock":
+            results[f"stats-{arm}"] = _cache_stats(srv.url)
+        assert healthy(srv.url)
+        assert integrity_problems(srv.url) == []
     results["stats"] = results["stats-chameleon"]
     return results
 
@@ -136,15 +154,8 @@ LONG_REQUESTS = 4
 
 
 @pytest.fixture(scope="module")
-def cache_server(assets40, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("pressure-logs")
-    srv = start_server(
-        assets40, log_dir, "pressure", chameleon=True, max_total_tokens=PRESSURE_TOTAL_TOKENS
-    )
-    try:
-        yield srv
-    finally:
-        stop_server(srv)
+def cache_server(module_servers):
+    return module_servers["pressure"]
 
 
 def _small_adapters(assets: Assets, count: int) -> List[str]:

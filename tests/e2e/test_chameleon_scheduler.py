@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 import requests
-from conftest import start_server, start_servers, stop_server
+from conftest import start_servers, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -97,36 +97,51 @@ def run_scenario(url: str) -> Dict[str, Tuple[float, float]]:
     return out
 
 
+SCENARIO_ARMS = {
+    "stock": COMMON,
+    "chameleon": COMMON + ["--chameleon", "--chameleon-scheduler", "static"],
+}
+
+
 @pytest.fixture(scope="module")
-def scenario_times(tiny_assets, tmp_path_factory):
-    """Run the scenario on stock SGLang and on Chameleon (static queues), one after the other."""
+def module_servers(tiny_assets, tmp_path_factory):
+    """Every server of this module, started side by side: the scenario's two (``hol-*``) and
+    ``dynamic`` (see ``dynamic_server``); each test uses its own while the others idle."""
     log_dir = tmp_path_factory.mktemp("hol-logs")
-    arms = {
-        "stock": COMMON,
-        "chameleon": COMMON + ["--chameleon", "--chameleon-scheduler", "static"],
-    }
-    results = {}
-    servers = start_servers(
-        [
-            dict(
-                assets=tiny_assets,
-                log_dir=log_dir,
-                name=f"hol-{arm}",
-                chameleon=False,
-                max_total_tokens=HOL_TOTAL_TOKENS[arm],
-                extra_args=extra,
-            )
-            for arm, extra in arms.items()
-        ]
+    specs = [
+        dict(
+            assets=tiny_assets,
+            log_dir=log_dir,
+            name=f"hol-{arm}",
+            chameleon=False,
+            max_total_tokens=HOL_TOTAL_TOKENS[arm],
+            extra_args=extra,
+        )
+        for arm, extra in SCENARIO_ARMS.items()
+    ]
+    dynamic = ["--chameleon-warmup-requests", "12", "--enable-metrics", *FEATURES]
+    specs.append(
+        dict(
+            assets=tiny_assets, log_dir=log_dir, name="dynamic", chameleon=True, extra_args=dynamic
+        )
     )
+    servers = start_servers(specs)
     try:
-        for arm, srv in zip(arms, servers):  # one at a time: the other server idles
-            results[arm] = run_scenario(srv.url)
-            if arm == "chameleon":
-                results["stats"] = requests.get(srv.url + "/chameleon/stats", timeout=30).json()
+        yield dict(zip([*SCENARIO_ARMS, "dynamic"], servers))
     finally:
         for srv in servers:
             stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def scenario_times(module_servers):
+    """Run the scenario on stock SGLang and on Chameleon (static queues), one after the other."""
+    results = {}
+    servers = [module_servers[arm] for arm in SCENARIO_ARMS]
+    for arm, srv in zip(SCENARIO_ARMS, servers):  # one at a time: the others idle
+        results[arm] = run_scenario(srv.url)
+        if arm == "chameleon":
+            results["stats"] = requests.get(srv.url + "/chameleon/stats", timeout=30).json()
     return results
 
 
@@ -189,16 +204,10 @@ FEATURES = [
 
 
 @pytest.fixture(scope="module")
-def dynamic_server(tiny_assets, tmp_path_factory):
+def dynamic_server(module_servers):
     """One server for the two tests below, in file order: dynamic queues fitted after 12
     arrivals, metrics on, and SGLang features the scheduler must keep working (FEATURES)."""
-    log_dir = tmp_path_factory.mktemp("dyn-logs")
-    extra = ["--chameleon-warmup-requests", "12", "--enable-metrics", *FEATURES]
-    srv = start_server(tiny_assets, log_dir, "dynamic", chameleon=True, extra_args=extra)
-    try:
-        yield srv
-    finally:
-        stop_server(srv)
+    return module_servers["dynamic"]
 
 
 def test_dynamic_queues_are_fitted_from_live_traffic(dynamic_server):
