@@ -112,13 +112,28 @@ def eval_server_pool(tmp_path_factory) -> Iterator[Path]:
             os.environ[POOL_ENV] = previous
 
 
-@pytest.fixture(scope="session", params=["stock", "chameleon"])
-def server(request, tiny_assets: Assets, tmp_path_factory) -> Iterator[ServerProcess]:
-    """A patched SGLang server with every tiny adapter, without and with ``--chameleon``."""
+@pytest.fixture(scope="session")
+def server_pair(tiny_assets: Assets, tmp_path_factory) -> Iterator[Dict[str, ServerProcess]]:
+    """The two servers ``server`` hands out, started side by side at its first use (both idle
+    while the other serves), stopped at the end of the session."""
     log_dir = tmp_path_factory.mktemp("server-logs")
-    srv = start_server(tiny_assets, log_dir, request.param, chameleon=request.param == "chameleon")
-    srv.arm = request.param  # type: ignore[attr-defined]
+    arms = ("stock", "chameleon")
+    servers = start_servers(
+        [
+            dict(assets=tiny_assets, log_dir=log_dir, name=arm, chameleon=arm != "stock")
+            for arm in arms
+        ]
+    )
     try:
-        yield srv
+        yield dict(zip(arms, servers))
     finally:
-        stop_server(srv)
+        for srv in servers:
+            stop_server(srv)
+
+
+@pytest.fixture(scope="session", params=["stock", "chameleon"])
+def server(request, server_pair: Dict[str, ServerProcess]) -> ServerProcess:
+    """A patched SGLang server with every tiny adapter, without and with ``--chameleon``."""
+    srv = server_pair[request.param]
+    srv.arm = request.param  # type: ignore[attr-defined]
+    return srv
