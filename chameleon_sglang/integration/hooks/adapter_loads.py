@@ -110,11 +110,16 @@ def poll_while_reads_pending(original: Callable, sleeper: Any, *args: Any, **kwa
 
 def install_prepared_adapter(original: Callable, manager: Any, lora_ref: Any, *a: Any, **k: Any):
     """Around ``LoRAManager.load_lora_weights``: the adapter a worker built for this load
-    (or its error, raised here so SGLang reports it); SGLang's read where there is none."""
+    (or its error, raised here so SGLang reports it); SGLang's read where there is none, its
+    weights then copied out of the file's memory map (:func:`own_weight_memory`)."""
     outcome = _prepared.get(lora_ref.lora_id)
     if outcome is None:
         _simulated_read_delay()
-        return original(manager, lora_ref, *a, **k)
+        result = original(manager, lora_ref, *a, **k)
+        adapter = manager.loras.get(lora_ref.lora_id)
+        if adapter is not None:
+            own_weight_memory(adapter)
+        return result
     if outcome.error is not None:
         raise outcome.error
     manager.loras[lora_ref.lora_id] = outcome.value
@@ -138,7 +143,23 @@ def build_host_adapter(manager: Any, lora_ref: Any) -> Any:
         base_model=manager.base_model,
     )
     adapter.initialize_weights()
+    own_weight_memory(adapter)
     return adapter
+
+
+def own_weight_memory(adapter: Any) -> None:
+    """Replace every weight tensor of SGLang's host-side ``LoRAAdapter`` that is not a copy
+    already by one. SGLang reads adapter files through safetensors' memory map, and tensors it
+    does not transform (``o_proj``, ``down_proj``, ...) stay views of the mapped file: when the
+    file is then rewritten in place or truncated (an operator replacing an adapter), the next
+    copy into device memory touches pages that no longer exist and the process dies of SIGBUS
+    (found by the soak with faults). A copy also makes the host tier's bytes real memory."""
+    for layer in adapter.layers:
+        layer.weights = {name: w.clone() for name, w in layer.weights.items()}
+    for table in ("embedding_layers", "added_tokens_embeddings"):
+        weights = getattr(adapter, table, None)
+        if weights:
+            setattr(adapter, table, {name: w.clone() for name, w in weights.items()})
 
 
 def _simulated_read_delay() -> None:
