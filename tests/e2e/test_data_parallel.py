@@ -3,14 +3,17 @@
 Each replica is its own scheduler process with its own Chameleon scheduler and adapter cache;
 SGLang's DP controller dispatches by adapter affinity (``chameleon_sglang.dp``). Observable:
 the greedy outputs of DP=1, every replica in ``/chameleon/stats``, requests following the replica
-that holds their adapter, and nothing lost under a burst that saturates both replicas.
+that holds their adapter, nothing lost under a burst that saturates both replicas, and adapters
+from an adapter directory loaded on every replica on their first request.
 """
 
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
@@ -57,16 +60,18 @@ def _received(url: str) -> List[int]:
     return [rank["dp"]["num_received"] for rank in _replicas(url)]
 
 
-def _routed(url: str, adapter: Optional[str], replica: int) -> None:
+def _routed(url: str, adapter: Optional[str], replica: int, ids=(7, 8, 9, 10)) -> List[int]:
     body = {
-        "input_ids": [7, 8, 9, 10],
+        "input_ids": list(ids),
         "lora_path": adapter,
         "routed_dp_rank": replica,
         "sampling_params": {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True},
     }
     if adapter is None:
         del body["lora_path"]
-    requests.post(url + "/generate", json=body, timeout=TIMEOUT_S).raise_for_status()
+    resp = requests.post(url + "/generate", json=body, timeout=TIMEOUT_S)
+    resp.raise_for_status()
+    return resp.json()["output_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +83,22 @@ def dp1_outputs(tiny_assets, server) -> List[List[int]]:
 
 
 @pytest.fixture(scope="module")
-def dp2(tiny_assets, tmp_path_factory, dp1_outputs):
+def adapter_dir(tiny_assets, tmp_path_factory):
+    """An adapter directory: copies of the first adapter under names the server is not told."""
+    root = tmp_path_factory.mktemp("dp2-adapters")
+    for name in ("disk-a", "disk-b"):
+        shutil.copytree(tiny_assets.adapters[0].path, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dp2(tiny_assets, tmp_path_factory, dp1_outputs, adapter_dir):
     srv = start_server(
-        tiny_assets, tmp_path_factory.mktemp("dp2"), "dp2", chameleon=True, extra_args=DP2
+        tiny_assets,
+        tmp_path_factory.mktemp("dp2"),
+        "dp2",
+        chameleon=True,
+        extra_args=DP2 + ["--chameleon-adapter-dir", str(adapter_dir)],
     )
     try:
         yield srv
@@ -119,8 +137,7 @@ def test_prometheus_gauges_show_every_replica(dp2):
 
 
 def test_requests_follow_the_replica_that_holds_their_adapter(tiny_assets, dp2):
-    # adapters no other request of this module uses: resident nowhere until now (SGLang does
-    # not load adapters dynamically under --dp-size > 1, so they must be among the served ones)
+    # adapters no other request of this module uses: resident nowhere until now
     first, second = (a.name for a in tiny_assets.adapters[-RESERVED:])
     _routed(dp2.url, first, 0)  # now resident on replica 0 only ...
     _routed(dp2.url, second, 1)  # ... and this one on replica 1 only
@@ -148,3 +165,42 @@ def test_a_burst_that_saturates_both_replicas_loses_nothing(tiny_assets, dp2):
     assert [a - b for a, b in zip(_received(dp2.url), received_before)] == taken
     assert healthy(dp2.url)
     assert integrity_problems(dp2.url) == []
+
+
+def _host_tier(url: str) -> Dict[str, Any]:
+    return requests.get(url + "/chameleon/stats", timeout=30).json()["host_tier"]
+
+
+def test_a_directory_adapter_loads_on_every_replica_on_its_first_request(tiny_assets, dp2):
+    """A name the server was never told about, first asked on replica 1: loaded on both replicas
+    (either serves it next, with the outputs of the same weights served by their own name),
+    counted once per replica in the host tier, unloaded from both, and read again from disk."""
+    same = tiny_assets.adapters[0]
+    ids = (21, 22, 23, 24, 25)
+    expected = _routed(dp2.url, same.name, 0, ids)
+    assert _routed(dp2.url, "disk-a", 1, ids) == expected
+    assert _routed(dp2.url, "disk-a", 0, ids) == expected
+    file_bytes = (Path(same.path) / "adapter_model.safetensors").stat().st_size
+    tier = _host_tier(dp2.url)
+    assert (
+        tier["used_bytes"] >= 2 * file_bytes
+    )  # disk-a's weights on both replicas (and the others')
+    unload = requests.post(
+        dp2.url + "/unload_lora_adapter", json={"lora_name": "disk-a"}, timeout=TIMEOUT_S
+    )
+    assert unload.status_code == 200, unload.text
+    assert _host_tier(dp2.url)["used_bytes"] == tier["used_bytes"] - 2 * file_bytes
+    assert generate(dp2.url, list(ids), "disk-a", 2)["output_ids"] == expected
+    # concurrent first requests on both replicas: one load, every request served
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda i: _routed(dp2.url, "disk-b", i % 2, ids), range(8)))
+    assert outs == [expected] * 8
+    assert "Traceback" not in dp2.log_path.read_text(errors="replace")
+    # (after a refused name SGLang's LoRARegistry.release logs a TypeError of its own)
+    missing = requests.post(
+        dp2.url + "/generate",
+        json={"input_ids": list(ids), "lora_path": "nowhere", "sampling_params": {}},
+        timeout=TIMEOUT_S,
+    )
+    assert missing.status_code == 400 and "none of the adapter directories" in missing.text
+    assert healthy(dp2.url) and integrity_problems(dp2.url) == []

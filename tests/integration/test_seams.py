@@ -5,8 +5,9 @@ one fails here, in one place, naming it (rather than deep inside a server).
 Targets come from the plugin's own tables (``HOOKS``, ``RESOLUTION_HOOKS``), so a new hook
 cannot be added without being pinned; the rest are classes we subclass or drive directly (the
 LoRA backend and pool base classes, the KV allocator whose free lists the slot store reads).
-Where our code re-implements an SGLang body (the DP controller's event loop), the body itself is
-pinned: a change to it fails here until ours is checked against it.
+Where our code re-implements an SGLang body (the DP controller's event loop; the adapter load and
+unload for several replicas), the body itself is pinned: a change to it fails here until ours is
+checked against it.
 """
 
 from __future__ import annotations
@@ -265,3 +266,41 @@ def test_sglang_evicts_before_allocating_through_the_allocator():
     from sglang.srt.mem_cache import common
 
     assert "evict_to_free_tokens" in inspect.getsource(common.evict_from_tree_cache)
+
+
+SGLANG_LORA_UPDATE_SHA256 = {
+    # the body load_on_every_replica repeats (without its one-replica assertion)
+    "load_lora_adapter": "8faca4c1fb9f594d6a52baa07f4d6168375572f22ddc74cb0b2ed950b4368964",
+    # the checks unload_on_every_replica repeats before SGLang's own locked unload
+    "unload_lora_adapter": "cba3bb5ac0029e44fcd64dbe25fb08556500a52221cff518cdfd06547df98ab4",
+}
+
+
+@pytest.mark.parametrize("method", sorted(SGLANG_LORA_UPDATE_SHA256))
+def test_the_adapter_updates_we_repeat_for_several_replicas_are_still_sglangs(method):
+    """``hooks/replica_loads.py`` repeats SGLang's load and unload without their one-replica
+    assertion. If SGLang's bodies change, ours must be checked against them (then update the
+    digest)."""
+    import hashlib
+
+    from sglang.srt.managers.tokenizer_control_mixin import TokenizerControlMixin
+
+    source = inspect.getsource(getattr(TokenizerControlMixin, method))
+    assert "dp_size == 1" in source
+    assert hashlib.sha256(source.encode()).hexdigest() == SGLANG_LORA_UPDATE_SHA256[method]
+
+
+def test_adapter_updates_reach_every_replica():
+    """What makes a load under ``--dp-size > 1`` reach every replica: the tokenizer's fan-out
+    communicators wait for one answer per DP rank, and the DP controller sends any message it
+    does not dispatch (control messages) to every replica."""
+    from sglang.srt.managers.data_parallel_controller import DataParallelController
+    from sglang.srt.managers.tokenizer_control_mixin import TokenizerControlMixin
+
+    assert "get_parallel().num_dp_ranks" in inspect.getsource(
+        TokenizerControlMixin.init_communicators
+    )
+    dispatcher = inspect.getsource(DataParallelController.init_dispatcher)
+    assert "add_fallback_fn(self.send_control_message)" in dispatcher
+    send = inspect.getsource(DataParallelController.send_control_message)
+    assert "self._active_workers[:: self.control_message_step]" in send

@@ -13,7 +13,8 @@ dir`` on their first request, without a restart and without ``--lora-paths``.
   (:class:`~chameleon_sglang.catalog.name_locks.NameLocks`): concurrent first requests cause one
   load. A name whose load failed is refused, naming the error, until its backoff ends (1 s,
   doubling, at most 60 s). A name no directory has, or an adapter that must not be served, is a
-  ``ValueError``: HTTP 400 with the reason, nothing else affected.
+  ``ValueError``: HTTP 400 with the reason, nothing else affected. With ``--dp-size > 1`` the
+  adapter is loaded on every replica (``hooks/replica_loads.py``) and dispatched like any other.
 """
 
 from __future__ import annotations
@@ -139,11 +140,6 @@ async def _offer(
     )
     if reason is not None:
         raise AdapterRefused(f"LoRA adapter {name!r} refused: {reason}")
-    if int(getattr(server_args, "dp_size", 1) or 1) > 1:
-        raise ValueError(
-            f"LoRA adapter {name!r}: serving from adapter directories with --dp-size > 1 is not "
-            "supported yet (SGLang loads adapters at run time only with one replica)"
-        )
     ref = LoRARef(lora_name=name, lora_path=str(spec.path), pinned=False)
     manager.lora_ref_cache.setdefault(name, ref)
     logger.info("Chameleon adapter catalog: %s resolved to %s", name, spec.path)

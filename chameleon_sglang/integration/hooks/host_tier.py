@@ -28,6 +28,11 @@ from chameleon_sglang.catalog.adapter_config import WEIGHT_FILES
 from chameleon_sglang.catalog.host_tier import HostTier
 from chameleon_sglang.catalog.load_failures import LoadFailures
 from chameleon_sglang.catalog.name_locks import NameLocks
+from chameleon_sglang.integration.hooks.replica_loads import (
+    load_on_every_replica,
+    several_replicas,
+    unload_on_every_replica,
+)
 from chameleon_sglang.integration.metrics import MetricsPublisher, host_tier_metrics
 from chameleon_sglang.integration.state import ChameleonState, state_for, state_of
 
@@ -92,18 +97,28 @@ def adapter_bytes(path: Optional[str]) -> int:
     return 0
 
 
+def host_bytes(manager: Any, path: Optional[str]) -> int:
+    """Host memory an adapter takes: its weight file's bytes in every replica's scheduler."""
+    replicas = int(getattr(manager.server_args, "dp_size", 1) or 1)
+    return adapter_bytes(path) * max(replicas, 1)
+
+
 async def bound_host_memory(
     original: Callable, manager: Any, obj: Any, *args: Any, **kwargs: Any
 ) -> Any:
     """Around ``TokenizerManager.load_lora_adapter``: after a successful load, the adapter joins
-    the host tier and adapters leave it until it fits its budget (module docstring)."""
-    result = await original(manager, obj, *args, **kwargs)
+    the host tier and adapters leave it until it fits its budget (module docstring). With
+    several replicas the load is :func:`~.replica_loads.load_on_every_replica`."""
     state = catalog_state(manager)
+    if state is not None and several_replicas(manager):
+        result = await load_on_every_replica(manager, obj)
+    else:
+        result = await original(manager, obj, *args, **kwargs)
     if state is None or not getattr(result, "success", False):
         return result
     tier = state.host_tier
     now = time.monotonic()
-    tier.admit(obj.lora_name, adapter_bytes(obj.lora_path), bool(obj.pinned), now)
+    tier.admit(obj.lora_name, host_bytes(manager, obj.lora_path), bool(obj.pinned), now)
     state.load_failures.clear(obj.lora_name)
     _follow_registry(manager, tier)
     held = _held(manager, state) | {obj.lora_name}
@@ -145,9 +160,13 @@ async def _unload(manager: Any, state: ChameleonState, victims: list, result: An
 async def forget_unloaded(
     original: Callable, manager: Any, obj: Any, *args: Any, **kwargs: Any
 ) -> Any:
-    """Around ``TokenizerManager.unload_lora_adapter``: the adapter left the host tier."""
-    result = await original(manager, obj, *args, **kwargs)
+    """Around ``TokenizerManager.unload_lora_adapter``: the adapter left the host tier. With
+    several replicas the unload is :func:`~.replica_loads.unload_on_every_replica`."""
     state = catalog_state(manager)
+    if state is not None and several_replicas(manager):
+        result = await unload_on_every_replica(manager, obj)
+    else:
+        result = await original(manager, obj, *args, **kwargs)
     if state is not None and getattr(result, "success", False):
         state.host_tier.remove(obj.lora_name)
         state.load_failures.clear(obj.lora_name)
@@ -163,7 +182,7 @@ def _follow_registry(manager: Any, tier: HostTier) -> None:
     now = time.monotonic()
     for name, ref in registered.items():
         if name not in tier:
-            tier.admit(name, adapter_bytes(ref.lora_path), bool(ref.pinned), now)
+            tier.admit(name, host_bytes(manager, ref.lora_path), bool(ref.pinned), now)
 
 
 def _held(manager: Any, state: ChameleonState) -> Set[str]:
