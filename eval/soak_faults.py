@@ -147,19 +147,24 @@ async def disk_faults(directory: AdapterDirectory, every_s: float, stop: asyncio
 async def reload_adapter(
     session: aiohttp.ClientSession, url: str, adapter: Any, **tags: Any
 ) -> Dict[str, Any]:
-    """Unload ``adapter`` (name, path), then load it again; what each call answered."""
+    """Unload ``adapter`` (name, path), then load it again; what each call answered (no answer
+    within 300 s, or a broken connection, is recorded as a failure of that call)."""
     entry: Dict[str, Any] = {"adapter": adapter.name, "t": time.time(), **tags}
     for op, body in (
         ("unload", {"lora_name": adapter.name}),
         ("load", {"lora_name": adapter.name, "lora_path": str(adapter.path)}),
     ):
-        async with session.post(
-            f"{url}/{op}_lora_adapter", json=body, timeout=aiohttp.ClientTimeout(total=300)
-        ) as resp:
-            payload = await resp.json(content_type=None)
-            entry[op] = bool(resp.status == 200 and payload.get("success"))
-            if not entry[op]:
-                entry[f"{op}_error"] = f"HTTP {resp.status} {str(payload)[:300]}"
+        try:
+            async with session.post(
+                f"{url}/{op}_lora_adapter", json=body, timeout=aiohttp.ClientTimeout(total=300)
+            ) as resp:
+                payload = await resp.json(content_type=None)
+                entry[op] = bool(resp.status == 200 and payload.get("success"))
+                if not entry[op]:
+                    entry[f"{op}_error"] = f"HTTP {resp.status} {str(payload)[:300]}"
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:  # a failed reload, recorded
+            entry[op] = False
+            entry[f"{op}_error"] = f"no answer: {type(exc).__name__} {exc}"[:300]
     return entry
 
 

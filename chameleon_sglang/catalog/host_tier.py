@@ -5,7 +5,8 @@ misses; it never unloads anything itself. Contract of :meth:`HostTier.victims`: 
 first-to-go first, until the tier fits its budget, chosen by the device cache's eviction policy
 (Chameleon's score: frequency, recency, size) among adapters that are neither pinned nor in use;
 if those do not free enough, it returns what they free (a tier over budget stays over budget
-rather than drop an adapter a request holds).
+rather than drop an adapter a request holds). :meth:`HostTier.victims_by_count` chooses the same
+way for a count bound.
 """
 
 from __future__ import annotations
@@ -89,16 +90,25 @@ class HostTier:
         excess = self.used_bytes - self.budget_bytes
         if excess <= 0:
             return []
-        candidates = [
-            e for name, e in self._entries.items() if not self._pinned[name] and not in_use(name)
-        ]
         chosen: List[str] = []
-        for entry in self._policy.order(candidates, now):
+        for entry in self._order(in_use, now):
             if excess <= 0:
                 break
             chosen.append(entry.adapter_id)
             excess -= entry.num_bytes
         return chosen
+
+    def victims_by_count(self, count: int, in_use: Callable[[str], bool], now: float) -> List[str]:
+        """The first ``count`` names to go (fewer where fewer are neither pinned nor in use):
+        room for a count bound such as ``--max-loaded-loras``, chosen as :meth:`victims`."""
+        return [entry.adapter_id for entry in self._order(in_use, now)[: max(count, 0)]]
+
+    def _order(self, in_use: Callable[[str], bool], now: float) -> List[CacheEntry]:
+        """Adapters neither pinned nor in use, first-to-go first."""
+        candidates = [
+            e for name, e in self._entries.items() if not self._pinned[name] and not in_use(name)
+        ]
+        return list(self._policy.order(candidates, now))
 
     def stats(self, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """Counts and bytes of the tier (``extra`` merged in)."""

@@ -169,3 +169,17 @@ def test_host_tier_bytes_follow_admissions_and_removals():
     tier.remove("a")
     tier.remove("unknown")
     assert tier.used_bytes == 50 and tier.stats()["evictions"] == 0
+
+
+def test_room_by_count_takes_the_first_to_go_that_no_request_holds():
+    tier = _tier(10_000)
+    tier.admit("pinned", 10, pinned=True, now=0)
+    tier.admit("held", 10, pinned=False, now=0)
+    tier.admit("cold", 10, pinned=False, now=0)
+    tier.admit("hot", 10, pinned=False, now=0)
+    for t in range(1, 5):
+        tier.on_request(["hot"], now=t)
+    in_use = lambda name: name == "held"  # noqa: E731
+    assert tier.victims_by_count(1, in_use, now=5) == ["cold"]
+    assert tier.victims_by_count(5, in_use, now=5) == ["cold", "hot"]  # never pinned or held
+    assert tier.victims_by_count(0, in_use, now=5) == []

@@ -4,8 +4,8 @@ the byte-bounded host tier, backoff after a failed load, unload from every tier.
 Two servers of one adapter directory start side by side, every adapter read made slower
 (``CHAMELEON_ADAPTER_READ_DELAY_S``: a slow disk): ``background`` (the default: reads on worker
 threads, 1 s each, a 1.5 MB host budget) and ``in_loop`` (``--chameleon-adapter-read-workers 0``:
-reads in the scheduler loop, as SGLang does, 1.5 s each), the contrast that shows what the
-workers remove.
+reads in the scheduler loop, as SGLang does, 1.5 s each; at most two adapters loaded), the
+contrast that shows what the workers remove.
 """
 
 from __future__ import annotations
@@ -57,7 +57,15 @@ def servers(tiny_assets: Assets, adapter_dir: Path, tmp_path_factory):
             extra_args=[*common, "--chameleon-host-cache-gb", str(BUDGET_GB), "--enable-metrics"],
             name="background",
         ),
-        dict(extra_args=[*common, "--chameleon-adapter-read-workers", "0"], name="in_loop"),
+        dict(
+            extra_args=[
+                *common,
+                "--chameleon-adapter-read-workers",
+                "0",
+                *("--max-loaded-loras", "2", "--max-loras-per-batch", "2"),
+            ],
+            name="in_loop",
+        ),
     ]
     delay = "CHAMELEON_ADAPTER_READ_DELAY_S"
     started = start_servers(
@@ -223,3 +231,33 @@ def test_a_burst_of_unknown_names_leaves_nothing_behind(servers):
     tier = _host_tier(url)
     assert tier["loading"] == 0 and tier["failures_remembered"] <= 1, json.dumps(tier)
     assert healthy(url) and _post(url, "a001r16").status_code == 200
+
+
+def test_max_loaded_loras_unloads_an_idle_adapter_not_one_in_use(servers):
+    """``--max-loaded-loras 2``, two adapters loaded, the least recently used one (``busy``)
+    serving a long stream: a third adapter's request takes the idle one's place and is
+    answered while the stream runs. (SGLang's own LRU unloads ``busy``, waiting with its
+    update lock held until the stream ends: no adapter loads meanwhile.)"""
+    url = servers["in_loop"].url
+    busy, idle, third = "a006r16", "a007r32", "a003r64"
+    assert _post(url, busy).status_code == 200 and _post(url, idle).status_code == 200
+    body = {
+        "input_ids": PROMPT,
+        "lora_path": busy,
+        "sampling_params": {"max_new_tokens": 2000, "temperature": 0, "ignore_eos": True},
+        "stream": True,
+    }
+    answered: Dict[str, float] = {}
+    with requests.post(url + "/generate", json=body, stream=True, timeout=300) as resp:
+        resp.raise_for_status()
+        for i, line in enumerate(resp.iter_lines()):
+            if i == 5:  # busy is acquired (the newest); idle becomes the newest again
+                assert _post(url, idle).status_code == 200
+                answered["status"] = _post(url, third).status_code
+                answered["at"] = time.monotonic()
+            if line.endswith(b"[DONE]"):
+                break
+        stream_end = time.monotonic()
+    assert answered["status"] == 200 and answered["at"] < stream_end - 1.0
+    log = servers["in_loop"].log.read_text(errors="replace")
+    assert f"unloaded {idle}" in log and f"adapter '{busy}'" not in log

@@ -8,7 +8,9 @@ unload path until their weights fit ``--chameleon-host-cache-gb``, chosen by the
 eviction score (frequency, recency, size), never a pinned adapter, one a request holds, or one
 being loaded for a request. An unloaded adapter keeps its ``LoRARef`` in SGLang's
 ``lora_ref_cache``, so its next request reads it from disk again. ``--max-loaded-loras``, where
-set, still applies (SGLang's LRU, first); the byte budget applies after it.
+set, still applies, but adapters no request holds leave first, by the same score
+(:func:`_room_by_count`: SGLang's LRU would unload an adapter in use and hold every load until
+its requests finish); the byte budget applies after it.
 
 A load that fails is remembered (:class:`~chameleon_sglang.catalog.load_failures.LoadFailures`):
 requests for that name are refused at once, naming the error, until its backoff ends.
@@ -28,6 +30,7 @@ from chameleon_sglang.catalog.adapter_config import WEIGHT_FILES
 from chameleon_sglang.catalog.host_tier import HostTier
 from chameleon_sglang.catalog.load_failures import LoadFailures
 from chameleon_sglang.catalog.name_locks import NameLocks
+from chameleon_sglang.integration import capability
 from chameleon_sglang.integration.hooks.replica_loads import (
     load_on_every_replica,
     several_replicas,
@@ -110,6 +113,8 @@ async def bound_host_memory(
     the host tier and adapters leave it until it fits its budget (module docstring). With
     several replicas the load is :func:`~.replica_loads.load_on_every_replica`."""
     state = catalog_state(manager)
+    if state is not None:
+        await _room_by_count(manager, state, obj.lora_name)
     if state is not None and several_replicas(manager):
         result = await load_on_every_replica(manager, obj)
     else:
@@ -127,6 +132,26 @@ async def bound_host_memory(
         await _unload(manager, state, victims, result)
     publish_host_tier(manager, state)
     return result
+
+
+async def _room_by_count(manager: Any, state: ChameleonState, name: str) -> None:
+    """Before a load that ``--max-loaded-loras`` would answer with SGLang's LRU: adapters no
+    request holds leave first, by the host tier's score. SGLang's LRU may pick an adapter that
+    requests are using and then wait, holding ``lora_update_lock``, until every one of them has
+    finished: under overload minutes in which no other adapter loads (found by the soak with
+    faults). Where every adapter is held, SGLang's LRU decides, as without ``--chameleon``."""
+    limit = capability.resolved(manager.server_args).max_loaded_loras
+    registered = manager.lora_registry.get_all_adapters()
+    if limit is None or name in registered or len(registered) < int(limit):
+        return
+    tier = state.host_tier
+    _follow_registry(manager, tier)
+    held = _held(manager, state) | {name}
+    victims = tier.victims_by_count(
+        len(registered) + 1 - int(limit), held.__contains__, time.monotonic()
+    )
+    if victims:
+        await _unload(manager, state, victims, None)
 
 
 async def _unload(manager: Any, state: ChameleonState, victims: list, result: Any) -> None:
