@@ -21,6 +21,7 @@ from chameleon_sglang.integration.hooks import (
     dp,
     host_tier,
     http,
+    loads,
     lora,
     requests,
     scheduler,
@@ -35,6 +36,9 @@ LORA_MANAGER = "sglang.srt.lora.lora_manager.LoRAManager"
 LORA_POOL = "sglang.srt.lora.mem_pool.LoRAMemoryPool"
 TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 IDLE_SLEEPER = "sglang.srt.managers.scheduler_components.idle_sleeper.IdleSleeper"
+METRICS_REPORTER = (
+    "sglang.srt.managers.scheduler_components.metrics_reporter.SchedulerMetricsReporter"
+)
 SAMPLING_PARAMS_VERIFY = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
 
 RESOLUTION_HOOKS: List[Tuple[str, Callable[[Any, Callable[[Any], None]], None]]] = [
@@ -70,6 +74,7 @@ HOOKS: List[Tuple[str, Callable[..., Any], str]] = [
     (f"{SCHEDULER}.process_batch_result", call_after("cache", "settle_finished"), AFTER),
     (f"{SCHEDULER}.get_init_info", scheduler.add_chameleon_init_info, AFTER),
     (f"{SCHEDULER}.get_internal_state", scheduler.add_chameleon_internal_state, AFTER),
+    (f"{METRICS_REPORTER}._update_lora_metrics", loads.report_cached_adapters, AFTER),
     # data parallelism: replica reports (scheduler processes), dispatch (controller process)
     (f"{SCHEDULER}.init_ipc_channels", dp.remember_ipc_name, AFTER),
     (f"{SCHEDULER}.init_schedule_policy", dp.install_reporter, AFTER),

@@ -204,3 +204,21 @@ def test_a_directory_adapter_loads_on_every_replica_on_its_first_request(tiny_as
     )
     assert missing.status_code == 400 and "none of the adapter directories" in missing.text
     assert healthy(dp2.url) and integrity_problems(dp2.url) == []
+
+
+def test_loads_describe_the_adapter_cache_of_each_replica(tiny_assets, dp2):
+    """``/v1/loads`` (what SGLang's gateway and autoscalers poll), per replica: the LoRA section
+    counts the adapters resident in that replica's cache, and idle cached adapters are not used
+    KV (token usage is zero once nothing runs, while the cache holds adapters)."""
+    for replica in (0, 1):
+        _routed(dp2.url, tiny_assets.adapters[replica].name, replica)
+    time.sleep(0.5)
+    loads = requests.get(dp2.url + "/v1/loads", timeout=30).json()["loads"]
+    replicas = _replicas(dp2.url)
+    assert [load["dp_rank"] for load in loads] == [0, 1]
+    for load, stats in zip(loads, replicas):
+        cache = stats["adapter_cache"]
+        assert cache["num_resident"] >= 1 and cache["resident_slots"] > 0
+        assert load["lora"]["slots_total"] == cache["num_resident"], (load, cache)
+        assert load["num_running_reqs"] == 0 and load["token_usage"] == 0.0, load
+        assert load["num_used_tokens"] == 0, load

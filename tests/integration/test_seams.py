@@ -23,6 +23,7 @@ from chameleon_sglang.integration import plugin
 PINNED = {
     "sglang.srt.entrypoints.http_server.launch_server": "server_args init_tokenizer_manager_func run_scheduler_process_func run_detokenizer_process_func execute_warmup_func launch_callback",
     "sglang.srt.lora.lora_manager.LoRAManager.init_memory_pool": "self",
+    "sglang.srt.managers.scheduler_components.metrics_reporter.SchedulerMetricsReporter._update_lora_metrics": "self",
     "sglang.srt.model_executor.model_runner.ModelRunner.init_lora_manager": "self",
     "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool_allocator": "self sizes token_to_kv_pool is_dsv4_model req_to_token_pool token_to_kv_pool_allocator",
     "sglang.srt.model_executor.model_runner.ModelRunner.configure_kv_cache_dtype": "self",
@@ -304,3 +305,16 @@ def test_adapter_updates_reach_every_replica():
     assert "add_fallback_fn(self.send_control_message)" in dispatcher
     send = inspect.getsource(DataParallelController.send_control_message)
     assert "self._active_workers[:: self.control_message_step]" in send
+
+
+def test_the_load_snapshot_reads_the_lora_figures_we_rewrite():
+    """``/v1/loads``' LoRA section is the reporter's ``lora_pool_slots_*`` figures, written by
+    ``_update_lora_metrics`` (after which ``hooks/loads.py`` rewrites them)."""
+    from sglang.srt.managers.scheduler_components.load_inquirer import SchedulerLoadInquirer
+    from sglang.srt.managers.scheduler_components.metrics_reporter import SchedulerMetricsReporter
+
+    update = inspect.getsource(SchedulerMetricsReporter._update_lora_metrics)
+    for name in ("lora_pool_slots_used", "lora_pool_slots_total", "lora_pool_utilization"):
+        assert f"self.stats.{name} = " in update, name
+    loads = inspect.getsource(SchedulerLoadInquirer.get_loads)
+    assert "slots_total=stats.lora_pool_slots_total" in loads
