@@ -9,6 +9,7 @@ nothing is ``setattr`` onto SGLang's objects. An owner's state lives as long as 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
@@ -58,6 +59,8 @@ class ChameleonState:
     """Recent adapter load failures, for backoff (launcher process)."""
     loading: Optional[NameLocks] = None
     """Adapter names being loaded for requests (launcher process)."""
+    loads_in_turn: Optional[asyncio.Lock] = None
+    """Adapter loads one at a time, room made before each (launcher process)."""
     tokenizer_ipc_name: Optional[str] = None
     """The launch's tokenizer IPC name (the DP residency channel is derived from it)."""
 

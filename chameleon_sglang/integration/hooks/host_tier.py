@@ -8,9 +8,10 @@ unload path until their weights fit ``--chameleon-host-cache-gb``, chosen by the
 eviction score (frequency, recency, size), never a pinned adapter, one a request holds, or one
 being loaded for a request. An unloaded adapter keeps its ``LoRARef`` in SGLang's
 ``lora_ref_cache``, so its next request reads it from disk again. ``--max-loaded-loras``, where
-set, still applies, but adapters no request holds leave first, by the same score
-(:func:`_room_by_count`: SGLang's LRU would unload an adapter in use and hold every load until
-its requests finish); the byte budget applies after it.
+set, still applies, but adapters no request holds leave first, by the same score, and where
+every loaded adapter is in use the load is refused (:func:`_room_by_count`: SGLang's LRU would
+unload an adapter in use and hold every load until its requests finish); the byte budget
+applies after it.
 
 A load that fails is remembered (:class:`~chameleon_sglang.catalog.load_failures.LoadFailures`):
 requests for that name are refused at once, naming the error, until its backoff ends.
@@ -18,6 +19,7 @@ requests for that name are refused at once, naming the error, until its backoff 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -78,6 +80,7 @@ def catalog_state(manager: Any) -> Optional[ChameleonState]:
         )
         state.load_failures = LoadFailures()
         state.loading = NameLocks()
+        state.loads_in_turn = asyncio.Lock()
         state.host_tier_metrics = MetricsPublisher(manager, host_tier_metrics)
         _follow_registry(manager, state.host_tier)
         logger.info(
@@ -113,13 +116,17 @@ async def bound_host_memory(
     the host tier and adapters leave it until it fits its budget (module docstring). With
     several replicas the load is :func:`~.replica_loads.load_on_every_replica`."""
     state = catalog_state(manager)
-    if state is not None:
-        await _room_by_count(manager, state, obj.lora_name)
-    if state is not None and several_replicas(manager):
-        result = await load_on_every_replica(manager, obj)
-    else:
-        result = await original(manager, obj, *args, **kwargs)
-    if state is None or not getattr(result, "success", False):
+    if state is None:
+        return await original(manager, obj, *args, **kwargs)
+    async with state.loads_in_turn:  # SGLang loads one at a time too (its update lock)
+        refusal = await _room_by_count(manager, state, obj.lora_name)
+        if refusal is not None:
+            return _failed_load(refusal)
+        if several_replicas(manager):
+            result = await load_on_every_replica(manager, obj)
+        else:
+            result = await original(manager, obj, *args, **kwargs)
+    if not getattr(result, "success", False):
         return result
     tier = state.host_tier
     now = time.monotonic()
@@ -134,24 +141,40 @@ async def bound_host_memory(
     return result
 
 
-async def _room_by_count(manager: Any, state: ChameleonState, name: str) -> None:
+NO_ROOM = "every loaded adapter is in use"
+"""In the refusal of a load that ``--max-loaded-loras`` has no room for (not a load failure:
+nothing is remembered, the next request tries again)."""
+
+
+async def _room_by_count(manager: Any, state: ChameleonState, name: str) -> Optional[str]:
     """Before a load that ``--max-loaded-loras`` would answer with SGLang's LRU: adapters no
-    request holds leave first, by the host tier's score. SGLang's LRU may pick an adapter that
-    requests are using and then wait, holding ``lora_update_lock``, until every one of them has
-    finished: under overload minutes in which no other adapter loads (found by the soak with
-    faults). Where every adapter is held, SGLang's LRU decides, as without ``--chameleon``."""
+    request holds leave first, by the host tier's score. Where none is free, the load is refused
+    (the reason is returned) rather than left to SGLang's LRU, which would unload an adapter that
+    requests are using and wait, holding ``lora_update_lock``, until every one of them finished:
+    under overload minutes in which no other adapter loads and no adapter unloads (found by the
+    soak with faults). Loads wait in turn (``loads_in_turn``), so two never see room for one."""
     limit = capability.resolved(manager.server_args).max_loaded_loras
     registered = manager.lora_registry.get_all_adapters()
     if limit is None or name in registered or len(registered) < int(limit):
-        return
+        return None
     tier = state.host_tier
     _follow_registry(manager, tier)
     held = _held(manager, state) | {name}
-    victims = tier.victims_by_count(
-        len(registered) + 1 - int(limit), held.__contains__, time.monotonic()
-    )
-    if victims:
-        await _unload(manager, state, victims, None)
+    needed = len(registered) + 1 - int(limit)
+    victims = tier.victims_by_count(needed, held.__contains__, time.monotonic())
+    if len(victims) < needed:
+        return (
+            f"LoRA adapter {name!r} not loaded: --max-loaded-loras {limit} reached and "
+            f"{NO_ROOM} by a request (retry once requests finish)"
+        )
+    await _unload(manager, state, victims, None)
+    return None
+
+
+def _failed_load(reason: str) -> Any:
+    from sglang.srt.managers.io_struct import LoadLoRAAdapterReqOutput
+
+    return LoadLoRAAdapterReqOutput(success=False, error_message=reason)
 
 
 async def _unload(manager: Any, state: ChameleonState, victims: list, result: Any) -> None:
