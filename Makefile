@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 ## setup: build .venv (CPU torch, sglang==$(SGLANG_VERSION) --no-deps, pinned deps; GPU deps on NVIDIA machines)
 setup: $(STAMP)
 
-$(STAMP): sglang.pin requirements/cpu.txt requirements/cpu-constraints.txt requirements/dev.txt pyproject.toml scripts/setup_venv.sh
+$(STAMP): sglang.pin requirements/cpu.txt requirements/cpu-constraints.txt requirements/dev.txt requirements/gateway.txt pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh $(VENV)
 	@touch $@
 

@@ -166,13 +166,19 @@ class _Stream:
 
 
 async def send_one(
-    session: aiohttp.ClientSession, url: str, req: WorkloadRequest, start: float
+    session: aiohttp.ClientSession,
+    url: str,
+    req: WorkloadRequest,
+    start: float,
+    routing_header: Optional[str] = None,
 ) -> RequestResult:
-    """Send ``req`` now and stream its response to the end."""
+    """Send ``req`` now and stream its response to the end; with ``routing_header``, its adapter's
+    name goes in that header too (a gateway's routing key)."""
     t_send = time.perf_counter()
     stream = _Stream(t_send)
+    headers = {routing_header: req.adapter} if routing_header and req.adapter else None
     try:
-        async with session.post(url + "/generate", json=request_body(req)) as resp:
+        async with session.post(url + "/generate", json=request_body(req), headers=headers) as resp:
             if resp.status != 200:
                 body = (await resp.text())[:500]
                 return _base(
@@ -198,12 +204,13 @@ async def _dispatch(
     start: float,
     tasks: Dict[int, asyncio.Task[RequestResult]],
     on_done: Any,
+    routing_header: Optional[str] = None,
 ) -> None:
     for req in requests:
         delay = start + req.arrival_s - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        task = asyncio.create_task(send_one(session, url, req, start))
+        task = asyncio.create_task(send_one(session, url, req, start, routing_header))
         task.add_done_callback(on_done)
         tasks[req.index] = task
 
@@ -214,8 +221,10 @@ async def run_load(
     deadline_s: float,
     progress: bool = True,
     desc: str = "requests",
+    routing_header: Optional[str] = None,
 ) -> List[RequestResult]:
-    """Replay ``requests`` against ``url`` (see the module contract); results in request order."""
+    """Replay ``requests`` against ``url`` (see the module contract); results in request order.
+    ``routing_header``: a header that carries each request's adapter name (a gateway's key)."""
     url = check_loopback(url)
     ordered = sorted(requests, key=lambda r: (r.arrival_s, r.index))
     bar = _progress_bar(len(ordered), desc) if progress else None
@@ -231,7 +240,9 @@ async def run_load(
     async with aiohttp.ClientSession(
         timeout=timeout, connector=connector, read_bufsize=_READ_BUFSIZE
     ) as session:
-        dispatcher = asyncio.create_task(_dispatch(session, url, ordered, start, tasks, on_done))
+        dispatcher = asyncio.create_task(
+            _dispatch(session, url, ordered, start, tasks, on_done, routing_header)
+        )
         await _wait_all(dispatcher, tasks, start + deadline_s)
     if bar is not None:
         bar.close()
@@ -280,6 +291,7 @@ def run_load_sync(
     deadline_s: float,
     progress: bool = True,
     desc: str = "requests",
+    routing_header: Optional[str] = None,
 ) -> List[RequestResult]:
     """:func:`run_load` from synchronous code (a fresh event loop)."""
-    return asyncio.run(run_load(url, requests, deadline_s, progress, desc))
+    return asyncio.run(run_load(url, requests, deadline_s, progress, desc, routing_header))

@@ -40,5 +40,9 @@ else
   "${pip[@]}" install -r "$here/requirements/cpu.txt" -c "$constraints"
 fi
 "${pip[@]}" install -r "$here/requirements/dev.txt"
+# Optional: the gateway (smg) wheel ships a Linux x86-64/arm64 binary
+if ! "${pip[@]}" install -r "$here/requirements/gateway.txt"; then
+  echo "[setup] smg (SGLang's model gateway) did not install: the gateway tests will be skipped" >&2
+fi
 "${pip[@]}" install --no-deps -e "$here"
 echo "[setup] done: $venv"
