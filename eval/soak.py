@@ -281,12 +281,17 @@ NOT_LOADED = "does not exist"
 already unloaded: an explicit refusal, and the adapter is not loaded, as the caller wanted."""
 
 
+NO_ROOM = "every loaded adapter is in use"
+"""Chameleon's answer to a load that ``--max-loaded-loras`` has no room for while every loaded
+adapter serves requests: an explicit, immediate refusal (SGLang's LRU would stall every load)."""
+
+
 def _reload_ok(entry: Dict[str, Any]) -> bool:
-    """The load succeeded, and the unload did or was refused because the adapter was no
-    longer loaded (with faults, directory adapters push registered ones out of SGLang's LRU)."""
-    return bool(entry.get("load")) and (
-        bool(entry.get("unload")) or NOT_LOADED in entry.get("unload_error", "")
-    )
+    """The load succeeded or was refused for want of room (every loaded adapter in use), and the
+    unload did or was refused because the adapter was no longer loaded (with faults, directory
+    adapters push registered ones out of SGLang's LRU)."""
+    loaded = bool(entry.get("load")) or NO_ROOM in entry.get("load_error", "")
+    return loaded and (bool(entry.get("unload")) or NOT_LOADED in entry.get("unload_error", ""))
 
 
 def group_rss_kb(pid: int) -> int:
@@ -498,6 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         errors=[dataclasses.asdict(o) for o in outcomes if o.kind == "error"][:20],
         failed_reloads=[r for r in reloads if not _reload_ok(r)][:20],
         unloads_of_unloaded=sum(NOT_LOADED in r.get("unload_error", "") for r in reloads),
+        loads_refused_for_room=sum(NO_ROOM in r.get("load_error", "") for r in reloads),
         checks=checks,
         passed=all(checks.values()),
         faults=describe(directory, faults) if faults else None,

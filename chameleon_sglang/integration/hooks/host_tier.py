@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Set
 
 from chameleon_sglang.cache.eviction import create_eviction_policy
-from chameleon_sglang.catalog.adapter_config import WEIGHT_FILES
+from chameleon_sglang.catalog.adapter_config import (
+    WEIGHT_FILES,
+    AdapterRefused,
+    read_adapter_spec,
+    refusal_for,
+)
 from chameleon_sglang.catalog.host_tier import HostTier
 from chameleon_sglang.catalog.load_failures import LoadFailures
 from chameleon_sglang.catalog.name_locks import NameLocks
@@ -119,7 +124,7 @@ async def bound_host_memory(
     if state is None:
         return await original(manager, obj, *args, **kwargs)
     async with state.loads_in_turn:  # SGLang loads one at a time too (its update lock)
-        refusal = await _room_by_count(manager, state, obj.lora_name)
+        refusal = await _room_by_count(manager, state, obj.lora_name, obj.lora_path)
         if refusal is not None:
             return _failed_load(refusal)
         if several_replicas(manager):
@@ -146,20 +151,29 @@ NO_ROOM = "every loaded adapter is in use"
 nothing is remembered, the next request tries again)."""
 
 
-async def _room_by_count(manager: Any, state: ChameleonState, name: str) -> Optional[str]:
+async def _room_by_count(
+    manager: Any, state: ChameleonState, name: str, path: Optional[str]
+) -> Optional[str]:
     """Before a load that ``--max-loaded-loras`` would answer with SGLang's LRU: adapters no
-    request holds leave first, by the host tier's score. Where none is free, the load is refused
+    request holds leave first, by the host tier's score, where SGLang's LRU would pick one a
+    request holds (else SGLang's LRU decides, after the load succeeded, as without
+    ``--chameleon``; an adapter whose config fails the server's checks is left to SGLang's own
+    refusal, so a bad load drops nothing). Where none is free, the load is refused
     (the reason is returned) rather than left to SGLang's LRU, which would unload an adapter that
     requests are using and wait, holding ``lora_update_lock``, until every one of them finished:
     under overload minutes in which no other adapter loads and no adapter unloads (found by the
     soak with faults). Loads wait in turn (``loads_in_turn``), so two never see room for one."""
-    limit = capability.resolved(manager.server_args).max_loaded_loras
+    server_args = capability.resolved(manager.server_args)
+    limit = server_args.max_loaded_loras
     registered = manager.lora_registry.get_all_adapters()
     if limit is None or name in registered or len(registered) < int(limit):
         return None
+    held = _held(manager, state) | {name}
+    lru = next((n for n, ref in registered.items() if not ref.pinned), None)
+    if lru is None or lru not in held or not _loadable(path, server_args):
+        return None  # SGLang's LRU drops an idle adapter (after a successful load only)
     tier = state.host_tier
     _follow_registry(manager, tier)
-    held = _held(manager, state) | {name}
     needed = len(registered) + 1 - int(limit)
     victims = tier.victims_by_count(needed, held.__contains__, time.monotonic())
     if len(victims) < needed:
@@ -169,6 +183,17 @@ async def _room_by_count(manager: Any, state: ChameleonState, name: str) -> Opti
         )
     await _unload(manager, state, victims, None)
     return None
+
+
+def _loadable(path: Optional[str], server_args: Any) -> bool:
+    """Whether the adapter at ``path`` passes the checks a config can answer (PEFT LoRA, rank,
+    modules): those SGLang would otherwise refuse only after room was made."""
+    try:
+        spec = read_adapter_spec(Path(path or ""))
+    except (AdapterRefused, OSError, ValueError):
+        return False
+    modules = list(server_args.lora_target_modules or ["all"])
+    return refusal_for(spec, int(server_args.max_lora_rank or 0), modules) is None
 
 
 def _failed_load(reason: str) -> Any:
