@@ -2,9 +2,10 @@
 
 ``python kernels/gpu_check.py --out gpu-check.json`` (``make gpu-check``) on one NVIDIA GPU, at
 Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 layers, q/k/v/o/gate/up/down, ranks
-8-128), bf16 by default. No SGLang: adapters are packed into per-layer K and V buffers as the
-adapter cache packs them (A in one, B in the other, so offsets cross buffers) and found through a
-:class:`~chameleon_kernels.lora_table.DeviceLocationTable`. Three parts, one JSON file:
+8-128), bf16 by default. SGLang is not needed (part 4 uses it where present): adapters are
+packed into per-layer K and V buffers as the adapter cache packs them (A in one, B in the other,
+so offsets cross buffers) and found through a
+:class:`~chameleon_kernels.lora_table.DeviceLocationTable`. Four parts, one JSON file:
 
 1. **correctness**: the table kernels (:mod:`chameleon_kernels.lora_table_triton`) against a
    float32 reference per adapter segment, decode and prefill batches mixing every rank, on
@@ -15,7 +16,11 @@ adapter cache packs them (A in one, B in the other, so offsets cross buffers) an
    safe, what a naive bgmv does) and a loop over adapter segments (SGLang's torch backend);
 3. **graph**: one decode step captured once, replayed with changing adapter mixes and batch
    sizes while adapters are evicted (memory poisoned with NaN, table cleared) and others loaded
-   into that memory with other ranks; each replay checked against the reference.
+   into that memory with other ranks; each replay checked against the reference;
+4. **sglang**: where SGLang is importable, its own csgmv kernels (its default GPU LoRA backend,
+   :mod:`chameleon_kernels.gpu_check_sglang`) over its padded slot buffers: agreement with ours
+   on part 1's batches, and part 2's decode steps and prefill timed, ours vs csgmv, eager and
+   graph-replayed; where it is not (a machine with torch + triton only), the report says so.
 
 ``--cpu`` runs the same code at tiny shapes under the Triton interpreter, the "graph" part under
 :class:`~chameleon_kernels.graph_guard.GraphDisciplineGuard` instead of a CUDA graph (what the
@@ -82,6 +87,7 @@ LLAMA3_8B = Shapes(
 )
 TINY = Shapes(32, 64, 32, 16, 2, (8, 16, 32), 6, (1, 4, 8), (2, 8), (0, 1))
 TOLERANCE = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-4}  # relative Frobenius error
+PARTS = ("correctness", "graph", "timing", "sglang")
 
 
 class Storage:
@@ -408,13 +414,9 @@ class Check:
                             shrunk[:, i * big_r : (i + 1) * big_r] @ b_pad[adapter, lo:hi].T
                         )
 
-    def timing(self, reps: int) -> List[Dict[str, Any]]:
-        from chameleon_kernels.lora_table import SegmentBuffers
-
-        torch = self.torch
-        padded = self.padded(min(4, self.shapes.layers))
-        layers = range(self.shapes.layers)
-        results = []
+    def timing_cases(self) -> List[Tuple[str, int, int, int]]:
+        """(label, requests, tokens each, distinct adapters): decode batches of each size with
+        one adapter, 8 and as many as the batch allows; one prefill of distinct adapters."""
         requests, each = self.shapes.prefill
         cases = [
             (f"decode bs={bs} adapters={d}", bs, 1, d)
@@ -422,7 +424,16 @@ class Check:
             for d in sorted({1, min(8, bs), min(self.shapes.num_adapters, bs)})
         ]
         cases.append((f"prefill {requests}x{each} adapters={requests}", requests, each, requests))
-        for label, bs, each_tokens, distinct in cases:
+        return cases
+
+    def timing(self, reps: int) -> List[Dict[str, Any]]:
+        from chameleon_kernels.lora_table import SegmentBuffers
+
+        torch = self.torch
+        padded = self.padded(min(4, self.shapes.layers))
+        layers = range(self.shapes.layers)
+        results = []
+        for label, bs, each_tokens, distinct in self.timing_cases():
             mix = self.mix(bs, distinct)
             counts = [each_tokens] * bs
             buffers = SegmentBuffers(bs, bs * each_tokens, self.device)
@@ -535,6 +546,108 @@ class Check:
             "ok": all(r["ok"] for r in results),
         }
 
+    # -- part 4 --------------------------------------------------------------------------------
+    def sglang(self, reps: int) -> Dict[str, Any]:
+        """Ours against SGLang's csgmv kernels where SGLang is importable: agreement on part 1's
+        batches (each also against the float32 reference), then the LoRA part of part 2's
+        decode steps and prefill timed, both eager and (on a GPU) CUDA-graph replayed."""
+        from chameleon_kernels.gpu_check_sglang import CsgmvStep, load_csgmv
+        from chameleon_kernels.lora_table import SegmentBuffers
+
+        kernels, why = load_csgmv()
+        if kernels is None:
+            return {"available": False, "reason": why}
+        torch = self.torch
+        if not self.cuda and self.dtype != torch.float32:
+            return {
+                "available": False,
+                "reason": "the Triton interpreter computes tl.dot on 16-bit tiles as raw bits: "
+                "here SGLang's csgmv is compared in float32 only (--dtype float32)",
+            }
+        layers = self.shapes.check_layers
+        theirs_step = CsgmvStep(kernels, self.storage, layers)
+        requests, each = self.shapes.prefill
+        agreement = []
+        for label, mix, each_tokens in (
+            ("decode", self.mix(max(self.shapes.decode_bs), self.shapes.num_adapters), 1),
+            ("prefill", self.mix(requests, requests), each),
+        ):
+            counts = [each_tokens] * len(mix)
+            plan = SegmentBuffers(len(mix), sum(counts), self.device).fill(mix, counts)
+            xs, before = self.batch(mix, counts)
+            ours = {m: [o.clone() for o in outs] for m, outs in before.items()}
+            theirs = {m: [o.clone() for o in outs] for m, outs in before.items()}
+            lora_step(self.storage, plan, xs, ours, layers)
+            theirs_step.step(theirs_step.batch_info(mix, counts, graph=False), xs, theirs, layers)
+            segments = token_segments(mix, counts)
+            for layer in layers:
+                for module in self.storage.modules:
+                    expected = reference(
+                        self.storage, segments, xs, module, layer, before[module][layer]
+                    )
+                    row = {
+                        "case": label,
+                        "module": module,
+                        "layer": layer,
+                        "ours_rel_error": rel_error(ours[module][layer], expected),
+                        "csgmv_rel_error": rel_error(theirs[module][layer], expected),
+                        "ours_vs_csgmv": rel_error(
+                            ours[module][layer], theirs[module][layer].float()
+                        ),
+                    }
+                    row["ok"] = row["ours_vs_csgmv"] <= 2 * TOLERANCE[self.dtype_name]
+                    if not row["ok"]:
+                        self.failures.append(
+                            f"csgmv {label} {module} layer {layer}: ours differ from SGLang's "
+                            f"by {row['ours_vs_csgmv']:.2e}"
+                        )
+                    agreement.append(row)
+        del theirs_step
+        return {"available": True, "agreement": agreement, "timing": self._time_csgmv(reps)}
+
+    def _time_csgmv(self, reps: int) -> List[Dict[str, Any]]:
+        from chameleon_kernels.gpu_check_sglang import CsgmvStep, load_csgmv
+        from chameleon_kernels.lora_table import SegmentBuffers
+
+        torch = self.torch
+        kernels, _ = load_csgmv()
+        theirs_step = CsgmvStep(kernels, self.storage, range(min(4, self.shapes.layers)))
+        layers = range(self.shapes.layers)
+        rows = []
+        cases = self.timing_cases()
+        if not self.cuda:  # interpreted, the timings mean nothing: run the code path, two cases
+            cases = [cases[-2], cases[-1]]
+        for label, bs, each_tokens, distinct in cases:
+            mix = self.mix(bs, distinct)
+            counts = [each_tokens] * bs
+            decode = each_tokens == 1
+            plan = SegmentBuffers(bs, bs * each_tokens, self.device).fill(mix, counts, graph=decode)
+            info = theirs_step.batch_info(mix, counts, graph=decode)
+            xs, outs = self.batch(mix, counts)
+            ours = functools.partial(lora_step, self.storage, plan, xs, outs, layers)
+            theirs = functools.partial(theirs_step.step, info, xs, outs, layers)
+            row = {
+                "case": label,
+                "tokens": sum(counts),
+                "ours_eager_s": self._time(ours, reps),
+                "csgmv_eager_s": self._time(theirs, reps),
+            }
+            if self.cuda and decode:
+                for name, fn in (("ours_graph_s", ours), ("csgmv_graph_s", theirs)):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        fn()
+                    row[name] = self._time(graph.replay, reps)
+                    del graph
+            best = {
+                who: min(v for k, v in row.items() if k.startswith(who))
+                for who in ("ours", "csgmv")
+            }
+            row["ours_over_csgmv"] = best["ours"] / best["csgmv"]
+            rows.append(row)
+            del xs, outs
+        return rows
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -546,7 +659,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--replays", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run (default: all of {', '.join(PARTS)})",
+    )
     args = parser.parse_args(argv)
+    chosen = [p for p in args.parts.split(",") if p]
+    if not chosen or set(chosen) - set(PARTS):
+        parser.error(f"--parts takes some of {', '.join(PARTS)}")
     if args.cpu:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     started = time.perf_counter()
@@ -568,12 +689,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "dtype": args.dtype,
         "shapes": dataclasses.asdict(shapes),
     }
-    parts: List[Tuple[str, Callable[[], Any]]] = [
-        ("correctness", check.correctness),
-        ("graph", lambda: check.graph(args.replays)),
-        ("timing", lambda: check.timing(args.reps)),
-    ]
-    for name, part in parts:
+    parts: Dict[str, Callable[[], Any]] = {
+        "correctness": check.correctness,
+        "graph": lambda: check.graph(args.replays),
+        "timing": lambda: check.timing(args.reps),
+        "sglang": lambda: check.sglang(args.reps),
+    }
+    for name in chosen:
+        part = parts[name]
         t0 = time.perf_counter()
         try:
             report[name] = part()
@@ -593,6 +716,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{row['case']:>34}: ours {row['ours_eager_s'] * 1e3:8.3f} ms"
             + (f" (graph {row['ours_graph_s'] * 1e3:.3f})" if "ours_graph_s" in row else "")
             + f", {row['speedup_vs_best_dense']:.2f}x faster than dense padded"
+        )
+    sglang = report.get("sglang")
+    if isinstance(sglang, dict) and not sglang.get("available", True):
+        print(f"sglang: not compared ({sglang['reason']})")
+    for row in sglang.get("timing", []) if isinstance(sglang, dict) else []:
+        print(
+            f"{row['case']:>34}: ours / SGLang csgmv {row['ours_over_csgmv']:.2f}x"
+            + (
+                f" (graph {row['ours_graph_s'] * 1e3:.3f} vs {row['csgmv_graph_s'] * 1e3:.3f} ms)"
+                if "csgmv_graph_s" in row
+                else ""
+            )
         )
     print(
         ("PASSED" if report["passed"] else "FAILED: " + "; ".join(check.failures[:5]))

@@ -31,7 +31,7 @@ from chameleon_kernels import lora_cached_numba
 from chameleon_kernels.lora_cached import AdapterGroups, SmallPlanOf, expand, group_tokens, shrink
 from chameleon_kernels.lora_locations import SmallBatch
 from chameleon_kernels.lora_table import BatchPlan, SegmentBuffers
-from chameleon_sglang.integration.capability import CHAMELEON_LORA_BACKEND
+from chameleon_sglang.integration.capability import CHAMELEON_LORA_BACKEND, EMBEDDING_MODULES
 
 EAGER_TOKENS = 16384
 """Tokens the eager batch buffers hold at first (they grow for a larger batch)."""
@@ -186,11 +186,12 @@ class ChameleonLoRABackend(BaseLoRABackend):
         (decided on the host; under a CUDA graph the LoRA kernels always run: a replay may
         bring adapters the captured batch did not have)."""
         info = self.batch_info
+        module, layer_id, _ = lora_a.chameleon_key
         if info is not None and info.plan is not None:
-            if not (info.use_cuda_graph or info.plan.active):
+            # the table has no embedding/LM-head rows: no cached adapter has such weights
+            if module in EMBEDDING_MODULES or not (info.use_cuda_graph or info.plan.active):
                 return base_fn()
             return super().forward_with_base(layer, x, base_fn, lora_a, lora_b, *args, **kwargs)
-        module, layer_id, _ = lora_a.chameleon_key
         groups = info.groups if info is not None else None
         by_id = self.pool.by_id
         if groups is None or not any(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Dict, Hashable, Iterable, List, Optional, Set, Tuple
 
@@ -73,6 +74,29 @@ def table_kernels_available() -> bool:
     from chameleon_kernels import lora_table_triton
 
     return lora_table_triton.HAS_TRITON
+
+
+TABLE_PATH_ON_CPU_ENV = "CHAMELEON_TABLE_PATH_ON_CPU"
+"""Set (with ``TRITON_INTERPRET=1``): a CPU server serves LoRA through the GPU path -- GPU
+layouts, the device location table, the Triton table kernels interpreted. For checking the GPU
+path end to end without a GPU; slow (every kernel interpreted), never for serving."""
+
+
+def table_path_on_cpu() -> bool:
+    """Whether :data:`TABLE_PATH_ON_CPU_ENV` asks for the GPU path here and it can run (Triton
+    interpreted); asked where it cannot, logs why and answers False."""
+    if os.environ.get(TABLE_PATH_ON_CPU_ENV, "") in ("", "0"):
+        return False
+    from chameleon_kernels import lora_table_triton
+
+    if not lora_table_triton.INTERPRETED:
+        logger.warning(
+            "%s is set but Triton is not interpreted (TRITON_INTERPRET=1 before start): "
+            "the CPU path serves",
+            TABLE_PATH_ON_CPU_ENV,
+        )
+        return False
+    return True
 
 
 POOL_ARGUMENTS: Tuple[Tuple[str, str], ...] = (
@@ -217,7 +241,8 @@ class ChameleonLoRAPool(LoRAMemoryPool):
         self._k_buffers = [b.view(b.shape[0], -1) for b in k_buffers]
         self._v_buffers = [b.view(b.shape[0], -1) for b in v_buffers]
         device = self._k_buffers[0].device
-        self.transposed_b = device.type == "cpu"
+        gpu_path = device.type == "cuda" or (device.type == "cpu" and table_path_on_cpu())
+        self.transposed_b = not gpu_path
         modules = sorted(set(self.target_modules) - EMBEDDING_MODULES)
         kinds = [(module, kind) for module in modules for kind in ("A", "B")]
         if (
@@ -233,7 +258,7 @@ class ChameleonLoRAPool(LoRAMemoryPool):
                 kinds,
             )
         if device_table is None:
-            device_table = device.type == "cuda" and table_kernels_available()
+            device_table = gpu_path and table_kernels_available()
         if device_table:
             self._make_device_table(kinds, device)
         self._copier = AdapterCopier(device)

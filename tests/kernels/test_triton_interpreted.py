@@ -3,8 +3,9 @@
 Triton decides when it is first imported whether its ``@jit`` library functions run
 interpreted; in this test process SGLang has imported it long before. The cases therefore run
 in a fresh Python started with ``TRITON_INTERPRET=1``; their pytest output is shown when they
-fail: ``triton_table_cases.py`` (kernels over the device location table, the GPU serving path)
-and ``graph_discipline_cases.py`` (the GPU serving path's forward under a host-sync guard).
+fail: ``triton_table_cases.py`` (kernels over the device location table, the GPU serving path),
+``graph_discipline_cases.py`` (the GPU serving path's forward under a host-sync guard) and
+``sglang_oracle_cases.py`` (ours against SGLang's own LoRA kernels and torch backend).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-CASES = ["triton_table_cases.py", "graph_discipline_cases.py"]
+CASES = ["triton_table_cases.py", "graph_discipline_cases.py", "sglang_oracle_cases.py"]
 pytestmark = pytest.mark.slow  # a fresh interpreter each, and Triton interpreted: minutes
 
 
