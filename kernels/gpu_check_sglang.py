@@ -40,6 +40,50 @@ def chunk_size(num_tokens: int) -> int:
     return 128 if num_tokens >= 256 else 32 if num_tokens >= 64 else 16
 
 
+def describe_batch(
+    kernels: types.SimpleNamespace,
+    adapter_per_request: Sequence[int],
+    tokens_per_request: Sequence[int],
+    ranks: Any,
+    scalings: Any,
+    graph: bool = False,
+    chunk: Optional[int] = None,
+) -> Any:
+    """The batch as SGLang's csgmv ``prepare_lora_batch`` describes it: every token's slot
+    (``adapter_per_request``: slot ids, 0 the base model), tokens stably sorted by slot
+    (``permutation``), each slot's run cut into segments of at most ``chunk`` tokens (default:
+    SGLang's choice for the batch's size), on the device of ``ranks`` (int32 per slot; with
+    ``scalings``, float32 per slot)."""
+    import torch
+
+    per_token = torch.repeat_interleave(
+        torch.tensor(list(adapter_per_request), dtype=torch.int32),
+        torch.tensor(list(tokens_per_request), dtype=torch.int64),
+    )
+    chunk = chunk or chunk_size(len(per_token))
+    permutation = torch.argsort(per_token, stable=True)
+    weights: List[int] = []
+    bounds = [0]
+    slots, runs = torch.unique_consecutive(per_token[permutation], return_counts=True)
+    for slot, run in zip(slots.tolist(), runs.tolist()):
+        for start in range(0, run, chunk):
+            weights.append(slot)
+            bounds.append(bounds[-1] + min(chunk, run - start))
+    device = ranks.device
+    return kernels.BatchInfo(
+        use_cuda_graph=graph,
+        bs=len(adapter_per_request),
+        num_segments=len(weights),
+        seg_indptr=torch.tensor(bounds, dtype=torch.int32, device=device),
+        weight_indices=torch.tensor(weights, dtype=torch.int32, device=device),
+        lora_ranks=ranks,
+        scalings=scalings,
+        max_len=chunk,
+        seg_lens=None,
+        permutation=permutation.to(device=device, dtype=torch.int32),
+    )
+
+
 class CsgmvStep:
     """The check's resident adapters in SGLang's slot layout, for ``num_layers`` layers (cycled
     over the model's layers, like the dense references)."""
@@ -47,7 +91,7 @@ class CsgmvStep:
     def __init__(self, kernels: types.SimpleNamespace, storage: Any, layers: Sequence[int]):
         import torch
 
-        self.torch, self.kernels, self.storage = torch, kernels, storage
+        self.kernels, self.storage = kernels, storage
         self.max_rank = max(storage.shapes.ranks)
         self.slots = storage.table.capacity
         self.layers = list(layers)
@@ -86,32 +130,13 @@ class CsgmvStep:
         self, adapter_per_request: Sequence[int], tokens_per_request: Sequence[int], graph: bool
     ) -> Any:
         """SGLang's description of the batch (built on the host, copied once)."""
-        torch = self.torch
-        per_token = torch.repeat_interleave(
-            torch.tensor(list(adapter_per_request), dtype=torch.int32),
-            torch.tensor(list(tokens_per_request), dtype=torch.int64),
-        )
-        chunk = chunk_size(len(per_token))
-        permutation = torch.argsort(per_token, stable=True)
-        weights: List[int] = []
-        bounds = [0]
-        slots, runs = torch.unique_consecutive(per_token[permutation], return_counts=True)
-        for slot, run in zip(slots.tolist(), runs.tolist()):
-            for start in range(0, run, chunk):
-                weights.append(slot)
-                bounds.append(bounds[-1] + min(chunk, run - start))
-        device = self.storage.device
-        return self.kernels.BatchInfo(
-            use_cuda_graph=graph,
-            bs=len(adapter_per_request),
-            num_segments=len(weights),
-            seg_indptr=torch.tensor(bounds, dtype=torch.int32, device=device),
-            weight_indices=torch.tensor(weights, dtype=torch.int32, device=device),
-            lora_ranks=self.ranks,
-            scalings=self.scalings,
-            max_len=chunk,
-            seg_lens=None,
-            permutation=permutation.to(device=device, dtype=torch.int32),
+        return describe_batch(
+            self.kernels,
+            adapter_per_request,
+            tokens_per_request,
+            self.ranks,
+            self.scalings,
+            graph=graph,
         )
 
     def step(self, info: Any, xs: Dict[str, Any], outs: Dict[str, Any], layers: Sequence[int]):

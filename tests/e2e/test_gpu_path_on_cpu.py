@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 from client import generate
 from conftest import start_servers, stop_server
-from reference import NUM_NEW_TOKENS, prompt_ids
+from reference import prompt_ids
 
 from chameleon_sglang.dev.assets import Assets
 from chameleon_sglang.integration.lora_pool import TABLE_PATH_ON_CPU_ENV
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 ADAPTERS: Tuple[Optional[str], ...] = (None, "a000r8", "a001r16", "a002r32", "a003r64", "a004r128")
 TABLE_LOG = "device location table for"
+NUM_NEW_TOKENS = 8  # every decode step runs every LoRA kernel interpreted: seconds each
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,12 @@ slices, o, stacked gate_up, down) and the same batches go through
 and the outputs, added to the layer's base output as both backends do, must agree within the
 dtype's tolerance. Base-model rows must come out exactly as they went in.
 
-What stands in for SGLang, and why: on a CPU SGLang's csgmv config loader stops on
-``get_device_name()`` (None without an accelerator); the tests give it a device name that has no
-tuned file, so it uses its default block sizes, as on any GPU without a tuned config. The
-batch description (sorting and chunking) is SGLang's arithmetic redone here, because its own
-helpers allocate pinned memory, which a CPU-only torch refuses.
+What stands in for SGLang, and why (:mod:`chameleon_kernels.gpu_check_sglang`, shared with
+``make gpu-check``): on a CPU SGLang's csgmv config loader stops on ``get_device_name()`` (None
+without an accelerator), so it is given a device name that has no tuned file and uses its
+default block sizes, as on any GPU without a tuned config; the batch description (sorting and
+chunking) is SGLang's arithmetic redone, because its own helpers allocate pinned memory, which a
+CPU-only torch refuses.
 
 bf16: the interpreter of Triton 3.8 runs ``tl.dot`` on bf16 tiles as their raw 16-bit integers
 (our kernels upcast tiles under the interpreter; SGLang's do not), so csgmv cannot be an oracle
@@ -28,7 +29,7 @@ fail the day the interpreter computes it, to say so); the bf16 oracle is SGLang'
 """
 
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -45,13 +46,12 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     )
 assert ltt.HAS_TRITON and ltt.INTERPRETED
 
-import sglang.kernels.ops.lora.dense.lora_tuning_config as tuning  # noqa: E402
-from sglang.kernels.ops.lora.dense.chunked_sgmv_expand import chunked_sgmv_lora_expand_forward  # noqa: E402
-from sglang.kernels.ops.lora.dense.chunked_sgmv_shrink import chunked_sgmv_lora_shrink_forward  # noqa: E402
 from sglang.srt.lora.torch_ops import lora_ops  # noqa: E402
-from sglang.srt.lora.utils import LoRABatchInfo  # noqa: E402
 
-tuning.get_device_name = lambda: "cpu-interpreter"  # no tuned file: SGLang's default blocks
+from chameleon_kernels.gpu_check_sglang import describe_batch, load_csgmv  # noqa: E402
+
+CSGMV, _why = load_csgmv()  # on a CPU it names a device with no tuned file: default blocks
+assert CSGMV is not None, _why
 
 HIDDEN, INTER, MAX_RANK = 64, 96, 128
 # module -> (input features, output slice bounds); qkv with GQA (q 64, k 32, v 32)
@@ -118,48 +118,27 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
     )
 
 
-def ranks_and_scalings(dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def ranks_and_scalings() -> Tuple[torch.Tensor, torch.Tensor]:
     slots = max(RANKS) + 1
     ranks = torch.tensor([RANKS.get(s, 0) for s in range(slots)], dtype=torch.int32)
     scalings = torch.tensor([SCALINGS.get(s, 0.0) for s in range(slots)], dtype=torch.float32)
     return ranks, scalings
 
 
-def csgmv_batch(adapters: Sequence[int], counts: Sequence[int], chunk: int) -> LoRABatchInfo:
-    """The batch as SGLang's csgmv ``prepare_lora_batch`` describes it (eager): every token's
-    slot, tokens stably sorted by slot (``permutation``), runs of a slot cut into segments of
-    at most ``chunk`` tokens (``max_len`` = BLOCK_M)."""
-    per_token = torch.repeat_interleave(
-        torch.tensor(adapters, dtype=torch.int32), torch.tensor(counts, dtype=torch.int64)
-    )
-    permutation = torch.argsort(per_token, stable=True)
-    weights, seg_lens = [], []
-    for slot, run in zip(*torch.unique_consecutive(per_token[permutation], return_counts=True)):
-        pieces = -(-int(run) // chunk)
-        weights += [int(slot)] * pieces
-        seg_lens += [chunk] * (pieces - 1) + [int(run) - (pieces - 1) * chunk]
-    ranks, scalings = ranks_and_scalings(torch.float32)
-    return LoRABatchInfo(
-        use_cuda_graph=False,
-        bs=len(adapters),
-        num_segments=len(weights),
-        seg_indptr=torch.tensor(np.concatenate([[0], np.cumsum(seg_lens)]), dtype=torch.int32),
-        weight_indices=torch.tensor(weights, dtype=torch.int32),
-        lora_ranks=ranks,
-        scalings=scalings,
-        max_len=chunk,
-        seg_lens=None,
-        permutation=permutation.to(torch.int32),
-    )
+def csgmv_batch(adapters: Sequence[int], counts: Sequence[int]) -> Any:
+    """The batch as SGLang's csgmv ``prepare_lora_batch`` describes it (eager; the chunk SGLang
+    picks for its size: 16 tokens for the decode batches here, 32 for the prefills)."""
+    ranks, scalings = ranks_and_scalings()
+    return describe_batch(CSGMV, adapters, counts, ranks, scalings)
 
 
 def run_csgmv(
-    x: torch.Tensor, ad: Adapters, module: str, info: LoRABatchInfo, base: torch.Tensor
+    x: torch.Tensor, ad: Adapters, module: str, info: Any, base: torch.Tensor
 ) -> torch.Tensor:
     bounds = MODULES[module][1]
-    a = chunked_sgmv_lora_shrink_forward(x, ad.slot_a[module], info, num_slices=len(bounds) - 1)
+    a = CSGMV.shrink(x, ad.slot_a[module], info, num_slices=len(bounds) - 1)
     offsets = torch.tensor(bounds, dtype=torch.int32)
-    return chunked_sgmv_lora_expand_forward(
+    return CSGMV.expand(
         a,
         ad.slot_b[module],
         info,
@@ -186,7 +165,7 @@ def run_torch_native(
         else:
             weights.append(adapter)
             seg_lens.append(count)
-    ranks, scalings = ranks_and_scalings(torch.float32)
+    ranks, scalings = ranks_and_scalings()
     bounds = MODULES[module][1]
     a = lora_ops.sgemm_lora_a_fwd(
         x,
@@ -280,8 +259,8 @@ def adapters(request) -> Adapters:
 @pytest.mark.parametrize("mix", MIXES)
 def test_ours_equal_sglangs_kernels_on_every_module(adapters: Adapters, mix: str, phase: str):
     """Every module, the batch's own grid and (decode) a graph-sized grid: ours equal
-    SGLang's torch backend, and in fp32 SGLang's csgmv kernels (chunks of 16 tokens, and 32
-    in prefill), and all of them the float32 reference; base-model rows stay untouched."""
+    SGLang's torch backend, and in fp32 SGLang's csgmv kernels (the chunk SGLang picks), and
+    all of them the float32 reference; base-model rows stay untouched."""
     dtype = adapters.dtype
     seed = 2 * MIXES.index(mix) + (phase == "prefill")
     ids, counts = batch(mix, phase, seed)
@@ -294,11 +273,9 @@ def test_ours_equal_sglangs_kernels_on_every_module(adapters: Adapters, mix: str
         assert_close(native.to(dtype), expected.to(dtype), f"{module}: torch_native")
         oracles = {"torch_native": native}
         if dtype == torch.float32:
-            for chunk in (16, 32) if phase == "prefill" else (16,):
-                info = csgmv_batch(ids, counts, chunk)
-                csgmv = run_csgmv(x, adapters, module, info, base.clone())
-                assert_close(csgmv, expected, f"{module}: csgmv-{chunk}")
-                oracles[f"csgmv-{chunk}"] = csgmv
+            csgmv = run_csgmv(x, adapters, module, csgmv_batch(ids, counts), base.clone())
+            assert_close(csgmv, expected, f"{module}: csgmv")
+            oracles["csgmv"] = csgmv
         for graph in (False, True) if phase == "decode" else (False,):
             ours = run_ours(x, adapters, module, ids, counts, base.clone(), graph)
             assert torch.equal(ours[untouched], base[untouched]), (module, graph)
@@ -315,6 +292,6 @@ def test_csgmv_bf16_is_not_an_oracle_under_this_interpreter():
     per_token = [a for a, c in zip(ids, counts) for _ in range(c)]
     x, base = inputs("o_proj", len(per_token), torch.bfloat16, 1)
     expected = reference(x, ad, "o_proj", per_token, base)
-    csgmv = run_csgmv(x, ad, "o_proj", csgmv_batch(ids, counts, 16), base.clone())
+    csgmv = run_csgmv(x, ad, "o_proj", csgmv_batch(ids, counts), base.clone())
     with pytest.raises(AssertionError):
         assert_close(csgmv, expected.to(torch.bfloat16), "csgmv bf16")
