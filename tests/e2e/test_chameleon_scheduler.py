@@ -149,7 +149,9 @@ def test_stock_small_requests_wait_behind_the_large_one(scenario_times):
     """Stock SGLang: small requests start no earlier than the blocked large request."""
     t = scenario_times["stock"]
     large_first = t["large"][0]
-    assert large_first > t["hog"][0] + 1.0  # the large request really was blocked
+    # the large request really was blocked: its first token came once the hog had finished
+    # (not a fixed time after the hog's first: how long the hog decodes depends on the machine)
+    assert large_first >= t["hog"][1] - 0.1 and large_first > t["hog"][0] + 0.5, t
     for name, _, _, _ in SMALLS:
         assert t[name][0] >= large_first - 0.25, (name, t)
 
